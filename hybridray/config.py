@@ -1,0 +1,216 @@
+"""One typed, validated run configuration: YAML file + dotted ``KEY=VALUE`` overrides.
+
+Every switch of a run lives here, so that a wrong key or value fails at load time with its
+dotted name (``sampler.alpha``), never halfway through a run.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from hybridray.errors import UserError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    """The encoder: any HF id or local path, or a builtin (``builtin:multilingual-e5-small``,
+    rebuilt offline from PyPI packages; ``builtin:tiny``, random, for tests)."""
+
+    name_or_path: str = "builtin:multilingual-e5-small"
+    pooling: Literal["mean", "cls", "last"] = "mean"
+    #: None = the model family's default (``query: `` / ``passage: `` for E5, empty otherwise).
+    query_prefix: Optional[str] = None
+    passage_prefix: Optional[str] = None
+    max_query_length: int = Field(48, ge=4, le=8192)
+    max_passage_length: int = Field(96, ge=4, le=8192)
+    #: Freeze the word-embedding table (most parameters of a small multilingual encoder).
+    freeze_embeddings: bool = True
+
+
+class ExtraMonoConfig(_Section):
+    """Monolingual data with no translations, mixed into monolingual batches."""
+
+    path: str
+    weight: float = Field(0.1, ge=0.0, le=1.0)
+
+
+class DataConfig(_Section):
+    """Where the translated-QA shards are (directory, glob or ``s3://`` prefix)."""
+
+    train: str = "data/mlqa-r/train"
+    #: Held-out LAReQA-layout directory (written by ``hybridray data prepare``); empty = none.
+    heldout: str = "data/mlqa-r/heldout-lareqa"
+    #: Restrict training to these languages (None = all languages in the shards).
+    languages: Optional[list[str]] = None
+    #: Fail on the first malformed row instead of reporting it and skipping it.
+    strict: bool = False
+    max_text_chars: int = Field(4000, ge=16)
+    extra_mono: list[ExtraMonoConfig] = Field(default_factory=list)
+
+
+class SamplerConfig(_Section):
+    """How global batches are formed (the method).
+
+    ``alpha`` is the probability that a global step is monolingual; ``alpha=1`` and
+    ``alpha=0`` are the paper's X-X-mono and X-Y baselines. ``mode: x-x`` is LAReQA's X-X
+    baseline (each pair in one language, languages mixed inside the batch).
+    """
+
+    alpha: float = Field(0.5, ge=0.0, le=1.0)
+    mode: Literal["hybrid", "x-x"] = "hybrid"
+    mono_language: Literal["uniform", "proportional"] = "uniform"
+    #: Global batch size: query/passage pairs per step across all workers.
+    batch_size: int = Field(32, ge=2)
+
+
+class LossConfig(_Section):
+    """InfoNCE over in-batch negatives gathered from every worker."""
+
+    temperature: float = Field(0.05, gt=0.0, le=10.0)
+    learn_temperature: bool = False
+    #: Add the passage-to-query term.
+    symmetric: bool = False
+    #: Mask in-batch negatives that share the query's group_id (its translations).
+    mask_same_group: bool = True
+    #: Hard negatives per query taken from the shards' ``hard_negatives`` column.
+    hard_negatives: int = Field(0, ge=0, le=64)
+
+
+class OptimConfig(_Section):
+    lr: float = Field(5e-5, gt=0.0, le=1.0)
+    weight_decay: float = Field(0.01, ge=0.0)
+    warmup_steps: int = Field(10, ge=0)
+    schedule: Literal["linear", "cosine", "constant"] = "linear"
+    #: Gradient clipping norm; 0 disables it (DeepSpeed would otherwise clip at 1.0 silently).
+    grad_clip: float = Field(1.0, ge=0.0)
+    grad_accum: int = Field(1, ge=1)
+
+
+class TrainConfig(_Section):
+    max_steps: int = Field(150, ge=1)
+    eval_every: int = Field(0, ge=0)
+    eval_before: bool = True
+    checkpoint_every: int = Field(50, ge=0)
+    log_every: int = Field(10, ge=1)
+
+
+class DeepSpeedConfig(_Section):
+    zero_stage: int = Field(0, ge=0, le=3)
+
+
+class ScalingConfig(_Section):
+    num_workers: int = Field(2, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(0.5, gt=0.0)
+    gpus_per_worker: float = Field(1.0, gt=0.0)
+
+
+class RunConfig(_Section):
+    #: Local directory or ``s3://bucket/prefix`` for checkpoints and the exported model.
+    storage_path: str = "runs"
+    checkpoints_to_keep: int = Field(2, ge=1)
+    max_failures: int = Field(1, ge=-1)
+
+
+class EvalConfig(_Section):
+    langs: Optional[list[str]] = None
+    batch_size: int = Field(64, ge=1)
+    max_length: int = Field(128, ge=4)
+    with_context: bool = False
+
+
+class Config(_Section):
+    """A whole run: see ``configs/local.yaml`` for a documented example."""
+
+    name: str = "hybrid"
+    seed: int = 0
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    sampler: SamplerConfig = Field(default_factory=SamplerConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
+    scaling: ScalingConfig = Field(default_factory=ScalingConfig)
+    run: RunConfig = Field(default_factory=RunConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Config":
+        if self.sampler.batch_size % self.scaling.num_workers:
+            raise ValueError(
+                f"sampler.batch_size ({self.sampler.batch_size}) must be a multiple of "
+                f"scaling.num_workers ({self.scaling.num_workers})"
+            )
+        return self
+
+
+def _set_dotted(tree: dict, key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = tree
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise UserError(f"{'.'.join(parts[: i + 1])}: is a value, cannot set {key}")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``sampler.alpha=0.3`` -> ``("sampler.alpha", 0.3)``; the value is parsed as YAML."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key or not all(key.split(".")):
+        raise UserError(f"override {text!r}: expected KEY=VALUE, e.g. sampler.alpha=0.5")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise UserError(f"{key}: cannot parse value {raw!r}: {exc}") from None
+    return key, value
+
+
+def _describe(error: ValidationError) -> str:
+    lines = []
+    for err in error.errors():
+        loc = ".".join(str(p) for p in err["loc"])
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        lines.append(f"{loc}: {msg}" if loc else msg.removeprefix("Value error, "))
+    return "; ".join(lines)
+
+
+def build_config(tree: dict, overrides: list[str] = ()) -> Config:
+    """Validate a config tree with dotted overrides applied; errors name the key."""
+    tree = dict(tree or {})
+    for text in overrides:
+        key, value = parse_override(text)
+        _set_dotted(tree, key, value)
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as exc:
+        raise UserError(_describe(exc)) from None
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
+    """Load a YAML run config and apply ``KEY=VALUE`` overrides."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: config file not found")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise UserError(f"{path}: invalid YAML: {exc}") from None
+    if not isinstance(tree, dict):
+        raise UserError(f"{path}: top level must be a mapping of sections")
+    return build_config(tree, overrides)
+
+
+def dump_config(config: Config) -> str:
+    """The fully resolved config as YAML (written next to every run)."""
+    return yaml.safe_dump(config.model_dump(), sort_keys=False)

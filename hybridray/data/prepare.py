@@ -1,0 +1,96 @@
+"""``hybridray data prepare``: a LAReQA / SQuAD-style directory -> train and held-out shards.
+
+Output layout (``OUT``)::
+
+    OUT/train/            shard dataset (parquet + manifest.json): the training split
+    OUT/heldout/          shard dataset: the held-out split, same schema
+    OUT/heldout-lareqa/   the held-out articles in the source layout, for LAReQA evaluation
+                          (the candidate pool is every sentence of those articles)
+    OUT/rejects.jsonl     every source question that failed validation, with file and reason
+    OUT/prepare.json      what was done: source, seed, fraction, counts per split and language
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from collections import Counter
+from dataclasses import asdict
+from pathlib import Path
+from typing import Iterable, Optional
+
+from hybridray.data.lareqa import (
+    article_clusters,
+    filter_lareqa,
+    question_rows,
+    read_lareqa,
+    split_by_article,
+)
+from hybridray.data.shards import write_shards
+from hybridray.errors import UserError
+
+
+def prepare_lareqa(
+    source_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    heldout_fraction: float = 0.3,
+    seed: int = 0,
+    langs: Optional[Iterable[str]] = None,
+    source_name: Optional[str] = None,
+    overwrite: bool = False,
+) -> dict:
+    """Convert, validate and split; returns the summary also written to ``prepare.json``."""
+    if not 0.0 <= heldout_fraction < 1.0:
+        raise UserError(f"--heldout-fraction: {heldout_fraction} is not in [0, 1)")
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not overwrite:
+        raise UserError(f"{out_dir}: already exists (pass --overwrite to replace it)")
+    source = read_lareqa(source_dir, langs)
+    if not source.questions:
+        raise UserError(f"{source_dir}: no valid questions ({len(source.rejects)} rejected)")
+    source_name = source_name or Path(source_dir).resolve().name
+    cluster_of = article_clusters(source.questions)
+    heldout_keys = split_by_article(source.questions, heldout_fraction, seed)
+    heldout = [q for q in source.questions if cluster_of[(q.lang, q.article)] in heldout_keys]
+    train = [q for q in source.questions if cluster_of[(q.lang, q.article)] not in heldout_keys]
+
+    # Build everything beside OUT, then swap it in: nothing half-written is ever left.
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    tmp.chmod(0o755)
+    try:
+        manifests = {
+            "train": write_shards(question_rows(train, source_name, cluster_of), tmp / "train", source=source_name),
+            "heldout": write_shards(question_rows(heldout, source_name, cluster_of), tmp / "heldout", source=source_name),
+        }
+        lareqa_dir = tmp / "heldout-lareqa"
+        lareqa_dir.mkdir()
+        for lang, raw in source.raw.items():
+            kept = [q for q in heldout if q.lang == lang]
+            (lareqa_dir / f"{lang}.json").write_text(json.dumps(filter_lareqa(raw, kept), ensure_ascii=False))
+        with open(tmp / "rejects.jsonl", "w") as f:
+            for reject in source.rejects:
+                f.write(json.dumps(asdict(reject), ensure_ascii=False) + "\n")
+        summary = {
+            "source": str(Path(source_dir).resolve()),
+            "source_name": source_name,
+            "seed": seed,
+            "heldout_fraction": heldout_fraction,
+            "languages": sorted(source.files),
+            "source_questions": dict(sorted(source.counts.items())),
+            "rows": {split: m["rows_per_language"] for split, m in manifests.items()},
+            "articles": {
+                "train": len({cluster_of[(q.lang, q.article)] for q in train}),
+                "heldout": len(heldout_keys),
+            },
+            "rejected": dict(sorted(Counter(Path(r.file).stem for r in source.rejects).items())),
+        }
+        (tmp / "prepare.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        tmp.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return summary

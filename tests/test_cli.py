@@ -1,0 +1,65 @@
+"""The installed ``hybridray`` command: help for every subcommand, exit code 2 for user errors."""
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from conftest import MLQA_R, REPO
+
+HYBRIDRAY = shutil.which("hybridray", path=str(REPO / ".venv" / "bin")) or shutil.which("hybridray")
+
+
+def run(*args, cwd=REPO):
+    return subprocess.run([HYBRIDRAY, *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize(
+    "command", [["train"], ["eval"], ["tune"], ["data"], ["data", "prepare"], ["model"], ["model", "build"]]
+)
+def test_every_subcommand_has_help(command):
+    result = run(*command, "--help")
+    assert result.returncode == 0, result.stderr
+    assert "usage: hybridray" in result.stdout
+
+
+def test_bad_config_value_exits_2_naming_the_key():
+    result = run("train", "configs/local.yaml", "sampler.alpha=1.5")
+    assert result.returncode == 2
+    assert "sampler.alpha" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_unknown_key_and_missing_config_exit_2():
+    result = run("train", "configs/local.yaml", "loss.temprature=0.1")
+    assert result.returncode == 2 and "loss.temprature" in result.stderr
+    result = run("train", "configs/does-not-exist.yaml")
+    assert result.returncode == 2 and "does-not-exist.yaml" in result.stderr
+
+
+def test_usage_error_exits_2():
+    assert run("train").returncode == 2
+    assert run("frobnicate").returncode == 2
+
+
+def test_print_config_applies_overrides():
+    result = run("train", "configs/local.yaml", "sampler.alpha=0.25", "--print-config")
+    assert result.returncode == 0, result.stderr
+    assert "alpha: 0.25" in result.stdout
+
+
+def test_data_prepare_refuses_to_overwrite(tmp_path):
+    out = tmp_path / "shards"
+    out.mkdir()
+    result = run("data", "prepare", "--source", str(MLQA_R), "--out", str(out))
+    assert result.returncode == 2 and "already exists" in result.stderr
+    result = run("data", "prepare", "--source", str(tmp_path / "missing"), "--out", str(tmp_path / "o"))
+    assert result.returncode == 2 and "missing" in result.stderr
+
+
+def test_module_entry_point_matches():
+    result = subprocess.run([sys.executable, "-m", "hybridray.cli", "--help"], capture_output=True, text=True)
+    assert result.returncode == 0 and "train" in result.stdout
