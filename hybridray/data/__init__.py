@@ -1,0 +1,1 @@
+"""Translated-QA shards: schema, conversion, streaming hybrid batches."""
