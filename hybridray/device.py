@@ -1,0 +1,26 @@
+"""Where tensors run and in which precision: the one place that makes this choice.
+
+Training and evaluation both ask here, so a run never encodes on one device and trains on
+another by accident.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def default_device() -> torch.device:
+    """The first CUDA device if there is one, else the CPU."""
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def use_bf16(device: torch.device | str) -> bool:
+    """bf16 autocast on GPUs that support it; never on CPU (slow there, and no memory gain
+    worth the precision loss for evaluation)."""
+    device = torch.device(device)
+    return device.type == "cuda" and torch.cuda.is_bf16_supported()
+
+
+def dist_backend(device: torch.device | str) -> str:
+    """The torch.distributed backend for ``device``: NCCL between GPUs, gloo on CPU (no oneCCL
+    here; DeepSpeed and the gathered-negatives all-gather both work over gloo)."""
+    return "nccl" if torch.device(device).type == "cuda" else "gloo"

@@ -1,0 +1,129 @@
+"""Distributed primitives, each proven once and reused (contriever ``dist_utils`` style).
+
+Everything here is the identity when torch.distributed is not initialised or has one
+process, so single-process code (tests, evaluation, notebooks) runs the same functions.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+import warnings
+
+import torch
+import torch.distributed as dist
+
+from hybridray.device import default_device, dist_backend
+
+
+def is_distributed() -> bool:
+    """True when a process group is up (Ray Train, DeepSpeed or the helpers below)."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def all_gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``tensor`` from every rank along dim 0, keeping the autograd graph.
+
+    The backward sums, over all ranks, the gradients that reach each slice and hands the sum
+    to the slice's owner, so negatives scored on other ranks still train the encoder that
+    produced them (see ``InfoNCELoss`` for why the local loss needs no extra scaling).
+    Every rank must pass the same shape.
+
+    This is the one place that calls ``torch.distributed.nn.functional.all_gather``: it is
+    deprecated in torch 2.13 (in favour of functional collectives), but it is the variant
+    verified here to match a single process over gloo; its FutureWarning is silenced here
+    rather than printed on every step.
+    """
+    if world_size() == 1:
+        return tensor
+    from torch.distributed.nn.functional import all_gather
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=FutureWarning, message=".*all_gather.*")
+        return torch.cat(all_gather(tensor.contiguous()), dim=0)
+
+
+def all_gather_no_grad(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``tensor`` from every rank along dim 0, without gradients.
+
+    Sizes along dim 0 may differ between ranks (each rank's slice is padded to the largest,
+    gathered, then trimmed); any dtype works (group ids, labels, lengths).
+    """
+    if world_size() == 1:
+        return tensor.detach()
+    tensor = tensor.detach().contiguous()
+    n = world_size()
+    size = torch.tensor([tensor.shape[0]], device=tensor.device)
+    sizes = [torch.zeros_like(size) for _ in range(n)]
+    dist.all_gather(sizes, size)
+    sizes = [int(s.item()) for s in sizes]
+    padded = tensor.new_zeros((max(sizes), *tensor.shape[1:]))
+    padded[: tensor.shape[0]] = tensor
+    gathered = [torch.empty_like(padded) for _ in range(n)]
+    dist.all_gather(gathered, padded)
+    return torch.cat([g[:s] for g, s in zip(gathered, sizes)], dim=0)
+
+
+def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
+    """Mean of ``tensor`` over ranks, without gradients (for logging a global quantity)."""
+    tensor = tensor.detach().clone()
+    if world_size() > 1:
+        dist.all_reduce(tensor)
+        tensor /= world_size()
+    return tensor
+
+
+# ----------------------------------------------------------------------------- set-up
+def free_port() -> int:
+    """A TCP port free on the loopback interface right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def init_process_group(
+    rank: int,
+    world_size: int,
+    port: int,
+    backend: str | None = None,
+    timeout_s: float = 300.0,
+) -> None:
+    """Join a process group on 127.0.0.1 (tests, benchmarks, standalone runs).
+
+    Also sets the ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``/``MASTER_*`` variables that DeepSpeed
+    reads, as a launcher would. The timeout turns a hang (one rank crashed) into an error.
+    """
+    env = {
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port),
+        "RANK": str(rank),
+        "LOCAL_RANK": str(rank),
+        "WORLD_SIZE": str(world_size),
+        "LOCAL_WORLD_SIZE": str(world_size),
+    }
+    os.environ.update(env)
+    dist.init_process_group(
+        backend or dist_backend(default_device()),
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world_size,
+        timeout=datetime.timedelta(seconds=timeout_s),
+    )
+
+
+def init_standalone() -> None:
+    """A process group of one on a free loopback port, unless one is already up.
+
+    DeepSpeed needs a process group even for one process; under Ray Train one exists already
+    and is reused.
+    """
+    if not is_distributed():
+        init_process_group(0, 1, free_port())

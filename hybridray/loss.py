@@ -1,0 +1,165 @@
+"""InfoNCE over in-batch negatives gathered from every worker, with translation masking."""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hybridray.distributed import all_gather_no_grad, all_gather_with_grad, rank, world_size
+
+
+class InfoNCELoss(nn.Module):
+    """Contrastive loss of a query against its positive passage and every other passage of the
+    global batch (all workers), plus optional hard negatives.
+
+    For local query ``i`` on rank ``r`` (global index ``g = r * B + i``, ``B`` local pairs)::
+
+        loss_i = -log softmax(q_i . [P_all ; H_all] / tau)[g]
+
+    where ``P_all`` are the positives of all ranks (gathered with gradients, so the negatives
+    scored here also train the worker that encoded them) and ``H_all`` the hard negatives of
+    all ranks. Each rank scores only its own ``B`` queries (a ``B x (N + N*k)`` matrix, ``N``
+    the global batch), never the full global matrix.
+
+    **Masking.** With ``mask_same_group``, every column whose group id equals the query's
+    (a translation of the query's own pair, or a hard negative taken from it) is removed,
+    except the query's own positive: a translation of the answer is not a negative.
+
+    **Symmetric.** With ``symmetric``, the passage -> query term (local passages against the
+    gathered queries, same labels and masking) is added and the two are averaged.
+
+    **Reduction, and why it needs no world-size factor.** The single-process objective is the
+    mean over the global batch, ``L = (1/N) sum_j loss_j``. Each rank returns its *local mean*
+    ``L_r = (1/B) sum_{i in r} loss_i``. The all-gather's backward hands every rank the sum over
+    all ranks of the gradients reaching its embeddings, so the per-rank parameter gradients add
+    up to ``grad sum_r L_r = grad (N/B) L = W grad L``; DDP and DeepSpeed *average* gradients
+    over the ``W`` ranks, which gives exactly ``grad L``. This is the only place where the
+    reduction is chosen; ``tests/test_distributed_equivalence.py`` proves it against a single
+    process. The global loss for logging is the mean of the local losses over ranks
+    (``hybridray.distributed.all_reduce_mean``), since every rank has the same ``B``. With
+    gradient accumulation DeepSpeed also divides each micro-batch loss by the number of
+    micro-batches, and the negatives are those of the current global micro-batch.
+
+    Inputs (embeddings L2-normalised by the encoder, so dot products are cosines):
+
+    ===========================  ==========  =============================================
+    argument                     shape       meaning
+    ===========================  ==========  =============================================
+    ``query``                    [B, D]      local queries
+    ``passage``                  [B, D]      their positives, row ``i`` answers query ``i``
+    ``hard_negatives``           [B*k, D]    optional, query-major (or [B, k, D])
+    ``group_ids``                [B] int     optional, one id per pair (its translations
+                                             share it)
+    ``hard_negative_group_ids``  [B*k] int   optional; without it hard negatives are
+                                             never masked
+    ===========================  ==========  =============================================
+
+    Returns the scalar local loss (see the reduction above).
+
+    Temperature: fixed ``temperature``, or learned (``learn_temperature``) as ``log tau`` and
+    clamped to ``[min(0.01, tau0), max(1.0, tau0)]`` as in CLIP, so it cannot collapse.
+    Scores are computed in at least float32 whatever the encoder's precision.
+
+    Paper: van den Oord et al., "Representation Learning with Contrastive Predictive Coding"
+    (InfoNCE); in-batch + hard negatives as in DPR (Karpukhin et al., 2020); hybrid batches of
+    translated QA pairs as in arXiv 2408.10536.
+
+    Example::
+
+        loss_fn = InfoNCELoss(temperature=0.05)
+        q = F.normalize(torch.randn(4, 8), dim=-1)
+        p = F.normalize(torch.randn(4, 8), dim=-1)
+        loss = loss_fn(q, p, group_ids=torch.tensor([0, 1, 2, 3]))
+    """
+
+    def __init__(
+        self,
+        temperature: float = 0.05,
+        learn_temperature: bool = False,
+        symmetric: bool = False,
+        mask_same_group: bool = True,
+    ) -> None:
+        super().__init__()
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        self.symmetric = symmetric
+        self.mask_same_group = mask_same_group
+        self.temperature_bounds = (min(0.01, temperature), max(1.0, temperature))
+        # Shape [1], not a 0-dim scalar: DeepSpeed broadcasts parameters as byte views,
+        # which 0-dim tensors do not support.
+        log_t = torch.tensor([math.log(temperature)], dtype=torch.float32)
+        if learn_temperature:
+            self.log_temperature = nn.Parameter(log_t)
+        else:
+            self.register_buffer("log_temperature", log_t, persistent=False)
+
+    @classmethod
+    def from_config(cls, loss_config) -> "InfoNCELoss":
+        """From ``Config.loss`` (``hybridray.config.LossConfig``)."""
+        return cls(
+            temperature=loss_config.temperature,
+            learn_temperature=loss_config.learn_temperature,
+            symmetric=loss_config.symmetric,
+            mask_same_group=loss_config.mask_same_group,
+        )
+
+    @property
+    def temperature(self) -> torch.Tensor:
+        lo, hi = self.temperature_bounds
+        # at least float32, even when DeepSpeed casts the module to bf16
+        log_t = self.log_temperature
+        return log_t.to(torch.promote_types(log_t.dtype, torch.float32)).exp().clamp(lo, hi)
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        passage: torch.Tensor,
+        hard_negatives: Optional[torch.Tensor] = None,
+        group_ids: Optional[torch.Tensor] = None,
+        hard_negative_group_ids: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        if query.shape != passage.shape:
+            raise ValueError(f"query {tuple(query.shape)} != passage {tuple(passage.shape)}")
+        local = query.shape[0]
+        labels = rank() * local + torch.arange(local, device=query.device)
+        local_groups = groups = None
+        if self.mask_same_group and group_ids is not None:
+            local_groups = group_ids.reshape(-1)
+            groups = all_gather_no_grad(local_groups)
+
+        columns = [all_gather_with_grad(passage)]
+        column_groups = [groups]
+        if hard_negatives is not None:
+            columns.append(all_gather_with_grad(hard_negatives.reshape(-1, query.shape[-1])))
+            column_groups.append(
+                all_gather_no_grad(hard_negative_group_ids.reshape(-1))
+                if groups is not None and hard_negative_group_ids is not None
+                else None
+            )
+        if columns[0].shape[0] != world_size() * local:
+            raise ValueError("every rank must pass the same number of pairs")
+        loss = self._cross_entropy(query, columns, column_groups, local_groups, labels)
+
+        if self.symmetric:
+            queries = all_gather_with_grad(query)
+            backward = self._cross_entropy(passage, [queries], [groups], local_groups, labels)
+            loss = (loss + backward) / 2
+        return loss
+
+    def _cross_entropy(self, rows, columns, column_groups, row_groups, labels) -> torch.Tensor:
+        """Mean over ``rows`` of -log softmax(rows . columns / tau)[label], masked."""
+        dtype = torch.promote_types(rows.dtype, torch.float32)  # never score in bf16/fp16
+        scores = rows.to(dtype) @ torch.cat(columns).to(dtype).T / self.temperature
+        if row_groups is not None:
+            mask = torch.cat([
+                row_groups.reshape(-1, 1) == block_groups.reshape(1, -1)
+                if block_groups is not None  # no group ids: never masked
+                else torch.zeros(len(rows), len(block), dtype=torch.bool, device=rows.device)
+                for block, block_groups in zip(columns, column_groups)
+            ], dim=1)
+            mask[torch.arange(len(rows), device=rows.device), labels] = False
+            scores = scores.masked_fill(mask, float("-inf"))
+        return F.cross_entropy(scores, labels)

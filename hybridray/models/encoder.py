@@ -1,0 +1,120 @@
+"""The shared-weight dual encoder: one HF model for queries and passages (as in the paper).
+
+Queries and passages go through the same weights; they differ only by their text prefix,
+which the data pipeline adds. Embeddings are pooled (``hybridray.models.pooling``) and
+L2-normalised, so dot products are cosines.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hybridray.models.pooling import POOLING_MODES, pool
+
+#: Our pooling mode -> the sentence-transformers ``1_Pooling/config.json`` flag that means it.
+_ST_POOLING_FLAGS = {
+    "mean": "pooling_mode_mean_tokens",
+    "cls": "pooling_mode_cls_token",
+    "last": "pooling_mode_lasttoken",
+}
+
+
+class DualEncoder(nn.Module):
+    """``encode(input_ids, attention_mask)`` -> L2-normalised [batch, dim] embeddings."""
+
+    def __init__(self, model: nn.Module, pooling: str = "mean", freeze_embeddings: bool = False):
+        super().__init__()
+        if pooling not in POOLING_MODES:
+            raise ValueError(f"unknown pooling {pooling!r}; expected one of {POOLING_MODES}")
+        self.model = model
+        self.pooling = pooling
+        self.tokenizer = None  # set by from_pretrained; saved by save_pretrained
+        pooler = getattr(model, "pooler", None)
+        if isinstance(pooler, nn.Module):
+            # The HF pooler (dense + tanh on [CLS], BERT/XLM-R) feeds none of our pooling
+            # modes. Left trainable it gets no gradient, yet DeepSpeed hands it zeros and
+            # AdamW still weight-decays it; frozen, it stays out of the optimizer and is
+            # exported unchanged.
+            pooler.requires_grad_(False)
+        if freeze_embeddings:
+            # Only the word-embedding table: most of a multilingual encoder's parameters
+            # (250k x 384 in multilingual-e5-small), kept out of the optimizer so that rows of
+            # languages absent from training do not move. Position/type embeddings still train.
+            model.get_input_embeddings().weight.requires_grad_(False)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: Union[str, Path, nn.Module],
+        pooling: str = "mean",
+        freeze_embeddings: bool = False,
+    ) -> "DualEncoder":
+        """From a built module, or anything ``hybridray.models.load_encoder`` loads (builtin
+        names, hub ids, local directories); the tokenizer is kept as ``.tokenizer``."""
+        if isinstance(name_or_path, nn.Module):
+            return cls(name_or_path, pooling, freeze_embeddings)
+        from hybridray.models import load_encoder
+
+        model, tokenizer = load_encoder(str(name_or_path))
+        encoder = cls(model, pooling, freeze_embeddings)
+        encoder.tokenizer = tokenizer
+        return encoder
+
+    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return F.normalize(pool(hidden, attention_mask, self.pooling), dim=-1)
+
+    forward = encode
+
+    def save_pretrained(
+        self,
+        directory: Union[str, Path],
+        tokenizer=None,
+        prompts: Optional[dict[str, str]] = None,
+        max_seq_length: Optional[int] = None,
+    ) -> Path:
+        """Write an HF model directory that ``SentenceTransformer(directory)`` also loads
+        (Transformer -> Pooling in this encoder's mode -> Normalize).
+
+        ``prompts`` (e.g. ``{"query": "query: ", "passage": "passage: "}``) are recorded for
+        sentence-transformers' ``prompt_name=``; ``max_seq_length`` defaults to the model's
+        position limit; ``tokenizer`` defaults to the one ``from_pretrained`` loaded.
+        """
+        tokenizer = tokenizer if tokenizer is not None else self.tokenizer
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.model.save_pretrained(directory)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(directory)
+        config = self.model.config
+        if max_seq_length is None:
+            max_seq_length = getattr(config, "max_position_embeddings", 512)
+        pooling = {"word_embedding_dimension": config.hidden_size}
+        pooling.update({flag: mode == self.pooling for mode, flag in _ST_POOLING_FLAGS.items()})
+        pooling.update(pooling_mode_max_tokens=False, pooling_mode_mean_sqrt_len_tokens=False)
+        modules = [
+            {"idx": i, "name": str(i), "path": path, "type": f"sentence_transformers.models.{kind}"}
+            for i, (path, kind) in enumerate(
+                [("", "Transformer"), ("1_Pooling", "Pooling"), ("2_Normalize", "Normalize")]
+            )
+        ]
+        files = {
+            "modules.json": modules,
+            "sentence_bert_config.json": {"max_seq_length": max_seq_length, "do_lower_case": False},
+            "config_sentence_transformers.json": {
+                "prompts": prompts or {},
+                "default_prompt_name": None,
+                "similarity_fn_name": "cosine",
+            },
+            "1_Pooling/config.json": pooling,
+        }
+        (directory / "1_Pooling").mkdir(exist_ok=True)
+        (directory / "2_Normalize").mkdir(exist_ok=True)
+        for name, content in files.items():
+            (directory / name).write_text(json.dumps(content, indent=2) + "\n", encoding="utf-8")
+        return directory

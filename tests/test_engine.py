@@ -1,0 +1,282 @@
+"""DeepSpeed engine construction: config dict, schedule, weight-decay groups, ZeRO-1/2/3
+training with 2 processes on CPU, clipping against a plain-torch reference, and the encoder's
+sentence-transformers export."""
+from __future__ import annotations
+
+import copy
+import json
+import math
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from hybridray.config import build_config
+from hybridray.distributed import free_port, init_process_group
+from hybridray.engine import (
+    TrainingModel,
+    build_optimizer,
+    deepspeed_config,
+    lr_factor,
+    micro_batch_size,
+    param_groups,
+)
+from hybridray.errors import UserError
+from hybridray.loss import InfoNCELoss
+from hybridray.models.encoder import DualEncoder
+
+PAIRS = 8
+STEPS = 5
+#: ZeRO stage -> LR schedule tried with it (each schedule goes through a real engine once).
+STAGE_SCHEDULES = {1: "linear", 2: "cosine", 3: "constant"}
+CLIP_STAGES, CLIPS = (0, 2), (0.0, 0.05)
+
+
+def tiny_bert():
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    return BertModel(BertConfig(
+        vocab_size=1000, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+    ))
+
+
+def batch(seed, rows=PAIRS):
+    gen = torch.Generator().manual_seed(seed)
+    def tokens(length):
+        ids = torch.randint(5, 1000, (rows, length), generator=gen)
+        return ids, torch.ones_like(ids)
+
+    (q_ids, q_mask), (p_ids, p_mask) = tokens(6), tokens(10)
+    return dict(query_input_ids=q_ids, query_attention_mask=q_mask, passage_input_ids=p_ids,
+                passage_attention_mask=p_mask, group_ids=torch.arange(rows))
+
+
+def config(**sections):
+    tree = {"sampler": {"batch_size": PAIRS}, "scaling": {"num_workers": 1},
+            "train": {"max_steps": STEPS}}
+    for name, values in sections.items():
+        tree.setdefault(name, {}).update(values)
+    return build_config(tree)
+
+
+# ----------------------------------------------------------------------------- pure pieces
+def test_deepspeed_config_is_explicit():
+    cfg = config(sampler={"batch_size": 32}, scaling={"num_workers": 2},
+                 optim={"grad_accum": 2, "grad_clip": 0.0}, deepspeed={"zero_stage": 3})
+    ds = deepspeed_config(cfg, world_size=2)
+    assert ds["train_batch_size"] == 32
+    assert ds["train_micro_batch_size_per_gpu"] == 8 and ds["gradient_accumulation_steps"] == 2
+    assert ds["gradient_clipping"] == 0.0  # present and off, not DeepSpeed's silent 1.0
+    assert ds["zero_optimization"] == {"stage": 3}
+    assert ds["bf16"] == {"enabled": False} and ds["fp16"] == {"enabled": False}  # CPU: fp32
+    assert ds["zero_force_ds_cpu_optimizer"] is False
+    assert ds["zero_allow_untested_optimizer"] is True
+    assert deepspeed_config(config(optim={"grad_clip": 2.5}), 1)["gradient_clipping"] == 2.5
+    with pytest.raises(UserError, match="grad_accum"):
+        micro_batch_size(config(sampler={"batch_size": 12}, optim={"grad_accum": 8}), 1)
+
+
+def test_lr_factor_schedules():
+    def f(step, schedule):
+        return lr_factor(step, warmup_steps=4, total_steps=14, schedule=schedule)
+
+    assert [f(s, "linear") for s in range(4)] == [0.25, 0.5, 0.75, 1.0]  # step 0 already moves
+    assert f(4, "linear") == 1.0 and f(9, "linear") == pytest.approx(0.5) and f(14, "linear") == 0.0
+    assert f(9, "cosine") == pytest.approx(0.5) and f(14, "cosine") == pytest.approx(0.0)
+    assert f(6, "cosine") == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.2)))
+    assert f(13, "constant") == 1.0 and f(1, "constant") == 0.5
+    assert lr_factor(0, 0, 10, "linear") == 1.0  # no warm-up
+    assert all(f(s, "linear") > 0 for s in range(14))  # every step of a run updates
+
+
+def test_param_groups_skip_frozen_and_decay_only_matrices():
+    model = TrainingModel(DualEncoder(tiny_bert(), freeze_embeddings=True),
+                          InfoNCELoss(0.05, learn_temperature=True))
+    names = {id(p): n for n, p in model.named_parameters()}
+    decay, no_decay = param_groups(model, 0.01)
+    assert decay["weight_decay"] == 0.01 and no_decay["weight_decay"] == 0.0
+    decayed = {names[id(p)] for p in decay["params"]}
+    spared = {names[id(p)] for p in no_decay["params"]}
+    assert "encoder.model.embeddings.word_embeddings.weight" not in decayed | spared  # frozen
+    assert "encoder.model.embeddings.position_embeddings.weight" in decayed  # still trains
+    assert "encoder.model.encoder.layer.0.attention.self.query.weight" in decayed
+    assert "encoder.model.encoder.layer.0.attention.self.query.bias" in spared
+    assert "encoder.model.embeddings.LayerNorm.weight" in spared
+    assert "loss.log_temperature" in spared
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert decayed | spared == trainable
+
+
+# ----------------------------------------------------------------------------- engines
+def _train(stage, engine, local):
+    """``STEPS`` steps on one fixed batch: losses, LRs used, and the word-embedding table and
+    a trained matrix before and after (full tensors, also under ZeRO-3)."""
+    import deepspeed
+
+    emb = engine.module.encoder.model.get_input_embeddings().weight
+    dense = engine.module.encoder.model.encoder.layer[0].attention.self.query.weight
+
+    def snapshot():
+        with deepspeed.zero.GatheredParameters([emb, dense], enabled=stage == 3):
+            return emb.detach().clone(), dense.detach().clone()
+
+    before = snapshot()
+    losses, lrs = [], []
+    for _ in range(STEPS):
+        lrs.append(engine.get_lr()[0])
+        loss = engine(**local)
+        engine.backward(loss)
+        engine.step()
+        losses.append(loss.item())
+    return {"losses": losses, "lrs": lrs, "before": before, "after": snapshot()}
+
+
+def _reference_run(bert, cfg, batches):
+    """Plain torch: same optimizer and schedule, clipping by ``clip_grad_norm_`` exactly as the
+    config says. Returns final parameters and the pre-clip gradient norms."""
+    model = TrainingModel.from_config(cfg, copy.deepcopy(bert))
+    optimizer, scheduler = build_optimizer(model, cfg)
+    norms = []
+    for b in batches:
+        model(**b).backward()
+        clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf
+        norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), clip).item())
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad()
+    return {n: p.detach().clone() for n, p in model.named_parameters()}, norms
+
+
+def _worker(index, ports, outputs):
+    """Processes 0-1: ZeRO-1/2/3 training with 2 ranks. Process 2 (alone, world 1): clipping
+    through the engine against ``_reference_run``."""
+    from hybridray.engine import build_engine
+
+    torch.set_num_threads(1)
+    world, rank = (2, index) if index < 2 else (1, 0)
+    init_process_group(rank, world, ports[world], "gloo")
+    bert, results = tiny_bert(), {}
+    if world == 2:
+        half = slice(rank * PAIRS // 2, (rank + 1) * PAIRS // 2)
+        local = {k: v[half] for k, v in batch(0).items()}
+        for stage, schedule in STAGE_SCHEDULES.items():
+            cfg = config(scaling={"num_workers": 2}, deepspeed={"zero_stage": stage},
+                         model={"freeze_embeddings": True},
+                         optim={"lr": 2e-3, "warmup_steps": 2, "schedule": schedule})
+            engine = build_engine(TrainingModel.from_config(cfg, copy.deepcopy(bert)), cfg, 2)
+            results[stage] = _train(stage, engine, local)
+    else:
+        batches = [batch(seed) for seed in range(3)]
+        for stage in CLIP_STAGES:
+            for clip in CLIPS:
+                cfg = config(deepspeed={"zero_stage": stage}, model={"freeze_embeddings": False},
+                             optim={"lr": 1e-2, "warmup_steps": 0, "grad_clip": clip,
+                                    "weight_decay": 0.01},
+                             train={"max_steps": 3})
+                engine = build_engine(TrainingModel.from_config(cfg, copy.deepcopy(bert)), cfg, 1)
+                assert engine.gradient_clipping() == clip
+                for b in batches:
+                    engine.backward(engine(**b))
+                    engine.step()
+                got = {n: p.detach().clone() for n, p in engine.module.named_parameters()}
+                want, norms = _reference_run(bert, cfg, batches)
+                results[(stage, clip)] = {"got": got, "want": want, "norms": norms}
+    if rank == 0:
+        torch.save(results, outputs[world])
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """(clipping results of the 1-process run, training results of the 2-process run)."""
+    tmp = tmp_path_factory.mktemp("engine")
+    ports = {1: free_port(), 2: free_port()}
+    outputs = {1: tmp / "clip.pt", 2: tmp / "zero.pt"}
+    mp.spawn(_worker, args=(ports, outputs), nprocs=3, join=True)
+    return torch.load(outputs[1]), torch.load(outputs[2])
+
+
+@pytest.mark.parametrize("stage", STAGE_SCHEDULES)
+def test_zero_stage_trains_on_two_processes(runs, stage):
+    result = runs[1][stage]
+    losses = result["losses"]
+    assert all(b < a for a, b in zip(losses, losses[1:])), losses
+    emb_before, dense_before = result["before"]
+    emb_after, dense_after = result["after"]
+    assert torch.equal(emb_before, emb_after)  # freeze_embeddings: the table is untouched
+    assert not torch.allclose(dense_before, dense_after)  # the rest trains
+
+
+@pytest.mark.parametrize("stage", STAGE_SCHEDULES)
+def test_engine_follows_the_lr_schedule(runs, stage):
+    want = [2e-3 * lr_factor(s, 2, STEPS, STAGE_SCHEDULES[stage]) for s in range(STEPS)]
+    assert runs[1][stage]["lrs"] == pytest.approx(want, rel=1e-12)
+    assert want[0] < want[1]  # warm-up
+    if STAGE_SCHEDULES[stage] != "constant":
+        assert want[-1] < want[2]  # decay
+
+
+@pytest.mark.parametrize("stage", CLIP_STAGES)
+def test_clipping_is_what_the_config_says(runs, stage):
+    off, on = runs[0][(stage, 0.0)], runs[0][(stage, 0.05)]
+    # The gradients are large enough that DeepSpeed's implicit clip at 1.0 would show.
+    assert max(off["norms"]) > 1.0 and min(on["norms"]) > 0.05
+    for result in (off, on):
+        for name, want in result["want"].items():
+            # DeepSpeed's clip coefficient rounds slightly differently from torch's
+            torch.testing.assert_close(result["got"][name], want, rtol=1e-5, atol=1e-5)
+    moved = max((off["got"][n] - on["got"][n]).abs().max().item() for n in off["got"])
+    assert moved > 1e-3  # clipping changed the trajectory: the comparison has teeth
+
+
+# ----------------------------------------------------------------------------- export
+def test_freeze_embeddings_freezes_only_the_word_table():
+    def frozen(encoder):
+        return {n for n, p in encoder.named_parameters() if not p.requires_grad}
+
+    unused = {"model.pooler.dense.weight", "model.pooler.dense.bias"}  # always frozen
+    assert frozen(DualEncoder(tiny_bert())) == unused
+    assert frozen(DualEncoder(tiny_bert(), freeze_embeddings=True)) == unused | {
+        "model.embeddings.word_embeddings.weight"
+    }
+
+
+@pytest.mark.parametrize("pooling", ["mean", "cls", "last"])
+def test_export_pooling_config(tmp_path, pooling):
+    DualEncoder(tiny_bert(), pooling=pooling).save_pretrained(tmp_path, max_seq_length=64)
+    flags = json.loads((tmp_path / "1_Pooling" / "config.json").read_text())
+    on = {k for k, v in flags.items() if v is True}
+    assert on == {{"mean": "pooling_mode_mean_tokens", "cls": "pooling_mode_cls_token",
+                   "last": "pooling_mode_lasttoken"}[pooling]}
+    assert json.loads((tmp_path / "sentence_bert_config.json").read_text())["max_seq_length"] == 64
+    assert (tmp_path / "2_Normalize").is_dir() and (tmp_path / "config.json").is_file()
+
+
+def test_export_loads_in_sentence_transformers_with_the_same_embeddings(tmp_path):
+    from sentence_transformers import SentenceTransformer
+    from transformers import BertTokenizerFast
+
+    words = ["hello", "world", "bonjour", "le", "monde", "hallo", "welt"]
+    vocab = {t: i for i, t in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words])}
+    tokenizer = BertTokenizerFast(vocab=vocab)
+    encoder = DualEncoder(tiny_bert(), pooling="cls").eval()
+    encoder.save_pretrained(tmp_path, tokenizer, prompts={"query": "query: "}, max_seq_length=32)
+
+    texts = ["hello world", "bonjour le monde", "hallo welt hello"]
+    st = SentenceTransformer(str(tmp_path), device="cpu")
+    got = torch.as_tensor(st.encode(texts, convert_to_numpy=True))
+    tokens = tokenizer(texts, padding=True, return_tensors="pt")
+    assert (tokens["input_ids"] != vocab["[UNK]"]).all()
+    with torch.no_grad():
+        want = encoder.encode(tokens["input_ids"], tokens["attention_mask"])
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    # back through hybridray.models.load_encoder (which drops the unused pooler)
+    reloaded = DualEncoder.from_pretrained(tmp_path, pooling="cls").eval()
+    assert reloaded.tokenizer is not None
+    with torch.no_grad():
+        again = reloaded.encode(tokens["input_ids"], tokens["attention_mask"])
+    torch.testing.assert_close(again, want)

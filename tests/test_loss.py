@@ -1,0 +1,150 @@
+"""InfoNCELoss against a brute-force reference written as explicit loops (one process)."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hybridray.distributed import all_gather_no_grad, all_gather_with_grad, world_size
+from hybridray.loss import InfoNCELoss
+
+N, D, K = 6, 5, 2
+GROUPS = [0, 0, 1, 2, 1, 3]  # pairs 0/1 and 2/4 are translations of each other
+NEG_GROUPS = [0, 9, 4, 5, 1, 6, 7, 8, 2, 1, 10, 11]  # some hard negatives share a group
+
+
+def reference(q, p, h, groups, neg_groups, tau, symmetric, mask):
+    """-log p(positive) averaged over rows, by loops over every (row, column) pair."""
+
+    def row_loss(row, pos, candidates):
+        # candidates: (vector, group, is_positive); masked columns are simply skipped
+        logits = []
+        for vec, group, is_pos in candidates:
+            same_group = groups is not None and group is not None and group == groups[pos]
+            if mask and not is_pos and same_group:
+                continue
+            logits.append((torch.dot(row, vec) / tau, is_pos))
+        denom = sum(torch.exp(s) for s, _ in logits)
+        positive = next(s for s, is_pos in logits if is_pos)
+        return -(positive - torch.log(denom))
+
+    def group(seq, j):
+        return None if seq is None else seq[j]
+
+    forward = []
+    for i in range(len(q)):
+        cands = [(p[j], group(groups, j), j == i) for j in range(len(p))]
+        if h is not None:
+            cands += [(h[m], group(neg_groups, m), False) for m in range(len(h))]
+        forward.append(row_loss(q[i], i, cands))
+    loss = sum(forward) / len(forward)
+    if symmetric:
+        backward = [
+            row_loss(p[i], i, [(q[j], group(groups, j), j == i) for j in range(len(q))])
+            for i in range(len(p))
+        ]
+        loss = (loss + sum(backward) / len(backward)) / 2
+    return loss
+
+
+def embeddings(seed, rows):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, D, generator=gen, dtype=torch.float64)
+    return F.normalize(x, dim=-1).requires_grad_()
+
+
+CASES = {
+    "plain": dict(hard=False, mask=False, symmetric=False),
+    "masked": dict(hard=False, mask=True, symmetric=False),
+    "hard_negatives": dict(hard=True, mask=False, symmetric=False),
+    "hard_negatives_masked": dict(hard=True, mask=True, symmetric=False),
+    "symmetric_masked": dict(hard=False, mask=True, symmetric=True),
+    "everything": dict(hard=True, mask=True, symmetric=True),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_matches_brute_force(case):
+    opts = CASES[case]
+    q, p, h = embeddings(0, N), embeddings(1, N), embeddings(2, N * K) if opts["hard"] else None
+    groups, neg_groups = torch.tensor(GROUPS), torch.tensor(NEG_GROUPS[: N * K])
+    loss_fn = InfoNCELoss(0.1, symmetric=opts["symmetric"], mask_same_group=opts["mask"])
+    got = loss_fn(q, p, h, groups, neg_groups if opts["hard"] else None)
+    got.backward()
+    grads = [t.grad.clone() for t in (q, p, h) if t is not None]
+
+    for t in (q, p, h):
+        if t is not None:
+            t.grad = None
+    want = reference(q, p, h, GROUPS, NEG_GROUPS, 0.1, opts["symmetric"], opts["mask"])
+    want.backward()
+    assert got.item() == pytest.approx(want.item(), rel=1e-6)
+    for g, t in zip(grads, [t for t in (q, p, h) if t is not None]):
+        torch.testing.assert_close(g, t.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_masking_changes_the_loss_and_spares_the_positive():
+    q, p = embeddings(0, N), embeddings(1, N)
+    groups = torch.tensor(GROUPS)
+    masked = InfoNCELoss(0.1, mask_same_group=True)(q, p, group_ids=groups)
+    unmasked = InfoNCELoss(0.1, mask_same_group=False)(q, p, group_ids=groups)
+    assert masked < unmasked  # removing negatives can only lower the loss
+    # every pair in its own group: masking removes nothing
+    unique = torch.arange(N)
+    same = InfoNCELoss(0.1)(q, p, group_ids=unique)
+    assert same.item() == pytest.approx(unmasked.item(), rel=1e-12)
+    # all pairs in one group: only the positive is left, the loss is exactly 0
+    assert InfoNCELoss(0.1)(q, p, group_ids=torch.zeros(N, dtype=torch.long)).item() == 0.0
+
+
+def test_hard_negatives_accept_query_major_3d_shape():
+    q, p, h = embeddings(0, N), embeddings(1, N), embeddings(2, N * K)
+    loss_fn = InfoNCELoss(0.1)
+    flat = loss_fn(q, p, h, torch.tensor(GROUPS), torch.tensor(NEG_GROUPS))
+    shaped = loss_fn(q, p, h.reshape(N, K, D), torch.tensor(GROUPS),
+                     torch.tensor(NEG_GROUPS).reshape(N, K))
+    assert flat.item() == shaped.item()
+
+
+def test_learned_temperature_gets_the_reference_gradient():
+    q, p, h = embeddings(0, N), embeddings(1, N), embeddings(2, N * K)
+    loss_fn = InfoNCELoss(0.1, learn_temperature=True, symmetric=True).double()
+    assert [n for n, _ in loss_fn.named_parameters()] == ["log_temperature"]
+    loss_fn(q, p, h, torch.tensor(GROUPS), torch.tensor(NEG_GROUPS)).backward()
+    got = loss_fn.log_temperature.grad
+    assert got is not None and got.abs().item() > 0
+
+    log_tau = torch.tensor(math.log(0.1), dtype=torch.float64, requires_grad=True)
+    reference(q, p, h, GROUPS, NEG_GROUPS, log_tau.exp(), True, True).backward()
+    assert got.item() == pytest.approx(log_tau.grad.item(), rel=1e-6)
+
+
+def test_fixed_temperature_is_not_a_parameter_and_learned_one_is_clamped():
+    assert list(InfoNCELoss(0.05).parameters()) == []
+    loss_fn = InfoNCELoss(0.05, learn_temperature=True)
+    with torch.no_grad():
+        loss_fn.log_temperature.fill_(math.log(1e-5))
+    assert loss_fn.temperature.item() == pytest.approx(0.01)
+    with torch.no_grad():
+        loss_fn.log_temperature.fill_(math.log(50.0))
+    assert loss_fn.temperature.item() == pytest.approx(1.0)
+
+
+def test_from_config():
+    from hybridray.config import build_config
+
+    cfg = build_config({"loss": {"temperature": 0.02, "learn_temperature": True, "symmetric": True,
+                                 "mask_same_group": False}})
+    loss_fn = InfoNCELoss.from_config(cfg.loss)
+    assert loss_fn.symmetric and not loss_fn.mask_same_group
+    assert loss_fn.temperature.item() == pytest.approx(0.02)
+    assert loss_fn.temperature_bounds == (0.01, 1.0)
+
+
+def test_gathers_are_the_identity_without_a_process_group():
+    t = torch.randn(3, 2, requires_grad=True)
+    assert world_size() == 1
+    assert all_gather_with_grad(t) is t
+    assert not all_gather_no_grad(t).requires_grad
