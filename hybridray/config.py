@@ -52,6 +52,9 @@ class DataConfig(_Section):
     strict: bool = False
     max_text_chars: int = Field(4000, ge=16)
     extra_mono: list[ExtraMonoConfig] = Field(default_factory=list)
+    #: CPUs each Ray Data task of the batch pipeline asks for (fractional: on a 2-core
+    #: machine, train workers plus whole-CPU data tasks starve each other).
+    task_cpus: float = Field(0.25, gt=0.0)
 
 
 class SamplerConfig(_Section):
@@ -67,6 +70,9 @@ class SamplerConfig(_Section):
     mono_language: Literal["uniform", "proportional"] = "uniform"
     #: Global batch size: query/passage pairs per step across all workers.
     batch_size: int = Field(32, ge=2)
+    #: Groups per planning window (streaming unit; see hybridray/data/sampler.py). Must be
+    #: at least batch_size; MLQA-R (1,148 groups) fits in one window at the default.
+    window_groups: int = Field(100_000, ge=2)
 
 
 class LossConfig(_Section):

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any, Iterable, Optional
+from typing import Any, Optional
 
 import pyarrow as pa
 
@@ -82,7 +82,7 @@ class RowError:
         return f"{self.file}:{self.row}: {self.reason}"
 
 
-def row_problem(row: dict, *, max_text_chars: int, languages: Optional[Iterable[str]] = None) -> Optional[str]:
+def row_problem(row: dict, *, max_text_chars: int) -> Optional[str]:
     """The reason ``row`` is malformed, or None. Uniqueness is checked by the reader."""
     for column in REQUIRED_COLUMNS:
         value = row.get(column)
@@ -94,9 +94,7 @@ def row_problem(row: dict, *, max_text_chars: int, languages: Optional[Iterable[
             return f"empty field {column!r}"
     if not is_valid_lang(row["lang"]):
         return f"unknown language code {row['lang']!r}"
-    if languages is not None and row["lang"] not in languages:
-        return f"language {row['lang']!r} is not in data.languages"
-    for column in ("query", "passage", "context"):
+    for column in ("query", "passage"):  # context is kept, never encoded: no length limit
         value = row.get(column)
         if isinstance(value, str) and len(value) > max_text_chars:
             return f"field {column!r} has {len(value)} characters (max {max_text_chars})"

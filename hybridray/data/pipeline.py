@@ -1,0 +1,394 @@
+"""The training data pipeline on Ray Data: shards -> planned global batches -> ready tensors.
+
+Lockstep across ranks
+=====================
+
+The pipeline is ONE ordered stream whose rows are whole global steps (``step`` = 0, 1, ...).
+Every worker receives that stream unsplit (``ray_data_config()``: ``datasets_to_split=[]``,
+``preserve_order=True``) and keeps its slice ``[rank*B/W, (rank+1)*B/W)``. So at every step
+all slices come from one global batch (one batch type, one language for mono steps), and
+every worker runs exactly ``train.max_steps - start_step`` steps: no rank can wait for a batch
+that never comes. ``iter_worker_batches`` checks the step numbers it sees are consecutive.
+
+Why not ``streaming_split``: it hands rows to whichever worker asks first, so which worker
+gets which step is not deterministic, and global batches would need W rows each with an
+exact routing that Ray Data does not offer. The price of the unsplit stream is that every
+worker's iterator runs the (cheap) pipeline for the whole global batch: W times the
+tokenisation of one global batch, against a model step on B/W items per worker.
+
+Stages
+======
+
+==========  ===================  ============================================================
+stage       where                what
+==========  ===================  ============================================================
+index       Ray Data, per file   validate rows, compact index to the driver (``reader``)
+plan        driver               windows, their step counts, the segments of this run
+materialise Ray Data, per window plan the window (``sampler.plan_window``), read its texts
+tokenise    Ray Data, per step   prefixes, truncation, padding to the global batch's longest
+slice       worker               this rank's rows, trimmed to its longest, as torch tensors
+==========  ===================  ============================================================
+
+Resuming at ``start_step`` skips whole windows by their step counts (no planning, no reading)
+and plans -- without tokenising -- only the skipped part of the first window. Pass
+``start_step`` to ``build_train_dataset`` when the driver knows it (nothing skipped is ever
+tokenised); ``iter_worker_batches(start_step=...)`` also drops earlier steps, so a worker
+that learns its step from a checkpoint after the dataset was built resumes correctly too.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import asdict, dataclass, field
+from typing import Any, Iterator, Optional, Sequence
+
+import numpy as np
+import pyarrow as pa
+
+from hybridray.data import reader, sampler
+from hybridray.data.sampler import MAIN, ExtraSource, Group, Segment
+from hybridray.data.tokenize import TokenizerSpec, encode, prefixes, tokenizer_spec
+from hybridray.errors import UserError
+
+#: Steps per block out of the materialise stage (small: the stream starts flowing at once).
+_STEPS_PER_BLOCK = 8
+
+_NO_SEGMENT = Segment(epoch=-1, window=-1, ordinal=-1, first_step=0, n_steps=0)
+
+_STEP_SCHEMA = pa.schema(
+    [
+        ("step", pa.int64()),
+        ("epoch", pa.int64()),
+        ("batch_type", pa.string()),
+        ("lang", pa.string()),
+        ("source", pa.string()),
+        ("queries", pa.list_(pa.string())),
+        ("passages", pa.list_(pa.string())),
+        ("negatives", pa.list_(pa.string())),
+        ("group_ids", pa.list_(pa.int64())),
+        ("query_langs", pa.list_(pa.string())),
+        ("passage_langs", pa.list_(pa.string())),
+    ]
+)
+
+
+@dataclass
+class PipelineInfo:
+    """What the driver learnt while building the dataset (log it with the run's metrics)."""
+
+    languages: list[str]
+    rows_per_language: dict[str, int]
+    n_groups: int
+    n_rows: int
+    rejects: dict[str, int]  # reason kind -> count (see reader.reason_kind)
+    n_rejects: int
+    rejects_path: Optional[str]
+    filtered_rows: int
+    scattered_groups: int
+    n_windows: int
+    steps_per_epoch: int
+    start_step: int
+    max_steps: int
+    batch_size: int
+    world_size: int
+    extra: list[dict] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def metrics(self) -> dict[str, float]:
+        """Flat numbers for the run's metrics (``data/...``)."""
+        out = {
+            "data/rows": self.n_rows, "data/groups": self.n_groups, "data/rejects": self.n_rejects,
+            "data/filtered_rows": self.filtered_rows, "data/windows": self.n_windows,
+            "data/steps_per_epoch": self.steps_per_epoch,
+        }
+        out.update({f"data/rows/{k}": v for k, v in self.rows_per_language.items()})
+        out.update({f"data/rejects/{k}": v for k, v in self.rejects.items()})
+        return out
+
+
+# ----------------------------------------------------------------------------- driver side
+def ray_data_config():
+    """The Ray Train ``DataConfig`` this pipeline needs: the stream unsplit, order preserved.
+
+    Ray Train overwrites each dataset's execution options with its DataConfig's, so
+    ``preserve_order`` must be set here, not only on the driver's DataContext.
+    """
+    import ray.train
+
+    options = ray.train.DataConfig.default_ingest_options()
+    options.preserve_order = True
+    return ray.train.DataConfig(datasets_to_split=[], execution_options=options)
+
+
+def _index(path: str, config, strict: bool):
+    return reader.index_shards(
+        path, max_text_chars=config.data.max_text_chars, languages=config.data.languages,
+        strict=strict, task_cpus=config.data.task_cpus,
+    )
+
+
+def _check_negatives(index: reader.ShardIndex, k: int) -> None:
+    if k and index.groups and index.min_negatives == 0:
+        raise UserError(
+            f"{index.path}: loss.hard_negatives={k} but some rows have no hard_negatives; "
+            "set loss.hard_negatives=0 or add negatives to every row"
+        )
+
+
+def build_train_dataset(config, *, rejects_path: Optional[str], start_step: int = 0):
+    """``(dataset, PipelineInfo)``: the ordered stream of global steps ``[start_step, max_steps)``.
+
+    Runs the index pass now (so bad data fails here, on the driver, with its file:row); the
+    rest runs lazily when workers iterate. Give the dataset to ``TorchTrainer`` with
+    ``dataset_config=ray_data_config()`` and read it with ``iter_worker_batches``.
+    """
+    import ray
+    import ray.data
+
+    cfg, scfg = config, config.sampler
+    if not 0 <= start_step <= cfg.train.max_steps:
+        raise UserError(f"start_step {start_step} is outside [0, train.max_steps={cfg.train.max_steps}]")
+    main = _index(cfg.data.train, cfg, cfg.data.strict)
+    extras = [_index(e.path, cfg, cfg.data.strict) for e in cfg.data.extra_mono]
+    all_rejects = main.rejects + [r for e in extras for r in e.rejects]
+    if rejects_path:
+        reader.write_rejects(rejects_path, all_rejects)
+    if not main.groups:
+        raise UserError(f"{cfg.data.train}: no valid rows ({len(main.rejects)} rejected)")
+    k = cfg.loss.hard_negatives
+    for index in [main, *extras]:
+        _check_negatives(index, k)
+    if sum(e.weight for e in cfg.data.extra_mono) > 1.0:
+        raise UserError("data.extra_mono: the weights must sum to at most 1")
+
+    windows = sampler.make_windows(len(main.groups), scfg.window_groups, scfg.batch_size)
+    for w, (a, b) in enumerate(windows):
+        sampler.check_window(main.groups[a:b], scfg, w)
+    extra_meta = [
+        ExtraSource((), e.weight, sampler.extra_windows(len(x.groups), scfg))
+        for e, x in zip(cfg.data.extra_mono, extras)
+    ]
+    notes = []
+    if extras and (scfg.mode == "x-x" or scfg.alpha == 0.0):
+        notes.append("data.extra_mono is only used by monolingual steps; this run has none")
+    if main.scattered_groups:
+        notes.append(f"{main.scattered_groups} group(s) have rows that are not adjacent; they were gathered")
+    segs = list(sampler.segments(windows, scfg.batch_size, cfg.seed, start_step, cfg.train.max_steps))
+
+    main_refs = [ray.put(main.groups[a:b]) for a, b in windows]
+    extra_refs = [[ray.put(x.groups[a:b]) for a, b in m.windows] for x, m in zip(extras, extra_meta)]
+    q_prefix, p_prefix = prefixes(cfg.model)
+    materialise = functools.partial(
+        _materialise, sampler_cfg=scfg, seed=cfg.seed, start_step=start_step,
+        stop_step=cfg.train.max_steps, files=[main.files, *[x.files for x in extras]],
+        main_refs=main_refs, extra_refs=extra_refs, extra_meta=extra_meta, k_negatives=k,
+    )
+    tokenise = functools.partial(
+        _tokenise, tokenizer=tokenizer_spec(cfg.model.name_or_path, put=True), q_prefix=q_prefix, p_prefix=p_prefix,
+        max_query=cfg.model.max_query_length, max_passage=cfg.model.max_passage_length, k_negatives=k,
+    )
+    ds = (
+        ray.data.from_items([asdict(s) for s in segs] or [asdict(_NO_SEGMENT)], override_num_blocks=max(1, len(segs)))
+        .map_batches(materialise, batch_size=1, batch_format="pyarrow", num_cpus=cfg.data.task_cpus)
+        .map_batches(tokenise, batch_size=1, batch_format="pyarrow", num_cpus=cfg.data.task_cpus)
+    )
+    ds.context.execution_options.preserve_order = True  # this dataset only, not the global context
+
+    info = PipelineInfo(
+        languages=sorted(main.rows_per_language), rows_per_language=main.rows_per_language,
+        n_groups=len(main.groups), n_rows=main.n_rows, rejects=_merged_counts(main, extras),
+        n_rejects=len(all_rejects), rejects_path=rejects_path, filtered_rows=main.filtered_rows,
+        scattered_groups=main.scattered_groups, n_windows=len(windows),
+        steps_per_epoch=sum((b - a) // scfg.batch_size for a, b in windows),
+        start_step=start_step, max_steps=cfg.train.max_steps, batch_size=scfg.batch_size,
+        world_size=cfg.scaling.num_workers,
+        extra=[
+            {"path": e.path, "weight": e.weight, "n_groups": len(x.groups),
+             "rows_per_language": x.rows_per_language, "n_rejects": len(x.rejects)}
+            for e, x in zip(cfg.data.extra_mono, extras)
+        ],
+        notes=notes,
+    )
+    return ds, info
+
+
+def _merged_counts(main, extras) -> dict[str, int]:
+    total: dict[str, int] = {}
+    for index in [main, *extras]:
+        for kind, n in index.reject_counts().items():
+            total[kind] = total.get(kind, 0) + n
+    return total
+
+
+# ----------------------------------------------------------------------------- Ray Data stages
+def _materialise(
+    batch: pa.Table, *, sampler_cfg, seed: int, start_step: int, stop_step: int,
+    files: list[list[str]], main_refs, extra_refs, extra_meta: Sequence[ExtraSource], k_negatives: int,
+) -> Iterator[pa.Table]:
+    """One window (segment): plan it, read the texts of the steps in range, emit step rows."""
+    import ray
+
+    for d in batch.to_pylist():
+        seg = Segment(**d)
+        if seg.n_steps == 0:
+            continue  # the placeholder of an empty run (start_step == max_steps)
+        groups = ray.get(main_refs[seg.window])
+        extra_groups = [
+            ray.get(extra_refs[k][sampler.extra_window_for(m, seg.ordinal, seed, k)[1]])
+            for k, m in enumerate(extra_meta)
+        ]
+        plans = [
+            p for p in sampler.plan_window(groups, sampler_cfg, seed=seed, segment=seg,
+                                           extra=extra_meta, extra_groups=extra_groups)
+            if start_step <= p.step < stop_step
+        ]
+        sources = [groups, *extra_groups]
+        texts = _read_texts(plans, sources, files, k_negatives)
+        for i in range(0, len(plans), _STEPS_PER_BLOCK):
+            yield pa.Table.from_pylist(
+                [_step_record(p, sources, texts, seed, k_negatives) for p in plans[i : i + _STEPS_PER_BLOCK]],
+                schema=_STEP_SCHEMA,
+            )
+
+
+def _refs(plan, sources: Sequence[Sequence[Group]]) -> list[tuple[Group, tuple[int, int], tuple[int, int]]]:
+    groups = sources[0 if plan.source == MAIN else plan.source + 1]
+    out = []
+    for it in plan.items:
+        g = groups[it.group]
+        out.append((g, g.row_of(it.query_lang), g.row_of(it.passage_lang)))
+    return out
+
+
+def _read_texts(plans, sources, files, k_negatives) -> dict[tuple[int, int, int], dict]:
+    """``(source, file, row) -> record`` for every row the plans use, one read per file."""
+    need: dict[tuple[int, int], set[int]] = {}
+    for p in plans:
+        s = 0 if p.source == MAIN else p.source + 1
+        for _, q, ps in _refs(p, sources):
+            need.setdefault((s, q[0]), set()).add(q[1])
+            need.setdefault((s, ps[0]), set()).add(ps[1])
+    columns = ["query", "passage"] + (["hard_negatives"] if k_negatives else [])
+    texts = {}
+    for (s, fi), rows in sorted(need.items()):
+        for row, rec in reader.read_rows(files[s][fi], rows, columns).items():
+            texts[(s, fi, row)] = rec
+    return texts
+
+
+def _step_record(plan, sources, texts, seed: int, k: int) -> dict:
+    s = 0 if plan.source == MAIN else plan.source + 1
+    queries, passages, negatives, gids = [], [], [], []
+    for slot, (g, q, p) in enumerate(_refs(plan, sources)):
+        queries.append(texts[(s, *q)]["query"])
+        prow = texts[(s, *p)]
+        passages.append(prow["passage"])
+        if k:
+            pool = prow["hard_negatives"]
+            negatives.extend(pool[j] for j in sampler.pick_negatives(len(pool), k, seed=seed, step=plan.step, slot=slot))
+        gids.append(sampler.stable_hash64(g.group_id))
+    return {
+        "step": plan.step, "epoch": plan.epoch, "batch_type": plan.batch_type, "lang": plan.lang or "",
+        "source": "train" if plan.source == MAIN else f"extra:{plan.source}",
+        "queries": queries, "passages": passages, "negatives": negatives, "group_ids": gids,
+        "query_langs": [it.query_lang for it in plan.items],
+        "passage_langs": [it.passage_lang for it in plan.items],
+    }
+
+
+def _tokenise(
+    batch: pa.Table, *, tokenizer: TokenizerSpec, q_prefix: str, p_prefix: str,
+    max_query: int, max_passage: int, k_negatives: int,
+) -> dict[str, np.ndarray]:
+    """One step's texts -> padded int32 ids / int8 masks of the global batch."""
+    (row,) = batch.to_pylist()
+    out = {
+        "step": np.array([row["step"]], dtype=np.int64),
+        "epoch": np.array([row["epoch"]], dtype=np.int64),
+        "batch_type": np.array([row["batch_type"]]),
+        "lang": np.array([row["lang"]]),
+        "source": np.array([row["source"]]),
+        "group_ids": np.array([row["group_ids"]], dtype=np.int64),
+        # language codes never contain spaces: one string column instead of a pickled list
+        "query_langs": np.array([" ".join(row["query_langs"])]),
+        "passage_langs": np.array([" ".join(row["passage_langs"])]),
+    }
+    sides = [("query", row["queries"], q_prefix, max_query), ("passage", row["passages"], p_prefix, max_passage)]
+    if k_negatives:
+        sides.append(("negative", row["negatives"], p_prefix, max_passage))
+    for name, texts, prefix, max_len in sides:
+        ids, mask = encode(tokenizer, texts, prefix, max_len)
+        out[f"{name}_input_ids"], out[f"{name}_attention_mask"] = ids[None], mask[None]
+    return out
+
+
+# ----------------------------------------------------------------------------- worker side
+def _trim(ids: np.ndarray, mask: np.ndarray):
+    """Drop the padding columns no row of this slice uses (either padding side)."""
+    import torch
+
+    cols = np.flatnonzero(mask.any(axis=0))
+    lo, hi = (int(cols[0]), int(cols[-1]) + 1) if len(cols) else (0, 0)
+    return (torch.from_numpy(np.ascontiguousarray(ids[:, lo:hi], dtype=np.int64)),
+            torch.from_numpy(np.ascontiguousarray(mask[:, lo:hi], dtype=np.int64)))
+
+
+def slice_step(row: dict[str, Any], *, rank: int, world_size: int) -> dict[str, Any]:
+    """This rank's slice of one global step row, as torch tensors (a pure function)."""
+    import torch
+
+    gids = np.asarray(row["group_ids"], dtype=np.int64)
+    B = len(gids)
+    if not 0 <= rank < world_size or B % world_size:
+        raise ValueError(f"cannot slice a global batch of {B} for rank {rank} of {world_size}")
+    b = B // world_size
+    lo, hi = rank * b, (rank + 1) * b
+    out: dict[str, Any] = {
+        "step": int(row["step"]),
+        "batch_type": str(row["batch_type"]),
+        "lang": str(row["lang"]) or None,
+        "source": str(row["source"]),
+        "group_ids": torch.from_numpy(gids[lo:hi].copy()),
+        "query_langs": str(row["query_langs"]).split()[lo:hi],
+        "passage_langs": str(row["passage_langs"]).split()[lo:hi],
+    }
+    for side in ("query", "passage"):
+        ids, mask = np.asarray(row[f"{side}_input_ids"]), np.asarray(row[f"{side}_attention_mask"])
+        out[f"{side}_input_ids"], out[f"{side}_attention_mask"] = _trim(ids[lo:hi], mask[lo:hi])
+    if "negative_input_ids" in row:
+        ids, mask = np.asarray(row["negative_input_ids"]), np.asarray(row["negative_attention_mask"])
+        k = len(ids) // B
+        out["negative_input_ids"], out["negative_attention_mask"] = _trim(ids[lo * k : hi * k], mask[lo * k : hi * k])
+    return out
+
+
+def _step_rows(source) -> Iterator[dict[str, Any]]:
+    if hasattr(source, "iter_batches"):  # ray.data.Dataset or a Ray Train DataIterator
+        for batch in source.iter_batches(batch_size=1, batch_format="numpy", prefetch_batches=2):
+            yield {k: v[0] for k, v in batch.items()}
+    else:
+        yield from source
+
+
+def iter_worker_batches(
+    dataset_or_iterable, *, rank: int, world_size: int, start_step: int = 0
+) -> Iterator[dict[str, Any]]:
+    """This worker's slice of every global step from ``start_step`` on, in step order.
+
+    Yields dicts of torch tensors: ``query_input_ids`` / ``query_attention_mask`` ``[B/W, Lq]``,
+    ``passage_*`` ``[B/W, Lp]``, optional ``negative_*`` ``[B/W*k, Ln]``, ``group_ids`` int64
+    ``[B/W]``, ``query_langs`` / ``passage_langs`` (lists of str), ``batch_type``, ``lang``
+    (mono steps), ``source`` and ``step``. Raises if the stream skips or reorders a step: a
+    rank that silently fell out of step would hang the others at the next collective.
+    """
+    expected = start_step
+    for row in _step_rows(dataset_or_iterable):
+        step = int(row["step"])
+        if step < start_step:
+            continue
+        if step != expected:
+            raise RuntimeError(
+                f"rank {rank}: expected step {expected}, the stream gave step {step} "
+                "(is preserve_order off, or was the dataset built for another start_step?)"
+            )
+        expected += 1
+        yield slice_step(row, rank=rank, world_size=world_size)

@@ -1,0 +1,342 @@
+"""Streaming read and validation of shard datasets (parquet or jsonl; local, glob or ``s3://``).
+
+Reading happens in two passes, both Ray Data tasks over *files*, so every row keeps its file
+and its row number there (a rejects report that says ``part-00003.parquet:812`` is useful;
+"row 51,812 of the dataset" is not):
+
+1. **index** (``index_shards``): each file is read and every row validated with
+   ``schema.row_problem``; only a compact index (file, row, group_id, lang, number of hard
+   negatives) reaches the driver, never the texts. The driver checks what needs the whole
+   dataset -- duplicate ``(group_id, lang)`` -- and gathers a group's rows wherever they are
+   (``hybridray data prepare`` keeps them adjacent, but a group split across two files, or
+   scattered, still becomes one group).
+2. **fetch** (``read_rows``): the batch pipeline reads the texts of one window's rows.
+
+Row numbers: 0-based row index for parquet (as ``pyarrow.Table.slice`` counts), 1-based line
+number for jsonl (as editors and ``sed -n`` count).
+
+S3: the endpoint comes from ``AWS_ENDPOINT_URL_S3`` or ``AWS_ENDPOINT_URL`` (for MinIO, moto,
+...), credentials from the usual AWS variables; timeouts and retries are short so that an
+unreachable endpoint is a clear error in seconds rather than a hang.
+"""
+from __future__ import annotations
+
+import fnmatch
+import functools
+import io
+import json
+import os
+import re
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from typing import Iterable, Iterator, Optional, Sequence
+from urllib.parse import urlparse
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from hybridray.data.sampler import Group
+from hybridray.data.schema import RowError, row_problem
+from hybridray.errors import UserError
+
+SHARD_SUFFIXES = (".parquet", ".jsonl")
+_GLOB = re.compile(r"[*?\[]")
+
+#: The columns of the per-file index (pass 1).
+INDEX_SCHEMA = pa.schema(
+    [
+        ("file_index", pa.int32()),
+        ("row", pa.int64()),
+        ("group_id", pa.string()),
+        ("lang", pa.string()),
+        ("n_negatives", pa.int32()),
+        ("filtered", pa.bool_()),
+        ("reason", pa.string()),
+    ]
+)
+
+
+# ----------------------------------------------------------------------------- storage
+@functools.lru_cache(maxsize=8)
+def _s3(endpoint: str, region: str) -> pafs.S3FileSystem:
+    kwargs = dict(region=region, connect_timeout=5, request_timeout=30,
+                  retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=2))
+    if endpoint:
+        url = urlparse(endpoint if "://" in endpoint else f"https://{endpoint}")
+        kwargs.update(endpoint_override=url.netloc, scheme=url.scheme)
+    return pafs.S3FileSystem(**kwargs)
+
+
+def filesystem_for(path: str) -> tuple[pafs.FileSystem, str]:
+    """The pyarrow filesystem of ``path`` and the path inside it."""
+    if path.startswith("s3://"):
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or ""
+        region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+        return _s3(endpoint, region), path[len("s3://"):].rstrip("/")
+    if "://" in path:
+        raise UserError(f"{path}: only local paths and s3:// are supported")
+    return pafs.LocalFileSystem(), os.path.abspath(path)
+
+
+def _uri(path: str, fs_path: str) -> str:
+    return f"s3://{fs_path}" if path.startswith("s3://") else fs_path
+
+
+def _is_shard(name: str) -> bool:
+    base = name.rsplit("/", 1)[-1]
+    return base.endswith(SHARD_SUFFIXES) and not base.startswith((".", "_"))
+
+
+def list_shard_files(path: str) -> list[str]:
+    """Every ``*.parquet`` / ``*.jsonl`` file of a directory, glob or ``s3://`` prefix, sorted.
+
+    Raises UserError naming ``path`` when the storage is unreachable or holds no shard file.
+    """
+    fs, fs_path = filesystem_for(path)
+    match = _GLOB.search(fs_path)
+    base = fs_path[: match.start()].rsplit("/", 1)[0] if match else fs_path
+    try:
+        info = fs.get_file_info(base)
+        if info.type == pafs.FileType.File:
+            candidates = [info]
+        elif info.type == pafs.FileType.Directory:
+            candidates = fs.get_file_info(pafs.FileSelector(base, recursive=True))
+        else:
+            raise UserError(f"{path}: no such file or directory")
+    except UserError:
+        raise
+    except (OSError, pa.ArrowException) as exc:
+        raise UserError(f"{path}: cannot read: {exc}") from None
+    files = sorted(
+        i.path for i in candidates
+        if i.type == pafs.FileType.File and _is_shard(i.path)
+        and (not match or fnmatch.fnmatchcase(i.path, fs_path))
+    )
+    if not files:
+        raise UserError(f"{path}: no shard files (*.parquet, *.jsonl)")
+    return [_uri(path, f) for f in files]
+
+
+# ----------------------------------------------------------------------------- rows
+def iter_file_rows(path: str, columns: Optional[Sequence[str]] = None) -> Iterator[tuple[int, object]]:
+    """``(row number, row)`` of one shard file, streaming; a jsonl line that is not a JSON
+    object yields its problem as a string instead of a dict."""
+    fs, fs_path = filesystem_for(path)
+    if path.endswith(".parquet"):
+        with fs.open_input_file(fs_path) as f:
+            parquet = pq.ParquetFile(f)
+            names = [c for c in (columns or parquet.schema_arrow.names) if c in parquet.schema_arrow.names]
+            row = 0
+            for batch in parquet.iter_batches(batch_size=4096, columns=names):
+                for record in batch.to_pylist():
+                    yield row, record
+                    row += 1
+        return
+    with fs.open_input_stream(fs_path) as f:
+        for line_no, raw in enumerate(io.TextIOWrapper(f, encoding="utf-8"), start=1):
+            if not raw.strip():
+                continue
+            try:
+                record = json.loads(raw)
+            except json.JSONDecodeError as exc:
+                yield line_no, f"invalid JSON: {exc.msg}"
+                continue
+            if not isinstance(record, dict):
+                yield line_no, f"not a JSON object but {type(record).__name__}"
+                continue
+            yield line_no, ({k: record.get(k) for k in columns} if columns else record)
+
+
+def index_file(
+    path: str, file_index: int, *, max_text_chars: int, languages: Optional[Sequence[str]] = None
+) -> pa.Table:
+    """Pass 1 for one file: one index row per shard row, with its problem (or null).
+
+    Rows in a language outside ``languages`` are marked ``filtered`` (a selection, not an
+    error: they are neither trained on nor reported as rejects).
+    """
+    out = {name: [] for name in INDEX_SCHEMA.names}
+    wanted = set(languages) if languages else None
+
+    def add(row, group_id=None, lang=None, n_neg=0, filtered=False, reason=None):
+        for name, value in zip(INDEX_SCHEMA.names, (file_index, row, group_id, lang, n_neg, filtered, reason)):
+            out[name].append(value)
+
+    try:
+        for row, record in iter_file_rows(path):
+            if isinstance(record, str):
+                add(row, reason=record)
+                continue
+            reason = row_problem(record, max_text_chars=max_text_chars)
+            if reason:
+                add(row, reason=reason)
+                continue
+            negatives = record.get("hard_negatives") or ()
+            add(row, record["group_id"], record["lang"], len(negatives),
+                filtered=wanted is not None and record["lang"] not in wanted)
+    except (OSError, pa.ArrowException, UnicodeDecodeError) as exc:
+        add(-1, reason=f"cannot read file: {exc}")
+    return pa.Table.from_pydict(out, schema=INDEX_SCHEMA)
+
+
+def read_rows(path: str, rows: Iterable[int], columns: Sequence[str]) -> dict[int, dict]:
+    """The given rows of one file (``columns`` only); parquet reads only the row groups needed."""
+    wanted = sorted(set(rows))
+    if not wanted:
+        return {}
+    if not path.endswith(".parquet"):
+        targets = set(wanted)
+        return {r: rec for r, rec in iter_file_rows(path, columns) if r in targets}
+    fs, fs_path = filesystem_for(path)
+    out: dict[int, dict] = {}
+    with fs.open_input_file(fs_path) as f:
+        parquet = pq.ParquetFile(f)
+        starts, start = [], 0
+        for i in range(parquet.num_row_groups):
+            starts.append(start)
+            start += parquet.metadata.row_group(i).num_rows
+        by_group: dict[int, list[int]] = {}
+        for r in wanted:
+            g = max(i for i, s in enumerate(starts) if s <= r)
+            by_group.setdefault(g, []).append(r)
+        for g, rs in by_group.items():
+            table = parquet.read_row_group(g, columns=list(columns))
+            records = table.take([r - starts[g] for r in rs]).to_pylist()
+            out.update(zip(rs, records))
+    return out
+
+
+# ----------------------------------------------------------------------------- the index
+@dataclass
+class ShardIndex:
+    """What the driver knows about a shard dataset: groups (data order), counts, rejects."""
+
+    path: str
+    files: list[str]
+    groups: list[Group] = field(default_factory=list)
+    rows_per_language: dict[str, int] = field(default_factory=dict)
+    rejects: list[RowError] = field(default_factory=list)
+    filtered_rows: int = 0
+    scattered_groups: int = 0  # groups whose rows are not adjacent in data order
+    min_negatives: int = 0  # fewest hard negatives of any accepted row
+
+    @property
+    def n_rows(self) -> int:
+        return sum(self.rows_per_language.values())
+
+    def reject_counts(self) -> dict[str, int]:
+        return dict(sorted(Counter(reason_kind(r.reason) for r in self.rejects).items()))
+
+
+def reason_kind(reason: str) -> str:
+    """A short category of a reject reason, for the run's metrics."""
+    for prefix, kind in (
+        ("missing field", "missing_field"), ("empty field", "empty_field"),
+        ("unknown language", "unknown_language"), ("duplicate", "duplicate"),
+        ("field 'hard_negatives'", "bad_hard_negatives"), ("a hard negative", "too_long"),
+        ("unknown field", "unknown_field"), ("invalid JSON", "invalid_json"),
+        ("not a JSON object", "invalid_json"),
+    ):
+        if reason.startswith(prefix):
+            return kind
+    if "characters (max" in reason:
+        return "too_long"
+    if "must be a string" in reason:
+        return "bad_type"
+    return "other"
+
+
+def merge_index(path: str, files: list[str], tables: Iterable[pa.Table], *, strict: bool) -> ShardIndex:
+    """Fold the per-file index tables (in file order) into groups, with global checks.
+
+    ``strict`` raises UserError on the first bad row in data order, naming file:row.
+    """
+    index = ShardIndex(path, files)
+    first_seen: dict[tuple[str, str], tuple[int, int]] = {}
+    members: dict[str, list[tuple[str, int, int]]] = {}
+    last_group: Optional[str] = None
+    closed: set[str] = set()
+    counts: Counter = Counter()
+    min_neg: Optional[int] = None
+
+    def reject(file_index: int, row: int, reason: str) -> None:
+        error = RowError(files[file_index], row, reason)
+        if row < 0:
+            raise UserError(f"{files[file_index]}: {reason}")
+        if strict:
+            raise UserError(str(error))
+        index.rejects.append(error)
+
+    for table in tables:
+        cols = table.to_pydict()
+        for fi, row, gid, lang, n_neg, filtered, reason in zip(*(cols[n] for n in INDEX_SCHEMA.names)):
+            if reason is not None:
+                reject(fi, row, reason)
+                continue
+            if filtered:
+                index.filtered_rows += 1
+                continue
+            key = (gid, lang)
+            if key in first_seen:
+                f0, r0 = first_seen[key]
+                reject(fi, row, f"duplicate (group_id, lang) ({gid!r}, {lang!r}): first at {files[f0]}:{r0}")
+                continue
+            first_seen[key] = (fi, row)
+            if gid != last_group:
+                if last_group is not None:
+                    closed.add(last_group)
+                if gid in closed:
+                    index.scattered_groups += 1
+                    closed.discard(gid)  # count each scattered group once per re-appearance
+                last_group = gid
+            members.setdefault(gid, []).append((lang, fi, row))
+            counts[lang] += 1
+            min_neg = n_neg if min_neg is None else min(min_neg, n_neg)
+    for gid, rows in members.items():  # dicts keep first-occurrence (data) order
+        rows.sort()
+        index.groups.append(Group(gid, tuple(r[0] for r in rows), tuple((r[1], r[2]) for r in rows)))
+    index.rows_per_language = dict(sorted(counts.items()))
+    index.min_negatives = min_neg or 0
+    return index
+
+
+def _index_batch(batch: pa.Table, max_text_chars: int, languages) -> pa.Table:
+    tables = [
+        index_file(p, int(i), max_text_chars=max_text_chars, languages=languages)
+        for p, i in zip(batch["path"].to_pylist(), batch["file_index"].to_pylist())
+    ]
+    return pa.concat_tables(tables) if tables else INDEX_SCHEMA.empty_table()
+
+
+def index_shards(
+    path: str,
+    *,
+    max_text_chars: int,
+    languages: Optional[Sequence[str]] = None,
+    strict: bool = False,
+    task_cpus: float = 0.25,
+) -> ShardIndex:
+    """Pass 1 over a shard dataset on Ray Data (one task per file, results in file order)."""
+    import ray.data
+
+    files = list_shard_files(path)
+    ds = ray.data.from_items(
+        [{"file_index": i, "path": f} for i, f in enumerate(files)], override_num_blocks=len(files)
+    ).map_batches(
+        _index_batch, batch_size=1, batch_format="pyarrow", num_cpus=task_cpus,
+        fn_kwargs={"max_text_chars": max_text_chars, "languages": languages},
+    )
+    ds.context.execution_options.preserve_order = True
+    return merge_index(path, files, ds.iter_batches(batch_size=None, batch_format="pyarrow"), strict=strict)
+
+
+def write_rejects(path: str, rejects: Iterable[RowError]) -> int:
+    """The rejects report: one JSON object per line, ``{"file", "row", "reason"}``."""
+    n = 0
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        for r in rejects:
+            f.write(json.dumps(asdict(r), ensure_ascii=False) + "\n")
+            n += 1
+    return n
