@@ -120,7 +120,9 @@ def main() -> None:
             "train": {"max_steps": args.pipeline_steps},
             "scaling": {"num_workers": 1},
         })
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+        from hybridray.train import init_ray
+
+        init_ray(num_cpus=2)
         try:
             pipe, batches = bench_pipeline(cfg, args.pipeline_steps, warm=cfg.train.max_steps // 10)
         finally:

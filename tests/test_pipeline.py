@@ -125,7 +125,9 @@ def ray_cluster(s3):
     real cluster where credentials and endpoint are set before ``ray start``."""
     import ray
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    from hybridray.train import init_ray
+
+    init_ray(num_cpus=2)
     yield
     ray.shutdown()
 

@@ -1,0 +1,69 @@
+"""Batched inference encoding: texts in, L2-normalised float32 vectors out.
+
+Texts are tokenised once, sorted by token length and batched longest first, so each batch
+pads to near its own length (sentences of 10 and 200 tokens never share a batch) and an
+out-of-memory error shows up on the first batch rather than the last.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from hybridray.device import use_bf16
+from hybridray.models.pooling import pool
+
+
+def _last_hidden_state(output) -> torch.Tensor:
+    return output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
+
+
+def encode_texts(
+    model: torch.nn.Module,
+    tokenizer,
+    texts: Sequence[str],
+    *,
+    prefix: str = "",
+    max_length: int = 256,
+    batch_size: int = 64,
+    pooling: str = "mean",
+    device: Optional[torch.device | str] = None,
+    progress: bool = True,
+) -> np.ndarray:
+    """Encode ``texts`` (each prefixed with ``prefix``) into ``[len(texts), dim]`` float32
+    unit vectors, in input order.
+
+    Runs under ``torch.inference_mode`` with the model in eval mode (its train/eval mode is
+    restored afterwards, so the trainer can call this mid-run), with bf16 autocast on GPUs
+    only. ``device`` defaults to where the model's weights already are: the caller placed
+    the model (with :func:`hybridray.device.default_device`), this function never moves it
+    unless asked.
+    """
+    if len(texts) == 0:
+        raise ValueError("encode_texts: no texts to encode")
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    model.to(device)
+    max_length = min(max_length, tokenizer.model_max_length)  # never past the position table
+    features = tokenizer([prefix + t for t in texts], truncation=True, max_length=max_length)
+    order = np.argsort([-len(ids) for ids in features["input_ids"]], kind="stable")
+    out: Optional[np.ndarray] = None
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16(device)):
+            for start in tqdm(range(0, len(texts), batch_size), desc="encode", unit="batch", disable=not progress):
+                rows = order[start:start + batch_size]
+                batch = tokenizer.pad({key: [values[i] for i in rows] for key, values in features.items()},
+                                      return_tensors="pt")
+                batch = {key: value.to(device) for key, value in batch.items()}
+                hidden = _last_hidden_state(model(**batch))
+                vectors = F.normalize(pool(hidden, batch["attention_mask"], pooling).float(), dim=-1)
+                if out is None:
+                    out = np.empty((len(texts), vectors.shape[-1]), dtype=np.float32)
+                out[rows] = vectors.cpu().numpy()
+    finally:
+        model.train(was_training)
+    return out

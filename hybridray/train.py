@@ -1,0 +1,330 @@
+"""``hybridray train``: one ``train_func`` per Ray Train worker, and the TorchTrainer around it.
+
+The worker loop is small on purpose: the batch plan (``data.pipeline``), the model and loss
+(``engine.TrainingModel``), DeepSpeed (``engine.build_engine``), checkpoints
+(``checkpointing``) and held-out evaluation (``evaluate.lareqa``) each live in their module.
+All cluster shape is in ``ScalingConfig`` / ``RunConfig``; nothing here knows about nodes.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Optional
+
+from hybridray.config import Config
+from hybridray.errors import UserError
+
+#: Batch keys that are model inputs (the rest is metadata for logging).
+MODEL_INPUTS = (
+    "query_input_ids", "query_attention_mask", "passage_input_ids", "passage_attention_mask",
+    "negative_input_ids", "negative_attention_mask", "group_ids", "negative_group_ids",
+)
+
+
+# ----------------------------------------------------------------------------- worker side
+def heldout_evaluation(engine, tokenizer, heldout, config: Config) -> Optional[dict]:
+    """LAReQA evaluation of the current weights on rank 0 (the same code as ``hybridray eval``).
+
+    Every rank must call this (under ZeRO-3 the weights are gathered collectively first);
+    only rank 0 encodes and scores, the others get None. Not run redundantly on every rank.
+    """
+    import contextlib
+
+    import torch
+    import torch.distributed as dist
+
+    from hybridray.data.tokenize import prefixes
+    from hybridray.distributed import rank
+    from hybridray.evaluate.lareqa import evaluate_lareqa
+
+    module = engine.module
+    gather = contextlib.nullcontext()
+    if config.deepspeed.zero_stage == 3:
+        import deepspeed
+
+        gather = deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None)
+    report = None
+    was_training = module.training
+    module.eval()
+    with gather:
+        if rank() == 0:
+            query_prefix, passage_prefix = prefixes(config.model)
+            report = evaluate_lareqa(
+                module.encoder.model, tokenizer, heldout,
+                query_prefix=query_prefix, passage_prefix=passage_prefix,
+                pooling=config.model.pooling, max_length=config.eval.max_length,
+                batch_size=config.eval.batch_size, with_context=config.eval.with_context,
+            )
+    module.train(was_training)
+    if dist.is_initialized():
+        dist.barrier()
+    torch.set_grad_enabled(True)
+    return report
+
+
+def val_metrics(report: Optional[dict]) -> dict:
+    """The flat ``val_*`` metrics of a LAReQA report (``val_map`` = pooled multilingual mAP)."""
+    if report is None:
+        return {}
+    summary = report["summary"]
+    return {
+        "val_map": summary["map"]["multi"],
+        "val_map_mono": summary["map"]["mono"],
+        "val_map_cross": summary["map"]["cross"],
+        "val_rank_distance": summary["rank_distance"],
+    }
+
+
+def train_func(loop_config: dict) -> None:
+    """The per-worker training loop (Ray Train calls it on every worker)."""
+    import ray.train
+    import torch
+
+    from hybridray.checkpointing import load_state, save_state
+    from hybridray.data.pipeline import iter_worker_batches
+    from hybridray.distributed import all_reduce_mean, rank, world_size
+    from hybridray.engine import TrainingModel, build_engine
+    from hybridray.evaluate.lareqa import load_lareqa
+
+    config = Config.model_validate(loop_config["config"])
+    torch.manual_seed(config.seed)  # identical initial weights (e.g. a learned temperature) on every rank
+    model = TrainingModel.from_config(config)
+    tokenizer = model.encoder.tokenizer
+    engine = build_engine(model, config, world_size())
+    device = engine.device
+
+    start_step, saved = 0, {}
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            start_step, saved = load_state(engine, directory)
+    heldout = load_lareqa(config.data.heldout, config.eval.langs) if config.data.heldout and rank() == 0 else None
+    evaluate_now = heldout_evaluation if config.data.heldout else (lambda *a: None)
+
+    reports = dict(saved.get("reports", {}))
+    if start_step == 0 and config.train.eval_before:
+        reports["before"] = evaluate_now(engine, tokenizer, heldout, config)
+
+    window = {"loss": 0.0, "n": 0, "samples": 0, "tokens": 0, "mono": 0, "cross": 0, "x-x": 0}
+    window_start = time.perf_counter()
+    last_step = config.train.max_steps - 1
+    batches = iter_worker_batches(
+        ray.train.get_dataset_shard("train"), rank=rank(), world_size=world_size(), start_step=start_step
+    )
+    fault = loop_config.get("fault")
+    for batch in batches:
+        step = batch["step"]
+        if fault and step == fault[0] and rank() == 0 and not Path(fault[1]).exists():
+            Path(fault[1]).touch()  # crash once: the restarted workers find the marker
+            raise RuntimeError(f"injected fault at step {step}")
+        inputs = {k: batch[k].to(device) for k in MODEL_INPUTS if batch.get(k) is not None}
+        loss = engine(**inputs)
+        engine.backward(loss)
+        engine.step()
+
+        window["loss"] += float(all_reduce_mean(loss))
+        window["n"] += 1
+        window[batch["batch_type"]] += 1
+        window["samples"] += config.sampler.batch_size
+        window["tokens"] += int(all_reduce_mean(
+            (batch["query_attention_mask"].sum() + batch["passage_attention_mask"].sum()).float()
+        ) * world_size())
+        done = step == last_step
+        log_now = (step + 1) % config.train.log_every == 0 or done
+        save_now = done or (config.train.checkpoint_every and (step + 1) % config.train.checkpoint_every == 0)
+        eval_now = done or (config.train.eval_every and (step + 1) % config.train.eval_every == 0)
+        if not (log_now or save_now or eval_now):
+            continue
+
+        elapsed = time.perf_counter() - window_start
+        metrics = {
+            "step": step + 1,
+            "loss": window["loss"] / max(1, window["n"]),
+            "lr": engine.get_lr()[0],
+            "temperature": float(engine.module.loss.temperature),
+            "samples_per_s": window["samples"] / elapsed,
+            "tokens_per_s": window["tokens"] / elapsed,
+            "mono_batches": window["mono"], "cross_batches": window["cross"], "xx_batches": window["x-x"],
+        }
+        if eval_now:
+            report = evaluate_now(engine, tokenizer, heldout, config)
+            metrics.update(val_metrics(report))
+            if done:
+                reports["after"] = report
+        metrics.update({f"before_{k}": v for k, v in val_metrics(reports.get("before")).items()})
+        if rank() == 0:
+            print(_progress_line(metrics, config.train.max_steps), flush=True)
+
+        if save_now:
+            with tempfile.TemporaryDirectory() as directory:
+                save_state(engine, directory, step=step + 1, reports=reports)
+                if done:
+                    _export_final(engine, tokenizer, Path(directory), config, reports)
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
+        else:
+            ray.train.report(metrics)
+        window = dict.fromkeys(window, 0)
+        window["loss"] = 0.0
+        window_start = time.perf_counter()
+
+
+def _progress_line(metrics: dict, max_steps: int) -> str:
+    line = (
+        f"[hybridray] step {metrics['step']}/{max_steps} loss {metrics['loss']:.4f} "
+        f"lr {metrics['lr']:.2e} {metrics['samples_per_s']:.1f} samples/s "
+        f"mono/cross {metrics['mono_batches']}/{metrics['cross_batches']}"
+    )
+    if "val_map" in metrics:
+        line += (
+            f" | val mAP multi {metrics['val_map']:.3f} mono {metrics['val_map_mono']:.3f} "
+            f"cross {metrics['val_map_cross']:.3f} rank-dist {metrics['val_rank_distance']:.1f}"
+        )
+    return line
+
+
+def _export_final(engine, tokenizer, directory: Path, config: Config, reports: dict) -> None:
+    """The final model (HF + sentence-transformers directory) and the held-out reports go
+    into the last checkpoint, so they reach the run's storage (local or ``s3://``)."""
+    import contextlib
+
+    from hybridray.data.tokenize import prefixes
+    from hybridray.distributed import rank
+    from hybridray.evaluate.report import write_report
+
+    gather = contextlib.nullcontext()
+    if config.deepspeed.zero_stage == 3:
+        import deepspeed
+
+        gather = deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None)
+    with gather:
+        if rank() == 0:
+            query_prefix, passage_prefix = prefixes(config.model)
+            engine.module.encoder.save_pretrained(
+                directory / "model", tokenizer,
+                prompts={"query": query_prefix, "passage": passage_prefix},
+            )
+            for name, report in reports.items():
+                if report is not None:
+                    write_report(report, directory / "eval" / name)
+
+
+# ----------------------------------------------------------------------------- driver side
+def _absolute(path: str) -> str:
+    """Local paths are made absolute on the driver: Ray workers run in other directories."""
+    if not path or "://" in path:
+        return path
+    return str(Path(path).expanduser().resolve())
+
+
+def resolve_paths(config: Config) -> Config:
+    """A copy of ``config`` with every local path absolute."""
+    update = config.model_copy(deep=True)
+    update.data.train = _absolute(config.data.train)
+    update.data.heldout = _absolute(config.data.heldout)
+    update.run.storage_path = _absolute(config.run.storage_path)
+    for extra in update.data.extra_mono:
+        extra.path = _absolute(extra.path)
+    if config.data.heldout and "://" not in config.data.heldout and not Path(update.data.heldout).is_dir():
+        raise UserError(f"data.heldout: {config.data.heldout} is not a directory "
+                        "(run `hybridray data prepare` first, or set data.heldout='' to skip)")
+    return update
+
+
+def init_ray(**kwargs) -> None:
+    """Join the cluster named by ``RAY_ADDRESS`` (``ray job submit`` sets it), else start a
+    private local one on loopback (``address="local"`` never joins a stale cluster by
+    accident; the dashboard stays up because Ray Train's state queries go through it)."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(**kwargs)
+    else:
+        ray.init(
+            address="local", _node_ip_address="127.0.0.1", dashboard_host="127.0.0.1",
+            include_dashboard=True, configure_logging=False, **kwargs,
+        )
+
+
+def build_trainer(
+    config: Config,
+    run_dir_name: Optional[str] = None,
+    callbacks: Optional[list] = None,
+    inject_fault: Optional[tuple[int, str]] = None,
+):
+    """The ``TorchTrainer`` of a run: workers, resources, storage, retention and failures
+    from the config; the hybrid-batch stream given whole to every worker.
+
+    ``inject_fault=(step, marker_path)`` makes rank 0 crash once at ``step`` (for testing
+    recovery through ``run.max_failures``); never set by the CLI."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from hybridray.data.pipeline import build_train_dataset, ray_data_config
+    from hybridray.device import dist_backend
+
+    name = run_dir_name or config.name
+    rejects = Path(config.run.storage_path if "://" not in config.run.storage_path else "runs") / name / "rejects.jsonl"
+    rejects.parent.mkdir(parents=True, exist_ok=True)
+    dataset, info = build_train_dataset(config, rejects_path=str(rejects))
+    scaling = config.scaling
+    resources = {"CPU": scaling.cpus_per_worker}
+    if scaling.use_gpu:
+        resources["GPU"] = scaling.gpus_per_worker
+    trainer = TorchTrainer(
+        train_func,
+        train_loop_config={"config": config.model_dump(), "fault": inject_fault},
+        torch_config=TorchConfig(backend=dist_backend("cuda" if scaling.use_gpu else "cpu")),
+        scaling_config=ScalingConfig(
+            num_workers=scaling.num_workers, use_gpu=scaling.use_gpu, resources_per_worker=resources
+        ),
+        run_config=RunConfig(
+            name=name,
+            storage_path=config.run.storage_path,
+            checkpoint_config=CheckpointConfig(num_to_keep=config.run.checkpoints_to_keep),
+            failure_config=FailureConfig(max_failures=config.run.max_failures),
+            callbacks=callbacks,
+        ),
+        datasets={"train": dataset},
+        dataset_config=ray_data_config(),
+    )
+    return trainer, info
+
+
+def run_training(config: Config, inject_fault: Optional[tuple[int, str]] = None) -> dict:
+    """Train, then collect the final model and before/after reports from the last checkpoint
+    into ``<storage_path>/<name>/`` (``model/``, ``eval/before``, ``eval/after``, ``summary.json``)."""
+    from hybridray.models import resolve_model_path
+
+    config = resolve_paths(config)
+    resolve_model_path(config.model.name_or_path)  # build a builtin once, before the workers start
+    init_ray()
+    trainer, info = build_trainer(config, inject_fault=inject_fault)
+    result = trainer.fit()
+    if result.error is not None:
+        raise result.error
+    summary = {
+        "name": config.name,
+        "metrics": result.metrics,
+        "checkpoint": result.checkpoint.path if result.checkpoint else None,
+        "data": info.as_dict() if hasattr(info, "as_dict") else str(info),
+    }
+    if result.checkpoint is not None and "://" not in config.run.storage_path:
+        run_dir = Path(config.run.storage_path) / config.name
+        with result.checkpoint.as_directory() as directory:
+            for part in ("model", "eval"):
+                source = Path(directory) / part
+                if source.exists():
+                    shutil.copytree(source, run_dir / part, dirs_exist_ok=True)
+        summary["model"] = str(run_dir / "model")
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+        for name in ("before", "after"):
+            table = run_dir / "eval" / name / "report.md"
+            if table.exists():
+                print(f"\n## Held-out evaluation {name} training\n\n{table.read_text()}")
+    return summary

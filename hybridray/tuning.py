@@ -1,0 +1,119 @@
+"""``hybridray tune``: a Ray Tune search of the hybrid mix α and the temperature τ (or any
+other config key) against held-out pooled mAP.
+
+A sweep is a YAML file (``tune/alpha_temperature.yaml``)::
+
+    metric: val_map            # any metric train reports; val_map = multi mAP on held-out
+    mode: max
+    num_samples: 1             # repeats of the grid (and draws of the random dimensions)
+    max_concurrent_trials: 1
+    overrides: {train.max_steps: 100}          # applied to every trial
+    search_space:
+      sampler.alpha: {grid: [0.0, 0.25, 0.5, 0.75, 1.0]}
+      loss.temperature: {loguniform: [0.01, 0.1]}
+
+Each trial is a function trainable that builds the run's ``TorchTrainer`` (Train V2 has no
+``Tuner(TorchTrainer)``) and forwards rank 0's reports to Tune through
+``TuneReportCallback``. The trial itself reserves almost no CPU: its Train workers do.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from hybridray.config import Config, build_config
+from hybridray.errors import UserError
+
+_DISTRIBUTIONS = ("grid", "choice", "uniform", "loguniform")
+
+
+def _domain(key: str, spec: Any):
+    from ray import tune
+
+    if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in _DISTRIBUTIONS:
+        raise UserError(f"search_space.{key}: expected one of {{{', '.join(_DISTRIBUTIONS)}: ...}}")
+    kind, values = next(iter(spec.items()))
+    if not isinstance(values, list) or not values:
+        raise UserError(f"search_space.{key}.{kind}: expected a non-empty list")
+    if kind in ("uniform", "loguniform") and len(values) != 2:
+        raise UserError(f"search_space.{key}.{kind}: expected [low, high]")
+    return {"grid": tune.grid_search, "choice": tune.choice}.get(kind, lambda v: getattr(tune, kind)(*v))(values)
+
+
+def load_sweep(path: str | Path, base: Config) -> dict:
+    """Read and check a sweep file: every key and every bound must make a valid run config."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: sweep file not found")
+    sweep = yaml.safe_load(path.read_text()) or {}
+    unknown = set(sweep) - {"metric", "mode", "num_samples", "max_concurrent_trials", "overrides", "search_space"}
+    if unknown:
+        raise UserError(f"{path}: unknown key(s) {sorted(unknown)}")
+    if sweep.get("mode", "max") not in ("max", "min"):
+        raise UserError(f"{path}: mode must be max or min")
+    space = sweep.get("search_space") or {}
+    if not space:
+        raise UserError(f"{path}: search_space is empty")
+    overrides = [f"{k}={v}" for k, v in (sweep.get("overrides") or {}).items()]
+    for key, spec in space.items():
+        _domain(key, spec)
+        for value in next(iter(spec.values())):
+            try:
+                build_config(base.model_dump(), overrides + [f"{key}={value}"])
+            except UserError as exc:
+                raise UserError(f"{path}: search_space.{key}: {exc}") from None
+    return {
+        "metric": sweep.get("metric", "val_map"),
+        "mode": sweep.get("mode", "max"),
+        "num_samples": int(sweep.get("num_samples", 1)),
+        "max_concurrent_trials": int(sweep.get("max_concurrent_trials", 1)),
+        "overrides": overrides,
+        "search_space": space,
+    }
+
+
+def _trial(params: dict, base: dict, overrides: list[str]) -> None:
+    """One Tune trial: the base run with this trial's values, trained by its own TorchTrainer."""
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from hybridray.train import build_trainer
+
+    config = build_config(base, overrides + [f"{k}={v}" for k, v in params.items()])
+    trial = tune.get_context().get_trial_id()
+    trainer, _ = build_trainer(config, run_dir_name=f"{config.name}-{trial}", callbacks=[TuneReportCallback()])
+    trainer.fit()
+
+
+def run_sweep(config: Config, sweep_path: str | Path, num_samples: Optional[int] = None) -> dict:
+    """Run the sweep; returns the best trial's parameters and final metrics."""
+    from ray import tune
+
+    from hybridray.models import resolve_model_path
+    from hybridray.train import init_ray, resolve_paths
+
+    sweep = load_sweep(sweep_path, config)
+    config = resolve_paths(config)
+    resolve_model_path(config.model.name_or_path)
+    init_ray()
+    trainable = tune.with_parameters(_trial, base=config.model_dump(), overrides=sweep["overrides"])
+    tuner = tune.Tuner(
+        tune.with_resources(trainable, {"CPU": 0.1}),
+        param_space={k: _domain(k, v) for k, v in sweep["search_space"].items()},
+        tune_config=tune.TuneConfig(
+            metric=sweep["metric"], mode=sweep["mode"],
+            num_samples=num_samples or sweep["num_samples"],
+            max_concurrent_trials=sweep["max_concurrent_trials"],
+        ),
+        run_config=tune.RunConfig(name=f"{config.name}-sweep", storage_path=config.run.storage_path),
+    )
+    results = tuner.fit()
+    best = results.get_best_result()
+    table = results.get_dataframe()
+    return {
+        "best_params": best.config,
+        "best_metrics": {k: v for k, v in (best.metrics or {}).items() if isinstance(v, (int, float, str))},
+        "trials": table[[c for c in table.columns if c.startswith(("config/", sweep["metric"]))]].to_dict("records"),
+    }

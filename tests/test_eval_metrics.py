@@ -1,0 +1,301 @@
+"""Ranking metrics against slow, obviously correct references, and BEIR metrics against
+pytrec_eval. Embeddings are small integers so every score is exact and ties are real."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import pytrec_eval
+
+from hybridray.evaluate.beir import load_beir, score_beir
+from hybridray.evaluate.lareqa import RECALL_AT, LareqaData, score_lareqa
+from hybridray.evaluate.metrics import (
+    average_precision,
+    mrr_at_k,
+    ndcg_at_k,
+    rank_counts,
+    rank_distance,
+    recall_at_k,
+    topk_recall,
+)
+from hybridray.evaluate.tatoeba import bitext_accuracy
+
+
+# ----------------------------------------------------------------------------- references
+def ref_rank(scores: list[float], item: int) -> int:
+    """1 + the number of candidates scoring strictly higher."""
+    return 1 + sum(1 for s in scores if s > scores[item])
+
+
+def ref_ranking(scores: list[float], relevant: set[int]) -> list[int]:
+    """The full ranking, every tie broken in favour of relevant items."""
+    return sorted(range(len(scores)), key=lambda i: (-scores[i], i not in relevant))
+
+
+def ref_ap(scores: list[float], relevant: set[int]) -> float:
+    """Textbook AP: walk the full ranking, average the precision at each relevant item."""
+    hits, total = 0, 0.0
+    for position, item in enumerate(ref_ranking(scores, relevant), 1):
+        if item in relevant:
+            hits += 1
+            total += hits / position
+    return total / len(relevant)
+
+
+def ref_recall(scores: list[float], relevant: set[int], k: int) -> float:
+    return len(set(ref_ranking(scores, relevant)[:k]) & relevant) / len(relevant)
+
+
+def ranks_array(rows: list[list[int]]) -> np.ndarray:
+    width = max(len(r) for r in rows)
+    return np.array([r + [0] * (width - len(r)) for r in rows])
+
+
+def scored(values: list[float]) -> tuple[np.ndarray, np.ndarray]:
+    """A query [1, 0] and candidates [v, 0]: the scores are exactly ``values``."""
+    return np.array([[1.0, 0.0]]), np.array([[v, 0.0] for v in values])
+
+
+# ----------------------------------------------------------------------------- hand-made
+SCORES = [9, 5, 5, 1]  # candidates 1 and 2 tie
+
+
+@pytest.mark.parametrize(
+    "relevant, ranks, ap, r1, r2",
+    [
+        ([2], [2], 1 / 2, 0, 1),  # a tie is not "strictly higher": rank 2, not 3
+        ([1, 2], [2, 2], (1 / 2 + 2 / 3) / 2, 0, 1 / 2),  # tied relevant items: rank 2, positions 2, 3
+        ([0, 2, 3], [1, 2, 4], (1 / 1 + 2 / 2 + 3 / 4) / 3, 1 / 3, 2 / 3),
+        ([3], [4], 1 / 4, 0, 0),
+    ],
+)
+def test_hand_made_ranks_and_metrics(relevant, ranks, ap, r1, r2):
+    query, candidates = scored(SCORES)
+    counts = rank_counts(query, candidates, np.array([relevant]), [(0, 4)])
+    got = 1 + counts[0, :, 0]
+    assert got.tolist() == ranks
+    assert average_precision(got[None]) == pytest.approx([ap])
+    assert average_precision(got[None]) == pytest.approx([ref_ap(SCORES, set(relevant))])
+    assert recall_at_k(got[None], 1) == pytest.approx([r1])
+    assert recall_at_k(got[None], 2) == pytest.approx([r2])
+    assert recall_at_k(got[None], 2) == pytest.approx([ref_recall(SCORES, set(relevant), 2)])
+
+
+def test_relevant_items_all_tied_at_the_top_are_perfect_not_above_one():
+    ranks = np.array([[1, 1, 1]])
+    assert average_precision(ranks) == pytest.approx([1.0])
+    assert recall_at_k(ranks, 1) == pytest.approx([1 / 3])  # only one fits in the top 1
+    assert rank_distance(ranks) == pytest.approx([0.0])
+
+
+def test_rank_distance_and_empty_slots():
+    ranks = ranks_array([[1, 2, 4], [7, 3], [5], [3, 0, 9]])
+    assert rank_distance(ranks)[:2].tolist() == [3, 4]
+    assert np.isnan(rank_distance(ranks)[2])  # one relevant item: no distance
+    assert rank_distance(ranks)[3] == 6  # the 0 slot is empty, not rank 0
+    assert average_precision(ranks)[3] == pytest.approx((1 / 3 + 2 / 9) / 2)
+    assert recall_at_k(ranks, 3)[3] == pytest.approx(1 / 2)
+
+
+def test_rank_counts_match_brute_force_with_ties_and_pools():
+    rng = np.random.default_rng(0)
+    queries = rng.integers(-2, 3, (13, 4)).astype(np.float32)
+    candidates = rng.integers(-2, 3, (40, 4)).astype(np.float32)
+    candidates[7] = candidates[30]  # a duplicated candidate across pools
+    pools = [(0, 10), (10, 25), (25, 40)]
+    relevant = rng.integers(0, 40, (13, 3))
+    relevant[rng.random((13, 3)) < 0.3] = -1
+    counts = rank_counts(queries, candidates, relevant, pools, chunk_size=4)
+    scores = (queries @ candidates.T).tolist()
+    for i in range(13):
+        for slot in range(3):
+            for p, (lo, hi) in enumerate(pools):
+                if relevant[i, slot] < 0:
+                    assert counts[i, slot, p] == 0
+                else:
+                    target = scores[i][relevant[i, slot]]
+                    assert counts[i, slot, p] == sum(1 for s in scores[i][lo:hi] if s > target)
+
+
+def test_average_precision_equals_reference_and_pytrec_eval_without_ties():
+    rng = np.random.default_rng(1)
+    scores = rng.standard_normal((20, 50))
+    relevant = [sorted(rng.choice(50, size=rng.integers(1, 6), replace=False).tolist()) for _ in range(20)]
+    ranks = ranks_array([[ref_rank(scores[i].tolist(), r) for r in rel] for i, rel in enumerate(relevant)])
+    ap = average_precision(ranks)
+    run = {f"q{i}": {f"d{j}": float(scores[i, j]) for j in range(50)} for i in range(20)}
+    qrels = {f"q{i}": {f"d{j}": 1 for j in rel} for i, rel in enumerate(relevant)}
+    trec = pytrec_eval.RelevanceEvaluator(qrels, {"map"}).evaluate(run)
+    for i, rel in enumerate(relevant):
+        assert ap[i] == pytest.approx(ref_ap(scores[i].tolist(), set(rel)))
+        assert ap[i] == pytest.approx(trec[f"q{i}"]["map"])
+
+
+# ----------------------------------------------------------------------------- LAReQA
+def tiny_lareqa() -> LareqaData:
+    """3 languages; q3 has no German version, q4 exists in English only; the English pool
+    holds a duplicated sentence (two paragraphs quoting the same line)."""
+    return LareqaData(
+        path="hand-made",
+        langs=["en", "de", "fr"],
+        question_ids={"en": ["q1", "q2", "q3", "q4"], "de": ["q1", "q2"], "fr": ["q3", "q1", "q2"]},
+        questions={"en": ["e1", "e2", "e3", "e4"], "de": ["d1", "d2"], "fr": ["f3", "f1", "f2"]},
+        gold={"en": np.array([0, 2, 4, 4]), "de": np.array([1, 0]), "fr": np.array([2, 0, 1])},
+        sentences={"en": ["s0", "s1", "s2", "s3", "s4", "s1"], "de": ["t0", "t1", "t2"], "fr": ["u0", "u1", "u2", "u3"]},
+        contexts={"en": ["p"] * 6, "de": ["p"] * 3, "fr": ["p"] * 4},
+    )
+
+
+def ref_lareqa(data: LareqaData, query_emb: dict, cand_emb: dict) -> dict:
+    """Every setting by its definition: loops, per-query rank scans, textbook macro averages."""
+    langs = data.langs
+    pool_all = np.concatenate([cand_emb[lang] for lang in langs])
+    offset = dict(zip(langs, np.cumsum([0] + [len(cand_emb[lang]) for lang in langs])))
+
+    def gold_global(lang, qid):
+        if qid not in data.question_ids[lang]:
+            return None
+        return offset[lang] + data.gold[lang][data.question_ids[lang].index(qid)]
+
+    pairs, per_lang = {}, {}
+    for x in langs:
+        pairs[x] = {}
+        for y in langs:
+            aps, hits = [], []
+            for i, qid in enumerate(data.question_ids[x]):
+                g = gold_global(y, qid)
+                if g is None:
+                    continue
+                scores = (cand_emb[y] @ query_emb[x][i]).tolist()
+                rank = ref_rank(scores, g - offset[y])
+                aps.append(1 / rank)
+                hits.append(rank <= 1)
+            pairs[x][y] = (np.mean(aps) if aps else np.nan, np.mean(hits) if hits else np.nan, len(aps))
+        aps, recalls, distances = [], [], []
+        for i, qid in enumerate(data.question_ids[x]):
+            rel = [g for y in langs if (g := gold_global(y, qid)) is not None]
+            scores = (pool_all @ query_emb[x][i]).tolist()
+            ranks = [ref_rank(scores, g) for g in rel]
+            aps.append(ref_ap(scores, set(rel)))
+            recalls.append(ref_recall(scores, set(rel), 10))
+            if len(ranks) >= 2:
+                distances.append(max(ranks) - min(ranks))
+        per_lang[x] = (np.mean(aps), np.mean(recalls), np.mean(distances) if distances else np.nan)
+    cross = [pairs[x][y] for x in langs for y in langs if x != y and pairs[x][y][2]]
+    return {
+        "map": {"mono": np.mean([pairs[x][x][0] for x in langs]), "cross": np.mean([c[0] for c in cross]),
+                "multi": np.mean([per_lang[x][0] for x in langs])},
+        "recall": {"mono": np.mean([pairs[x][x][1] for x in langs]), "cross": np.mean([c[1] for c in cross]),
+                   "multi": np.mean([per_lang[x][1] for x in langs])},
+        "rank_distance": np.nanmean([per_lang[x][2] for x in langs]),
+        "pairs": pairs,
+    }
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_score_lareqa_matches_reference(seed):
+    data = tiny_lareqa()
+    rng = np.random.default_rng(seed)
+    query_emb = {lang: rng.integers(-2, 3, (len(q), 3)).astype(np.float32) for lang, q in data.questions.items()}
+    cand_emb = {lang: rng.integers(-2, 3, (len(s), 3)).astype(np.float32) for lang, s in data.sentences.items()}
+    cand_emb["en"][5] = cand_emb["en"][1]  # the duplicated sentence encodes identically
+    got = score_lareqa(data, query_emb, cand_emb, chunk_size=2)
+    want = ref_lareqa(data, query_emb, cand_emb)
+    for key in ("map", "recall"):
+        for setting in ("mono", "cross", "multi"):
+            assert got["summary"][key][setting] == pytest.approx(want[key][setting]), (key, setting)
+    assert got["summary"]["rank_distance"] == pytest.approx(want["rank_distance"])
+    for x in data.langs:
+        for y in data.langs:
+            want_map, want_recall, n = want["pairs"][x][y]
+            assert got["pairs"][x][y]["n_queries"] == n
+            if n:
+                assert got["pairs"][x][y]["map"] == pytest.approx(want_map)
+                assert got["pairs"][x][y]["recall"] == pytest.approx(want_recall)
+
+
+def test_lareqa_skips_missing_versions_and_counts():
+    data = tiny_lareqa()
+    relevant = data.relevant("en")
+    assert relevant.tolist() == [[0, 7, 9], [2, 6, 10], [4, -1, 11], [4, -1, -1]]
+    query_emb = {lang: np.ones((len(q), 2), np.float32) for lang, q in data.questions.items()}
+    cand_emb = {lang: np.ones((len(s), 2), np.float32) for lang, s in data.sentences.items()}
+    got = score_lareqa(data, query_emb, cand_emb)
+    assert got["pairs"]["en"]["de"]["n_queries"] == 2  # q3 and q4 have no German version
+    assert got["pairs"]["de"]["fr"]["n_queries"] == 2
+    assert got["summary"]["n_cross_pairs"] == 6
+    assert got["summary"]["n_candidates"] == 13 and got["summary"]["n_queries"] == 9
+    # every score ties: every relevant item has rank 1, so everything is perfect
+    assert got["summary"]["map"] == {"mono": 1.0, "cross": 1.0, "multi": 1.0}
+    assert got["summary"]["rank_distance"] == 0.0
+    assert got["summary"]["recall_at"] == RECALL_AT
+
+
+# ----------------------------------------------------------------------------- BEIR
+def test_topk_metrics_match_pytrec_eval():
+    rng = np.random.default_rng(2)
+    n_docs, n_queries = 300, 25
+    scores = rng.standard_normal((n_queries, n_docs))
+    qrels = {
+        f"q{i}": {f"d{j}": int(rng.integers(0, 4)) for j in rng.choice(n_docs, size=rng.integers(1, 30), replace=False)}
+        for i in range(n_queries)
+    }
+    qrels = {q: docs for q, docs in qrels.items() if any(g > 0 for g in docs.values())}
+    qids = sorted(qrels)
+    order = np.argsort(-scores, axis=1)[:, :100]
+    hit_gains = np.array([[qrels[q].get(f"d{j}", 0) for j in order[int(q[1:])]] for q in qids], dtype=float)
+    ideal = np.zeros((len(qids), 100))
+    for i, q in enumerate(qids):
+        grades = sorted((g for g in qrels[q].values() if g > 0), reverse=True)
+        ideal[i, : len(grades)] = grades
+    n_rel = np.array([sum(g > 0 for g in qrels[q].values()) for q in qids])
+    run = {q: {f"d{j}": float(scores[int(q[1:]), j]) for j in order[int(q[1:])]} for q in qids}
+    top10 = {q: dict(list(docs.items())[:10]) for q, docs in run.items()}
+    trec = pytrec_eval.RelevanceEvaluator(qrels, {"ndcg_cut.10", "recall.100"}).evaluate(run)
+    trec_rr = pytrec_eval.RelevanceEvaluator(qrels, {"recip_rank"}).evaluate(top10)
+    np.testing.assert_allclose(ndcg_at_k(hit_gains, ideal, 10), [trec[q]["ndcg_cut_10"] for q in qids])
+    np.testing.assert_allclose(topk_recall(hit_gains, n_rel, 100), [trec[q]["recall_100"] for q in qids])
+    np.testing.assert_allclose(mrr_at_k(hit_gains, 10), [trec_rr[q]["recip_rank"] for q in qids])
+
+
+def write_beir(directory, corpus_ids, query_ids, qrels):
+    directory.mkdir(parents=True)
+    (directory / "qrels").mkdir()
+    (directory / "corpus.jsonl").write_text(
+        "".join(json.dumps({"_id": d, "title": "t", "text": f"doc {d}"}) + "\n" for d in corpus_ids))
+    (directory / "queries.jsonl").write_text(
+        "".join(json.dumps({"_id": q, "text": f"query {q}"}) + "\n" for q in query_ids))
+    lines = ["query-id\tcorpus-id\tscore"] + [f"{q}\t{d}\t{g}" for q, docs in qrels.items() for d, g in docs.items()]
+    (directory / "qrels" / "test.tsv").write_text("\n".join(lines) + "\n")
+
+
+def test_score_beir_matches_pytrec_eval_on_its_own_run(tmp_path):
+    rng = np.random.default_rng(3)
+    corpus_ids = [f"doc{j}" for j in range(150)]
+    qrels = {f"q{i}": {f"doc{j}": int(rng.integers(1, 3)) for j in rng.choice(150, 4, replace=False)} for i in range(12)}
+    qrels["q0"]["doc0"] = 0  # judged non-relevant
+    write_beir(tmp_path / "set", corpus_ids, [*qrels, "unjudged"], qrels)
+    data = load_beir(tmp_path / "set")
+    assert data.query_ids == sorted(qrels) and len(data.corpus_ids) == 150
+    query_emb = rng.standard_normal((12, 8)).astype(np.float32)
+    corpus_emb = rng.standard_normal((150, 8)).astype(np.float32)
+    got = score_beir(data, query_emb, corpus_emb)
+    scores = query_emb @ corpus_emb.T
+    run = {q: {d: float(scores[i, j]) for j, d in enumerate(corpus_ids)} for i, q in enumerate(data.query_ids)}
+    trec = pytrec_eval.RelevanceEvaluator(qrels, {"ndcg_cut.10", "recall.100"}).evaluate(run)
+    top10 = {q: dict(sorted(docs.items(), key=lambda kv: -kv[1])[:10]) for q, docs in run.items()}
+    trec_rr = pytrec_eval.RelevanceEvaluator(qrels, {"recip_rank"}).evaluate(top10)
+    assert got["ndcg@10"] == pytest.approx(np.mean([t["ndcg_cut_10"] for t in trec.values()]), abs=1e-6)
+    assert got["recall@100"] == pytest.approx(np.mean([t["recall_100"] for t in trec.values()]), abs=1e-6)
+    assert got["mrr@10"] == pytest.approx(np.mean([t["recip_rank"] for t in trec_rr.values()]), abs=1e-6)
+
+
+# ----------------------------------------------------------------------------- Tatoeba
+def test_bitext_accuracy_both_directions():
+    foreign = np.array([[1, 0, 0], [0, 1, 0], [0, 0, 1]], np.float32)
+    # eng line 2 is closer to foreign line 1 than eng line 1 is; eng line 0 is right
+    english = np.array([[1, 0, 0], [0, 0.6, 0.8], [0, 0.8, 0.6]], np.float32)
+    to_english, to_foreign = bitext_accuracy(foreign, english)
+    assert to_english == pytest.approx(1 / 3)  # f0->e0 ok, f1->e2, f2->e1
+    assert to_foreign == pytest.approx(1 / 3)  # e0->f0 ok, e1->f2, e2->f1
