@@ -24,3 +24,13 @@ def dist_backend(device: torch.device | str) -> str:
     """The torch.distributed backend for ``device``: NCCL between GPUs, gloo on CPU (no oneCCL
     here; DeepSpeed and the gathered-negatives all-gather both work over gloo)."""
     return "nccl" if torch.device(device).type == "cuda" else "gloo"
+
+
+def cpu_threads(cpus_per_worker: float) -> int:
+    """Intra-op threads for a worker that owns ``cpus_per_worker`` CPUs (at least one).
+
+    Ray does not set OMP_NUM_THREADS for fractional CPUs, so torch would start one thread
+    per core in every worker: two workers on two cores then fight over four threads, and a
+    step runs about 3x slower than it should.
+    """
+    return max(1, int(cpus_per_worker))

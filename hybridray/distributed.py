@@ -29,6 +29,11 @@ def rank() -> int:
     return dist.get_rank() if is_distributed() else 0
 
 
+def local_world_size() -> int:
+    """Processes of this job on this node (launchers and Ray Train set ``LOCAL_WORLD_SIZE``)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+
+
 def all_gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
     """Concatenate ``tensor`` from every rank along dim 0, keeping the autograd graph.
 

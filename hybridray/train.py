@@ -38,7 +38,7 @@ def heldout_evaluation(engine, tokenizer, heldout, config: Config) -> Optional[d
     import torch.distributed as dist
 
     from hybridray.data.tokenize import prefixes
-    from hybridray.distributed import rank
+    from hybridray.distributed import local_world_size, rank
     from hybridray.evaluate.lareqa import evaluate_lareqa
 
     module = engine.module
@@ -50,8 +50,11 @@ def heldout_evaluation(engine, tokenizer, heldout, config: Config) -> Optional[d
     report = None
     was_training = module.training
     module.eval()
+    threads = torch.get_num_threads()
     with gather:
         if rank() == 0:
+            # The other ranks on this node wait at the barrier below: borrow their threads.
+            torch.set_num_threads(threads * local_world_size())
             query_prefix, passage_prefix = prefixes(config.model)
             report = evaluate_lareqa(
                 module.encoder.model, tokenizer, heldout,
@@ -59,10 +62,10 @@ def heldout_evaluation(engine, tokenizer, heldout, config: Config) -> Optional[d
                 pooling=config.model.pooling, max_length=config.eval.max_length,
                 batch_size=config.eval.batch_size, with_context=config.eval.with_context,
             )
+    torch.set_num_threads(threads)
     module.train(was_training)
     if dist.is_initialized():
         dist.barrier()
-    torch.set_grad_enabled(True)
     return report
 
 
@@ -86,11 +89,14 @@ def train_func(loop_config: dict) -> None:
 
     from hybridray.checkpointing import load_state, save_state
     from hybridray.data.pipeline import iter_worker_batches
+    from hybridray.device import cpu_threads
     from hybridray.distributed import all_reduce_mean, rank, world_size
     from hybridray.engine import TrainingModel, build_engine
     from hybridray.evaluate.lareqa import load_lareqa
 
     config = Config.model_validate(loop_config["config"])
+    if not config.scaling.use_gpu:
+        torch.set_num_threads(cpu_threads(config.scaling.cpus_per_worker))
     torch.manual_seed(config.seed)  # identical initial weights (e.g. a learned temperature) on every rank
     model = TrainingModel.from_config(config)
     tokenizer = model.encoder.tokenizer

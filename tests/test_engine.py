@@ -280,3 +280,12 @@ def test_export_loads_in_sentence_transformers_with_the_same_embeddings(tmp_path
     with torch.no_grad():
         again = reloaded.encode(tokens["input_ids"], tokens["attention_mask"])
     torch.testing.assert_close(again, want)
+
+
+def test_exported_prompts_become_the_default_prefixes(tmp_path):
+    from hybridray.models import default_prefixes
+
+    DualEncoder(tiny_bert()).save_pretrained(tmp_path, prompts={"query": "q: ", "passage": "p: "})
+    assert default_prefixes(str(tmp_path)) == ("q: ", "p: ")
+    assert default_prefixes("intfloat/multilingual-e5-small") == ("query: ", "passage: ")
+    assert default_prefixes("xlm-roberta-base") == ("", "")

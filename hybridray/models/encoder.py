@@ -6,7 +6,6 @@ L2-normalised, so dot products are cosines.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Optional, Union
 
@@ -15,13 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from hybridray.models.pooling import POOLING_MODES, pool
+from hybridray.models.st_format import write_sentence_transformers_files
 
-#: Our pooling mode -> the sentence-transformers ``1_Pooling/config.json`` flag that means it.
-_ST_POOLING_FLAGS = {
-    "mean": "pooling_mode_mean_tokens",
-    "cls": "pooling_mode_cls_token",
-    "last": "pooling_mode_lasttoken",
-}
 
 
 class DualEncoder(nn.Module):
@@ -92,29 +86,13 @@ class DualEncoder(nn.Module):
         if tokenizer is not None:
             tokenizer.save_pretrained(directory)
         config = self.model.config
-        if max_seq_length is None:
-            max_seq_length = getattr(config, "max_position_embeddings", 512)
-        pooling = {"word_embedding_dimension": config.hidden_size}
-        pooling.update({flag: mode == self.pooling for mode, flag in _ST_POOLING_FLAGS.items()})
-        pooling.update(pooling_mode_max_tokens=False, pooling_mode_mean_sqrt_len_tokens=False)
-        modules = [
-            {"idx": i, "name": str(i), "path": path, "type": f"sentence_transformers.models.{kind}"}
-            for i, (path, kind) in enumerate(
-                [("", "Transformer"), ("1_Pooling", "Pooling"), ("2_Normalize", "Normalize")]
-            )
-        ]
-        files = {
-            "modules.json": modules,
-            "sentence_bert_config.json": {"max_seq_length": max_seq_length, "do_lower_case": False},
-            "config_sentence_transformers.json": {
-                "prompts": prompts or {},
-                "default_prompt_name": None,
-                "similarity_fn_name": "cosine",
-            },
-            "1_Pooling/config.json": pooling,
-        }
-        (directory / "1_Pooling").mkdir(exist_ok=True)
-        (directory / "2_Normalize").mkdir(exist_ok=True)
-        for name, content in files.items():
-            (directory / name).write_text(json.dumps(content, indent=2) + "\n", encoding="utf-8")
+        no_pooler = getattr(self.model, "pooler", "n/a") is None  # BERT-family loaded without one
+        write_sentence_transformers_files(
+            directory,
+            dim=config.hidden_size,
+            max_seq_length=max_seq_length or getattr(config, "max_position_embeddings", 512),
+            prompts=prompts,
+            pooling=self.pooling,
+            model_args={"add_pooling_layer": False} if no_pooler else None,
+        )
         return directory

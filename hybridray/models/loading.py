@@ -19,6 +19,7 @@ from transformers import (
 
 from hybridray.errors import UserError
 from hybridray.models.offline_e5 import E5_PROMPTS, ensure_e5
+from hybridray.models.st_format import read_prompts
 from hybridray.models.tiny import ensure_tiny
 
 BUILTIN_E5 = "builtin:multilingual-e5-small"
@@ -58,7 +59,13 @@ def load_encoder(
 
 
 def default_prefixes(name_or_path: str) -> tuple[str, str]:
-    """(query prefix, passage prefix) the model was trained with: E5 models need them."""
+    """(query prefix, passage prefix) the model was trained with: E5 models need them.
+
+    A local directory that records its prompts (a hybridray export, a sentence-transformers
+    model) says so itself; otherwise the builtin table, then the name decides."""
     if name_or_path in BUILTIN_PREFIXES:
         return BUILTIN_PREFIXES[name_or_path]
+    recorded = read_prompts(name_or_path) if Path(name_or_path).is_dir() else None
+    if recorded is not None:
+        return recorded
     return E5_PREFIXES if "e5" in name_or_path.lower() else NO_PREFIXES

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import fcntl
 import importlib.resources
-import json
 import os
 import re
 import shutil
@@ -25,6 +24,7 @@ import torch
 from transformers import BertConfig, BertModel, XLMRobertaTokenizerFast
 
 from hybridray.errors import UserError
+from hybridray.models.st_format import write_sentence_transformers_files
 
 E5_DIRNAME = "multilingual-e5-small"
 E5_PROMPTS = {"query": "query: ", "passage": "passage: "}
@@ -217,50 +217,16 @@ def xlmr_tokenizer(model_max_length: int) -> XLMRobertaTokenizerFast:
 
 
 # ----------------------------------------------------------------------------- saving
-def write_sentence_transformers_files(
-    directory: Path, dim: int, max_seq_length: int, prompts: dict[str, str]
-) -> None:
-    """Transformer -> mean Pooling -> Normalize, so ``SentenceTransformer(directory)`` works."""
-    modules = [
-        {"idx": i, "name": str(i), "path": path, "type": f"sentence_transformers.models.{kind}"}
-        for i, (path, kind) in enumerate(
-            [("", "Transformer"), ("1_Pooling", "Pooling"), ("2_Normalize", "Normalize")]
-        )
-    ]
-    pooling = {
-        "word_embedding_dimension": dim,
-        "pooling_mode_cls_token": False,
-        "pooling_mode_mean_tokens": True,
-        "pooling_mode_max_tokens": False,
-        "pooling_mode_mean_sqrt_len_tokens": False,
-    }
-    files = {
-        "modules.json": modules,
-        "sentence_bert_config.json": {
-            "max_seq_length": max_seq_length,
-            "do_lower_case": False,
-            "model_args": {"add_pooling_layer": False},  # the checkpoint has no pooler
-        },
-        "config_sentence_transformers.json": {
-            "prompts": prompts,
-            "default_prompt_name": None,
-            "similarity_fn_name": "cosine",
-        },
-        "1_Pooling/config.json": pooling,
-    }
-    (directory / "2_Normalize").mkdir()
-    (directory / "1_Pooling").mkdir()
-    for name, content in files.items():
-        (directory / name).write_text(json.dumps(content, indent=2) + "\n", encoding="utf-8")
-
-
 def save_encoder(
     directory: Path, model: BertModel, max_seq_length: int, prompts: dict[str, str]
 ) -> None:
     """Write model, tokenizer and sentence-transformers files into ``directory``."""
     model.save_pretrained(directory)
     xlmr_tokenizer(max_seq_length).save_pretrained(directory)
-    write_sentence_transformers_files(directory, model.config.hidden_size, max_seq_length, prompts)
+    write_sentence_transformers_files(
+        directory, dim=model.config.hidden_size, max_seq_length=max_seq_length, prompts=prompts,
+        model_args={"add_pooling_layer": False},  # the checkpoint has no pooler
+    )
 
 
 # ----------------------------------------------------------------------------- cache
