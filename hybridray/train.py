@@ -26,7 +26,7 @@ MODEL_INPUTS = (
 
 
 # ----------------------------------------------------------------------------- worker side
-def heldout_evaluation(engine, tokenizer, heldout, config: Config) -> Optional[dict]:
+def heldout_evaluation(engine, tokenizer, heldout, config: Config, label: str) -> Optional[dict]:
     """LAReQA evaluation of the current weights on rank 0 (the same code as ``hybridray eval``).
 
     Every rank must call this (under ZeRO-3 the weights are gathered collectively first);
@@ -62,6 +62,7 @@ def heldout_evaluation(engine, tokenizer, heldout, config: Config) -> Optional[d
                 pooling=config.model.pooling, max_length=config.eval.max_length,
                 batch_size=config.eval.batch_size, with_context=config.eval.with_context,
             )
+            report = {"model": f"{config.model.name_or_path} ({label})", **report}
     torch.set_num_threads(threads)
     module.train(was_training)
     if dist.is_initialized():
@@ -113,7 +114,7 @@ def train_func(loop_config: dict) -> None:
 
     reports = dict(saved.get("reports", {}))
     if start_step == 0 and config.train.eval_before:
-        reports["before"] = evaluate_now(engine, tokenizer, heldout, config)
+        reports["before"] = evaluate_now(engine, tokenizer, heldout, config, "before training")
 
     window = {"loss": 0.0, "n": 0, "samples": 0, "tokens": 0, "mono": 0, "cross": 0, "x-x": 0}
     window_start = time.perf_counter()
@@ -157,7 +158,7 @@ def train_func(loop_config: dict) -> None:
             "mono_batches": window["mono"], "cross_batches": window["cross"], "xx_batches": window["x-x"],
         }
         if eval_now:
-            report = evaluate_now(engine, tokenizer, heldout, config)
+            report = evaluate_now(engine, tokenizer, heldout, config, f"step {step + 1}")
             metrics.update(val_metrics(report))
             if done:
                 reports["after"] = report
