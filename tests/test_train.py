@@ -55,9 +55,12 @@ def tiny_config(tmp_path, mlqa_prepared, heldout, **overrides):
 
 
 def load_export(path):
-    from transformers import AutoModel
+    """The exported weights exactly as saved (no loader adds or initialises anything)."""
+    from pathlib import Path
 
-    return AutoModel.from_pretrained(path).state_dict()
+    from safetensors.torch import load_file
+
+    return load_file(Path(path) / "model.safetensors")
 
 
 def test_run_evaluates_before_and_after_and_exports(ray_local, tmp_path, mlqa_prepared, small_heldout):
