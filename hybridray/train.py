@@ -26,14 +26,24 @@ MODEL_INPUTS = (
 
 
 # ----------------------------------------------------------------------------- worker side
+def full_weights(engine, config: Config):
+    """Collective context in which every rank holds the whole model: ZeRO-3 gathers its
+    partitioned parameters; stages 0-2 hold them already."""
+    import contextlib
+
+    if config.deepspeed.zero_stage != 3:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None)
+
+
 def heldout_evaluation(engine, tokenizer, heldout, config: Config, label: str) -> Optional[dict]:
     """LAReQA evaluation of the current weights on rank 0 (the same code as ``hybridray eval``).
 
     Every rank must call this (under ZeRO-3 the weights are gathered collectively first);
     only rank 0 encodes and scores, the others get None. Not run redundantly on every rank.
     """
-    import contextlib
-
     import torch
     import torch.distributed as dist
 
@@ -42,16 +52,11 @@ def heldout_evaluation(engine, tokenizer, heldout, config: Config, label: str) -
     from hybridray.evaluate.lareqa import evaluate_lareqa
 
     module = engine.module
-    gather = contextlib.nullcontext()
-    if config.deepspeed.zero_stage == 3:
-        import deepspeed
-
-        gather = deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None)
     report = None
     was_training = module.training
     module.eval()
     threads = torch.get_num_threads()
-    with gather:
+    with full_weights(engine, config):
         if rank() == 0:
             # The other ranks on this node wait at the barrier below: borrow their threads.
             torch.set_num_threads(threads * local_world_size())
@@ -196,18 +201,11 @@ def _progress_line(metrics: dict, max_steps: int) -> str:
 def _export_final(engine, tokenizer, directory: Path, config: Config, reports: dict) -> None:
     """The final model (HF + sentence-transformers directory) and the held-out reports go
     into the last checkpoint, so they reach the run's storage (local or ``s3://``)."""
-    import contextlib
-
     from hybridray.data.tokenize import prefixes
     from hybridray.distributed import rank
     from hybridray.evaluate.report import write_report
 
-    gather = contextlib.nullcontext()
-    if config.deepspeed.zero_stage == 3:
-        import deepspeed
-
-        gather = deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None)
-    with gather:
+    with full_weights(engine, config):
         if rank() == 0:
             query_prefix, passage_prefix = prefixes(config.model)
             engine.module.encoder.save_pretrained(
