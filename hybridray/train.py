@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import asdict
 import shutil
 import tempfile
 import time
@@ -317,7 +318,7 @@ def run_training(config: Config, inject_fault: Optional[tuple[int, str]] = None)
         "name": config.name,
         "metrics": result.metrics,
         "checkpoint": result.checkpoint.path if result.checkpoint else None,
-        "data": info.as_dict() if hasattr(info, "as_dict") else str(info),
+        "data": asdict(info),
     }
     if result.checkpoint is not None and "://" not in config.run.storage_path:
         run_dir = Path(config.run.storage_path) / config.name

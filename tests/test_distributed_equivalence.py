@@ -16,9 +16,10 @@ import copy
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
-from hybridray.distributed import all_gather_no_grad, all_reduce_mean, free_port, init_process_group
+from hybridray.distributed import all_gather_no_grad, all_reduce_mean, init_process_group
+
+from conftest import spawn_one_and_two
 
 PAIRS, NEGATIVES_PER_QUERY = 8, 2
 # Translations across ranks (pairs 1 and 5) and within a rank (0 and 3); hard negatives that
@@ -146,11 +147,7 @@ def _worker(index, ports, outputs):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """(one-process results, two-process results) on the same model and global batch."""
-    tmp = tmp_path_factory.mktemp("equivalence")
-    ports = {1: free_port(), 2: free_port()}
-    outputs = {1: tmp / "single.pt", 2: tmp / "double.pt"}
-    mp.spawn(_worker, args=(ports, outputs), nprocs=3, join=True)
-    return torch.load(outputs[1]), torch.load(outputs[2])
+    return spawn_one_and_two(_worker, tmp_path_factory.mktemp("equivalence"), ("single.pt", "double.pt"))
 
 
 def assert_same_tensors(got: dict, want: dict, rel: float) -> None:

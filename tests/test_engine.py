@@ -10,10 +10,9 @@ import math
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from hybridray.config import build_config
-from hybridray.distributed import free_port, init_process_group
+from hybridray.distributed import init_process_group
 from hybridray.engine import (
     TrainingModel,
     build_optimizer,
@@ -25,6 +24,8 @@ from hybridray.engine import (
 from hybridray.errors import UserError
 from hybridray.loss import InfoNCELoss
 from hybridray.models.encoder import DualEncoder
+
+from conftest import spawn_one_and_two
 
 PAIRS = 8
 STEPS = 5
@@ -193,11 +194,7 @@ def _worker(index, ports, outputs):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """(clipping results of the 1-process run, training results of the 2-process run)."""
-    tmp = tmp_path_factory.mktemp("engine")
-    ports = {1: free_port(), 2: free_port()}
-    outputs = {1: tmp / "clip.pt", 2: tmp / "zero.pt"}
-    mp.spawn(_worker, args=(ports, outputs), nprocs=3, join=True)
-    return torch.load(outputs[1]), torch.load(outputs[2])
+    return spawn_one_and_two(_worker, tmp_path_factory.mktemp("engine"), ("clip.pt", "zero.pt"))
 
 
 @pytest.mark.parametrize("stage", STAGE_SCHEDULES)
