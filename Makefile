@@ -27,4 +27,4 @@ demo: prepare
 	$(VENV)/bin/hybridray train configs/local.yaml
 
 test: setup
-	$(PY) -m pytest
+	PYTHON=$(PY) bash tests/run-suite.sh

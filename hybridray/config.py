@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from hybridray.errors import UserError
 
@@ -95,7 +95,23 @@ class OptimConfig(_Section):
     schedule: Literal["linear", "cosine", "constant"] = "linear"
     #: Gradient clipping norm; 0 disables it (DeepSpeed would otherwise clip at 1.0 silently).
     grad_clip: float = Field(1.0, ge=0.0)
+    #: Must be 1 (see ``_one_update_per_global_batch``): a global batch is one update.
     grad_accum: int = Field(1, ge=1)
+
+    @field_validator("grad_accum")
+    @classmethod
+    def _one_update_per_global_batch(cls, value: int) -> int:
+        # DeepSpeed accumulation would split each forward's rows and still step once per
+        # global batch: every update would mix several global batches (a mono and a cross one
+        # together), end the LR schedule early and checkpoint mid-accumulation, and in-batch
+        # negatives would span one micro-batch only. Refused until accumulation is done right
+        # (gradient caching over the whole global batch).
+        if value != 1:
+            raise ValueError(
+                "values above 1 are not supported: each global batch is one optimizer step with "
+                "negatives from the whole batch; lower sampler.batch_size or add workers instead"
+            )
+        return value
 
 
 class TrainConfig(_Section):
@@ -157,6 +173,36 @@ class Config(_Section):
         return self
 
 
+#: Keys that change how a run is executed or logged, never what it computes: a run may be
+#: resumed with other values. Everything else defines the run (see ``defining_values``).
+#: ``data.train`` is a location; the shards' content is fingerprinted separately
+#: (``hybridray.runs``), so moved shards still resume and changed shards do not.
+OPERATIONAL_KEYS = frozenset({
+    "name", "run.storage_path", "run.checkpoints_to_keep", "run.max_failures",
+    "train.log_every", "train.checkpoint_every", "train.eval_every", "train.eval_before",
+    "scaling.cpus_per_worker", "scaling.gpus_per_worker", "data.task_cpus", "data.strict",
+    "data.train", "eval.batch_size",
+})
+
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (lists are values)."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def defining_values(config: "Config") -> dict[str, Any]:
+    """The dotted keys and values that define what a run computes (``OPERATIONAL_KEYS`` left
+    out): two configs that agree here train the same model and write the same reports."""
+    return {k: v for k, v in flatten(config.model_dump(mode="json")).items() if k not in OPERATIONAL_KEYS}
+
+
 def _set_dotted(tree: dict, key: str, value: Any) -> None:
     parts = key.split(".")
     node = tree
@@ -184,10 +230,10 @@ def _describe(error: ValidationError) -> str:
     lines = []
     for err in error.errors():
         loc = ".".join(str(p) for p in err["loc"])
-        msg = err["msg"]
+        msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             msg = "unknown key"
-        lines.append(f"{loc}: {msg}" if loc else msg.removeprefix("Value error, "))
+        lines.append(f"{loc}: {msg}" if loc else msg)
     return "; ".join(lines)
 
 

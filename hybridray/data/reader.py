@@ -15,14 +15,11 @@ and its row number there (a rejects report that says ``part-00003.parquet:812`` 
 Row numbers: 0-based row index for parquet (as ``pyarrow.Table.slice`` counts), 1-based line
 number for jsonl (as editors and ``sed -n`` count).
 
-S3: the endpoint comes from ``AWS_ENDPOINT_URL_S3`` or ``AWS_ENDPOINT_URL`` (for MinIO, moto,
-...), credentials from the usual AWS variables; timeouts and retries are short so that an
-unreachable endpoint is a clear error in seconds rather than a hang.
+Local paths and ``s3://`` go through ``hybridray.storage`` (endpoint, credentials, timeouts).
 """
 from __future__ import annotations
 
 import fnmatch
-import functools
 import io
 import json
 import os
@@ -30,7 +27,6 @@ import re
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Iterable, Iterator, Optional, Sequence
-from urllib.parse import urlparse
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -39,6 +35,7 @@ import pyarrow.parquet as pq
 from hybridray.data.sampler import Group
 from hybridray.data.schema import RowError, row_problem
 from hybridray.errors import UserError
+from hybridray.storage import filesystem_for, uri_of
 
 SHARD_SUFFIXES = (".parquet", ".jsonl")
 _GLOB = re.compile(r"[*?\[]")
@@ -57,32 +54,7 @@ INDEX_SCHEMA = pa.schema(
 )
 
 
-# ----------------------------------------------------------------------------- storage
-@functools.lru_cache(maxsize=8)
-def _s3(endpoint: str, region: str) -> pafs.S3FileSystem:
-    kwargs = dict(region=region, connect_timeout=5, request_timeout=30,
-                  retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=2))
-    if endpoint:
-        url = urlparse(endpoint if "://" in endpoint else f"https://{endpoint}")
-        kwargs.update(endpoint_override=url.netloc, scheme=url.scheme)
-    return pafs.S3FileSystem(**kwargs)
-
-
-def filesystem_for(path: str) -> tuple[pafs.FileSystem, str]:
-    """The pyarrow filesystem of ``path`` and the path inside it."""
-    if path.startswith("s3://"):
-        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or ""
-        region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
-        return _s3(endpoint, region), path[len("s3://"):].rstrip("/")
-    if "://" in path:
-        raise UserError(f"{path}: only local paths and s3:// are supported")
-    return pafs.LocalFileSystem(), os.path.abspath(path)
-
-
-def _uri(path: str, fs_path: str) -> str:
-    return f"s3://{fs_path}" if path.startswith("s3://") else fs_path
-
-
+# ----------------------------------------------------------------------------- files
 def _is_shard(name: str) -> bool:
     base = name.rsplit("/", 1)[-1]
     return base.endswith(SHARD_SUFFIXES) and not base.startswith((".", "_"))
@@ -115,7 +87,7 @@ def list_shard_files(path: str) -> list[str]:
     )
     if not files:
         raise UserError(f"{path}: no shard files (*.parquet, *.jsonl)")
-    return [_uri(path, f) for f in files]
+    return [uri_of(path, f) for f in files]
 
 
 # ----------------------------------------------------------------------------- rows
@@ -181,7 +153,8 @@ def index_file(
 
 
 def read_rows(path: str, rows: Iterable[int], columns: Sequence[str]) -> dict[int, dict]:
-    """The given rows of one file (``columns`` only); parquet reads only the row groups needed."""
+    """The given rows of one file (``columns`` only, None for a column the file does not
+    have); parquet reads only the row groups needed."""
     wanted = sorted(set(rows))
     if not wanted:
         return {}
@@ -200,10 +173,11 @@ def read_rows(path: str, rows: Iterable[int], columns: Sequence[str]) -> dict[in
         for r in wanted:
             g = max(i for i, s in enumerate(starts) if s <= r)
             by_group.setdefault(g, []).append(r)
+        present = [c for c in columns if c in parquet.schema_arrow.names]
         for g, rs in by_group.items():
-            table = parquet.read_row_group(g, columns=list(columns))
+            table = parquet.read_row_group(g, columns=present)
             records = table.take([r - starts[g] for r in rs]).to_pylist()
-            out.update(zip(rs, records))
+            out.update((r, {c: rec.get(c) for c in columns}) for r, rec in zip(rs, records))
     return out
 
 
@@ -235,6 +209,7 @@ def reason_kind(reason: str) -> str:
         ("missing field", "missing_field"), ("empty field", "empty_field"),
         ("unknown language", "unknown_language"), ("duplicate", "duplicate"),
         ("field 'hard_negatives'", "bad_hard_negatives"), ("a hard negative", "too_long"),
+        ("field 'hard_negative_group_ids'", "bad_hard_negatives"),
         ("unknown field", "unknown_field"), ("invalid JSON", "invalid_json"),
         ("not a JSON object", "invalid_json"),
     ):
