@@ -187,6 +187,21 @@ def test_load_dataset_directory_as_extra_mono(ray_cluster, sources):
     assert english and all(s["source"] == "extra:0" for s in english)
 
 
+def test_hub_ids_go_through_load_dataset(ray_cluster, sources, monkeypatch):
+    """No hub here: ``load_dataset`` is replaced by a recorder that returns a local split. What
+    is checked is the call a hub id makes (id, configuration, split, revision) and the name its
+    rejects carry; the rest of the path is the one the tests above run."""
+    import datasets
+
+    calls, local = [], datasets.load_from_disk(str(sources["saved"]))["validation"]
+    monkeypatch.setattr(datasets, "load_dataset", lambda *args, **kwargs: calls.append((args, kwargs)) or local)
+    options = HFSourceConfig(**{**MAPPING, "name": "mlqa.de.de", "split": "validation", "revision": "abc123"})
+    source = hf_source.prepare("hf:org/mlqa-like", options, key="data.hf", cache_root=str(sources["root"] / "hub"))
+    assert calls == [(("org/mlqa-like", "mlqa.de.de"), {"split": "validation", "revision": "abc123"})]
+    assert source.label == "hf:org/mlqa-like[mlqa.de.de/validation]" and source.rows == 10
+    assert source.locate(f"{source.directory}/{hf_source.file_name(0)}", 7) == (source.label, 7)
+
+
 # ----------------------------------------------------------------------------- no Ray
 @pytest.mark.parametrize(("options", "message"), [
     ({**MAPPING, "columns": {**MAPPING["columns"], "query": "nope"}},
