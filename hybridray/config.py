@@ -11,6 +11,7 @@ from typing import Any, Literal, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from hybridray.data.schema import OPTIONAL_COLUMNS, REQUIRED_COLUMNS
 from hybridray.errors import UserError
 
 
@@ -33,17 +34,56 @@ class ModelConfig(_Section):
     freeze_embeddings: bool = True
 
 
+class HFSourceConfig(_Section):
+    """How an ``hf:NAME_OR_PATH`` source (Hugging Face ``datasets``) maps onto the shard
+    schema (hybridray/data/schema.py); see hybridray/data/hf_source.py."""
+
+    #: Dataset configuration name, as in ``load_dataset(path, name)`` (e.g. ``mlqa.de.de``).
+    name: Optional[str] = None
+    #: The split to read; a dataset saved with ``save_to_disk`` as one split is read as is.
+    split: str = "train"
+    #: Hub revision (branch, tag or commit) of a hub dataset; None = the default branch.
+    revision: Optional[str] = None
+    #: Shard column -> dataset column, where the names differ (e.g. ``{query: question}``).
+    columns: dict[str, str] = Field(default_factory=dict)
+    #: Shard column -> one value for every row, for columns the dataset lacks (e.g.
+    #: ``{lang: de}``); ``source`` defaults to the dataset's name.
+    constants: dict[str, str] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _known_columns(self) -> "HFSourceConfig":
+        known = REQUIRED_COLUMNS + OPTIONAL_COLUMNS
+        for key, names in (("columns", self.columns), ("constants", self.constants)):
+            unknown = sorted(set(names) - set(known))
+            if unknown:
+                raise ValueError(f"{key}: {unknown} are not shard columns ({', '.join(known)})")
+        both = sorted(set(self.columns) & set(self.constants))
+        if both:
+            raise ValueError(f"{both} are given in both columns and constants")
+        per_row = sorted(set(self.constants) & {"group_id", "query", "passage", "hard_negatives"})
+        if per_row:
+            raise ValueError(f"constants: {per_row} differ from row to row; map them from columns")
+        return self
+
+
 class ExtraMonoConfig(_Section):
     """Monolingual data with no translations, mixed into monolingual batches."""
 
+    #: A shard dataset (directory, glob or ``s3://`` prefix) or ``hf:NAME_OR_PATH``.
     path: str
     weight: float = Field(0.1, ge=0.0, le=1.0)
+    #: Column mapping of an ``hf:`` path (None = the dataset's columns are the shard's).
+    hf: Optional[HFSourceConfig] = None
 
 
 class DataConfig(_Section):
-    """Where the translated-QA shards are (directory, glob or ``s3://`` prefix)."""
+    """Where the translated-QA shards are (directory, glob or ``s3://`` prefix), or a Hugging
+    Face dataset (``hf:NAME_OR_PATH``: a hub id, a ``save_to_disk`` directory or anything
+    ``load_dataset`` reads, e.g. a directory of json / parquet files)."""
 
     train: str = "data/mlqa-r/train"
+    #: Column mapping of an ``hf:`` data.train (None = the dataset's columns are the shard's).
+    hf: Optional[HFSourceConfig] = None
     #: Held-out LAReQA-layout directory (written by ``hybridray data prepare``); empty = none.
     heldout: str = "data/mlqa-r/heldout-lareqa"
     #: Restrict training to these languages (None = all languages in the shards).
@@ -165,6 +205,15 @@ class Config(_Section):
 
     @model_validator(mode="after")
     def _consistent(self) -> "Config":
+        sources = [("data.train", self.data.train, "data.hf", self.data.hf)] + [
+            (f"data.extra_mono.{i}.path", e.path, f"data.extra_mono.{i}.hf", e.hf)
+            for i, e in enumerate(self.data.extra_mono)
+        ]
+        for path_key, path, hf_key, hf in sources:
+            if path.startswith("hf:") and not path[3:].strip():
+                raise ValueError(f"{path_key}: hf: needs a dataset id or path, e.g. hf:org/name")
+            if hf is not None and not path.startswith("hf:"):
+                raise ValueError(f"{hf_key}: set, but {path_key} ({path}) is not an hf: source")
         if self.sampler.batch_size % self.scaling.num_workers:
             raise ValueError(
                 f"sampler.batch_size ({self.sampler.batch_size}) must be a multiple of "

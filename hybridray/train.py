@@ -231,6 +231,10 @@ def _export_final(engine, tokenizer, directory: Path, config: Config, reports: d
 # ----------------------------------------------------------------------------- driver side
 def _absolute(path: str) -> str:
     """Local paths are made absolute on the driver: Ray workers run in other directories."""
+    if path.startswith("hf:"):
+        from hybridray.data.hf_source import absolute
+
+        return absolute(path)
     if not path or "://" in path:
         return path
     return str(Path(path).expanduser().resolve())

@@ -47,7 +47,7 @@ from typing import Any, Iterator, Optional, Sequence
 import numpy as np
 import pyarrow as pa
 
-from hybridray.data import reader, sampler
+from hybridray.data import hf_source, reader, sampler
 from hybridray.data.sampler import MAIN, NO_GROUP, ExtraSource, Group, Segment
 from hybridray.data.tokenize import TokenizerSpec, encode, prefixes, tokenizer_spec
 from hybridray.errors import UserError
@@ -123,11 +123,13 @@ def ray_data_config():
     return ray.train.DataConfig(datasets_to_split=[], execution_options=options)
 
 
-def _index(path: str, config, strict: bool):
-    return reader.index_shards(
-        path, max_text_chars=config.data.max_text_chars, languages=config.data.languages,
-        strict=strict, task_cpus=config.data.task_cpus,
-    )
+def _index(path: str, config, strict: bool, hf=None, key: str = "data.hf"):
+    kwargs = dict(max_text_chars=config.data.max_text_chars, languages=config.data.languages,
+                  strict=strict, task_cpus=config.data.task_cpus)
+    if hf_source.is_hf(path):  # materialised once into the run's storage, then read as shards
+        cache_root = config.run.storage_path.rstrip("/") + "/hf-cache"
+        return hf_source.index_hf(path, hf, key=key, cache_root=cache_root, **kwargs)
+    return reader.index_shards(path, **kwargs)
 
 
 def _check_negatives(index: reader.ShardIndex, k: int) -> None:
@@ -151,8 +153,9 @@ def build_train_dataset(config, *, rejects_path: Optional[str], start_step: int 
     cfg, scfg = config, config.sampler
     if not 0 <= start_step <= cfg.train.max_steps:
         raise UserError(f"start_step {start_step} is outside [0, train.max_steps={cfg.train.max_steps}]")
-    main = _index(cfg.data.train, cfg, cfg.data.strict)
-    extras = [_index(e.path, cfg, cfg.data.strict) for e in cfg.data.extra_mono]
+    main = _index(cfg.data.train, cfg, cfg.data.strict, cfg.data.hf, "data.hf")
+    extras = [_index(e.path, cfg, cfg.data.strict, e.hf, f"data.extra_mono.{i}.hf")
+              for i, e in enumerate(cfg.data.extra_mono)]
     all_rejects = main.rejects + [r for e in extras for r in e.rejects]
     if rejects_path:
         reader.write_rejects(rejects_path, all_rejects)

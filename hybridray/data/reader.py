@@ -26,7 +26,7 @@ import os
 import re
 from collections import Counter
 from dataclasses import asdict, dataclass, field
-from typing import Iterable, Iterator, Optional, Sequence
+from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -39,6 +39,10 @@ from hybridray.storage import filesystem_for, uri_of
 
 SHARD_SUFFIXES = (".parquet", ".jsonl")
 _GLOB = re.compile(r"[*?\[]")
+
+#: ``(file, row) -> (name, row)`` as a rejects report should show them (an ``hf:`` source's
+#: cache files report their dataset's own rows; see ``hf_source``). Default: unchanged.
+Locate = Callable[[str, int], tuple[str, int]]
 
 #: The columns of the per-file index (pass 1).
 INDEX_SCHEMA = pa.schema(
@@ -222,12 +226,15 @@ def reason_kind(reason: str) -> str:
     return "other"
 
 
-def merge_index(path: str, files: list[str], tables: Iterable[pa.Table], *, strict: bool) -> ShardIndex:
+def merge_index(
+    path: str, files: list[str], tables: Iterable[pa.Table], *, strict: bool, locate: Optional[Locate] = None
+) -> ShardIndex:
     """Fold the per-file index tables (in file order) into groups, with global checks.
 
     ``strict`` raises UserError on the first bad row in data order, naming file:row.
     """
     index = ShardIndex(path, files)
+    locate = locate or (lambda file, row: (file, row))
     first_seen: dict[tuple[str, str], tuple[int, int]] = {}
     members: dict[str, list[tuple[str, int, int]]] = {}
     last_group: Optional[str] = None
@@ -236,9 +243,9 @@ def merge_index(path: str, files: list[str], tables: Iterable[pa.Table], *, stri
     min_neg: Optional[int] = None
 
     def reject(file_index: int, row: int, reason: str) -> None:
-        error = RowError(files[file_index], row, reason)
         if row < 0:
             raise UserError(f"{files[file_index]}: {reason}")
+        error = RowError(*locate(files[file_index], row), reason)
         if strict:
             raise UserError(str(error))
         index.rejects.append(error)
@@ -254,8 +261,8 @@ def merge_index(path: str, files: list[str], tables: Iterable[pa.Table], *, stri
                 continue
             key = (gid, lang)
             if key in first_seen:
-                f0, r0 = first_seen[key]
-                reject(fi, row, f"duplicate (group_id, lang) ({gid!r}, {lang!r}): first at {files[f0]}:{r0}")
+                first = "{}:{}".format(*locate(files[first_seen[key][0]], first_seen[key][1]))
+                reject(fi, row, f"duplicate (group_id, lang) ({gid!r}, {lang!r}): first at {first}")
                 continue
             first_seen[key] = (fi, row)
             if gid != last_group:
@@ -291,6 +298,7 @@ def index_shards(
     languages: Optional[Sequence[str]] = None,
     strict: bool = False,
     task_cpus: float = 0.25,
+    locate: Optional[Locate] = None,
 ) -> ShardIndex:
     """Pass 1 over a shard dataset on Ray Data (one task per file, results in file order)."""
     import ray.data
@@ -303,7 +311,7 @@ def index_shards(
         fn_kwargs={"max_text_chars": max_text_chars, "languages": languages},
     )
     ds.context.execution_options.preserve_order = True
-    return merge_index(path, files, ds.iter_batches(batch_size=None, batch_format="pyarrow"), strict=strict)
+    return merge_index(path, files, ds.iter_batches(batch_size=None, batch_format="pyarrow"), strict=strict, locate=locate)
 
 
 def write_rejects(path: str, rejects: Iterable[RowError]) -> int:
