@@ -83,10 +83,19 @@ def shards_fingerprint(path: str) -> str:
     return digest.hexdigest()[:16]
 
 
+def data_fingerprint(path: str, hf_options, key: str) -> str:
+    """Shards: ``shards_fingerprint``; an ``hf:`` source: its dataset's own fingerprint."""
+    from hybridray.data import hf_source
+
+    if hf_source.is_hf(path):
+        return hf_source.fingerprint(path, hf_options, key=key)
+    return shards_fingerprint(path)
+
+
 def run_identity(config: Config) -> RunIdentity:
-    data = {"data.train": shards_fingerprint(config.data.train)}
+    data = {"data.train": data_fingerprint(config.data.train, config.data.hf, "data.hf")}
     for i, extra in enumerate(config.data.extra_mono):
-        data[f"data.extra_mono.{i}"] = shards_fingerprint(extra.path)
+        data[f"data.extra_mono.{i}"] = data_fingerprint(extra.path, extra.hf, f"data.extra_mono.{i}.hf")
     return RunIdentity(defining_values(config), data)
 
 

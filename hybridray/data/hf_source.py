@@ -49,7 +49,7 @@ import pyarrow.parquet as pq
 from hybridray import storage
 from hybridray.config import HFSourceConfig
 from hybridray.data import reader
-from hybridray.data.schema import ARROW_SCHEMA, SCHEMA_VERSION
+from hybridray.data.schema import ARROW_SCHEMA, OPTIONAL_COLUMNS, SCHEMA_VERSION
 from hybridray.errors import UserError
 
 PREFIX = "hf:"
@@ -59,6 +59,8 @@ ROWS_PER_FILE = 50_000
 _ROW = "__hybridray_row__"
 #: Shard columns that may hold an integer dataset column (cast to its decimal string).
 _ID_COLUMNS = ("group_id", "article_id")
+#: Shard columns that hold a list of strings.
+_LIST_COLUMNS = ("hard_negatives", "hard_negative_group_ids")
 
 
 def is_hf(path: str) -> bool:
@@ -128,7 +130,7 @@ def column_plan(dataset, options: HFSourceConfig, *, key: str, label: str, defau
         if column is None:
             if target == "source":
                 plan.append((target, "constant", default_source))
-            elif target in ("hard_negatives", "context", "article_id"):
+            elif target in OPTIONAL_COLUMNS:
                 plan.append((target, "null", None))
             else:
                 raise UserError(
@@ -141,17 +143,17 @@ def column_plan(dataset, options: HFSourceConfig, *, key: str, label: str, defau
             raise UserError(f"{key}.columns.{target}: {label} has no column {column!r} "
                             f"(its columns: {', '.join(schema.names)})")
         feature = dataset.features.get(column)
-        if isinstance(feature, datasets.ClassLabel) and target != "hard_negatives":
+        if isinstance(feature, datasets.ClassLabel) and target not in _LIST_COLUMNS:
             plan.append((target, "labels", column, tuple(feature.names)))
             continue
         kind = schema.field(column).type
         ok = (
             (pa.types.is_list(kind) or pa.types.is_large_list(kind)) and _is_text(kind.value_type)
-            if target == "hard_negatives"
+            if target in _LIST_COLUMNS
             else _is_text(kind) or (target in _ID_COLUMNS and pa.types.is_integer(kind))
         )
         if not ok:
-            wanted = "a list of strings" if target == "hard_negatives" else "strings"
+            wanted = "a list of strings" if target in _LIST_COLUMNS else "strings"
             raise UserError(f"{key}.columns.{target}: column {column!r} of {label} is "
                             f"{kind}, the shard column {target!r} needs {wanted}")
         plan.append((target, "column", column))
@@ -257,11 +259,8 @@ def _read_marker(fs, path: str) -> Optional[dict]:
         return None
 
 
-def prepare(
-    path: str, options: Optional[HFSourceConfig], *, key: str, cache_root: str,
-    rows_per_file: int = ROWS_PER_FILE, task_cpus: float = 0.25,
-) -> HFSource:
-    """Load ``path`` (``hf:...``) and materialise it under ``cache_root`` once."""
+def _load(path: str, options: Optional[HFSourceConfig], key: str, rows_per_file: int):
+    """``(dataset, label, column plan, identity, digest)`` of a source: what names its cache."""
     spec = path[len(PREFIX):]
     options = options or HFSourceConfig()
     dataset, split = load_split(spec, options, key)
@@ -277,6 +276,21 @@ def prepare(
         "rows_per_file": rows_per_file,
     }
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True, default=list).encode()).hexdigest()[:16]
+    return dataset, label, plan, identity, digest
+
+
+def fingerprint(path: str, options: Optional[HFSourceConfig], *, key: str) -> str:
+    """The content fingerprint of an ``hf:`` source (the name of its cache), without
+    materialising it: the dataset's own fingerprint, its size and the column mapping."""
+    return _load(path, options, key, ROWS_PER_FILE)[4]
+
+
+def prepare(
+    path: str, options: Optional[HFSourceConfig], *, key: str, cache_root: str,
+    rows_per_file: int = ROWS_PER_FILE, task_cpus: float = 0.25,
+) -> HFSource:
+    """Load ``path`` (``hf:...``) and materialise it under ``cache_root`` once."""
+    dataset, label, plan, identity, digest = _load(path, options, key, rows_per_file)
     root = f"{cache_root.rstrip('/')}/{digest}"
     fs, fs_root = storage.filesystem_for(root)
     marker = _read_marker(fs, f"{fs_root}/{MARKER}")
