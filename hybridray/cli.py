@@ -109,8 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Convert {lang}.json LAReQA / SQuAD-style files into train and held-out "
                     "shards (split by article) plus a held-out LAReQA directory.",
     )
-    prepare.add_argument("--source", required=True, help="directory of {lang}.json files")
-    prepare.add_argument("--out", required=True, help="output directory")
+    prepare.add_argument("--source", required=True, help="directory (or s3:// prefix) of {lang}.json files")
+    prepare.add_argument("--out", required=True, help="output directory or s3:// prefix")
     prepare.add_argument("--heldout-fraction", type=float, default=0.3,
                          help="share of questions held out, by whole articles (default 0.3)")
     prepare.add_argument("--seed", type=int, default=0, help="split seed (default 0)")

@@ -171,11 +171,18 @@ class ScalingConfig(_Section):
     use_gpu: bool = False
     cpus_per_worker: float = Field(0.5, gt=0.0)
     gpus_per_worker: float = Field(1.0, gt=0.0)
+    #: Custom Ray resources each training worker reserves, e.g. ``{trainer_slot: 1}`` with one
+    #: slot per node to place one worker per node, or ``{"accelerator_type:A100": 0.001}``.
+    resources_per_worker: dict[str, float] = Field(default_factory=dict)
 
 
 class RunConfig(_Section):
     #: Local directory or ``s3://bucket/prefix`` for checkpoints and the exported model.
     storage_path: str = "runs"
+    #: S3-compatible endpoint (MinIO, ...) for every s3:// path of the run, on every node;
+    #: None = ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL`` or AWS itself. Never credentials:
+    #: those come from the environment or the node's role only.
+    s3_endpoint: Optional[str] = None
     checkpoints_to_keep: int = Field(2, ge=1)
     max_failures: int = Field(1, ge=-1)
 
@@ -229,7 +236,8 @@ class Config(_Section):
 OPERATIONAL_KEYS = frozenset({
     "name", "run.storage_path", "run.checkpoints_to_keep", "run.max_failures",
     "train.log_every", "train.checkpoint_every", "train.eval_every", "train.eval_before",
-    "scaling.cpus_per_worker", "scaling.gpus_per_worker", "data.task_cpus", "data.strict",
+    "scaling.cpus_per_worker", "scaling.gpus_per_worker", "scaling.resources_per_worker",
+    "run.s3_endpoint", "data.task_cpus", "data.strict",
     "data.train", "eval.batch_size",
 })
 

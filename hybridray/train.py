@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import asdict
-import shutil
 import sys
 import tempfile
 import time
@@ -90,6 +89,19 @@ def val_metrics(report: Optional[dict]) -> dict:
     }
 
 
+def worker_nodes() -> list[str]:
+    """The Ray node id of every rank, in rank order (collective)."""
+    import ray
+    import torch.distributed as dist
+
+    node = ray.get_runtime_context().get_node_id()
+    if not dist.is_initialized():
+        return [node]
+    nodes = [None] * dist.get_world_size()
+    dist.all_gather_object(nodes, node)
+    return nodes
+
+
 def train_func(loop_config: dict) -> None:
     """The per-worker training loop (Ray Train calls it on every worker)."""
     import contextlib
@@ -106,6 +118,8 @@ def train_func(loop_config: dict) -> None:
 
     config = Config.model_validate(loop_config["config"])
     run = loop_config["run"]
+    if config.run.s3_endpoint:
+        os.environ["AWS_ENDPOINT_URL_S3"] = config.run.s3_endpoint
     if not config.scaling.use_gpu:
         torch.set_num_threads(cpu_threads(config.scaling.cpus_per_worker))
     torch.manual_seed(config.seed)  # identical initial weights (e.g. a learned temperature) on every rank
@@ -113,6 +127,9 @@ def train_func(loop_config: dict) -> None:
     tokenizer = model.encoder.tokenizer
     engine = build_engine(model, config, world_size())  # in train mode, dropout on
     device = engine.device
+    nodes = worker_nodes()
+    if rank() == 0:
+        print(f"[hybridray] {world_size()} worker(s) on {len(set(nodes))} node(s): {', '.join(nodes)}", flush=True)
 
     start_step, saved = 0, {}
     checkpoint = ray.train.get_checkpoint()
@@ -166,6 +183,7 @@ def train_func(loop_config: dict) -> None:
             elapsed = time.perf_counter() - window_start
             metrics = {
                 "step": step + 1,
+                "worker_nodes": ",".join(nodes),
                 "loss": window["loss"] / max(1, window["n"]),
                 "lr": engine.get_lr()[0],
                 "temperature": float(engine.module.loss.temperature),
@@ -254,6 +272,18 @@ def resolve_paths(config: Config) -> Config:
     return update
 
 
+def use_s3_endpoint(config: Config) -> Optional[dict]:
+    """Apply ``run.s3_endpoint`` to this process, and return the runtime env that gives it to
+    every Ray worker of the job (Ray Data tasks included); None when it is not set."""
+    from hybridray import storage
+
+    if not config.run.s3_endpoint:
+        return None
+    os.environ["AWS_ENDPOINT_URL_S3"] = config.run.s3_endpoint
+    storage._s3.cache_clear()
+    return {"env_vars": {"AWS_ENDPOINT_URL_S3": config.run.s3_endpoint}}
+
+
 def init_ray(**kwargs) -> None:
     """Join the cluster named by ``RAY_ADDRESS`` (``ray job submit`` sets it), else start a
     private local one on loopback (``address="local"`` never joins a stale cluster by
@@ -289,17 +319,20 @@ def build_trainer(
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from hybridray import storage
     from hybridray.data.pipeline import build_train_dataset, ray_data_config
     from hybridray.device import dist_backend
     from hybridray.runs import run_identity
 
     name = run_dir_name or config.name
     identity = identity or run_identity(config)
-    rejects = Path(config.run.storage_path if "://" not in config.run.storage_path else "runs") / name / "rejects.jsonl"
-    rejects.parent.mkdir(parents=True, exist_ok=True)
-    dataset, info = build_train_dataset(config, rejects_path=str(rejects), start_step=start_step)
+    rejects = storage.join(config.run.storage_path, name, "rejects.jsonl")
+    dataset, info = build_train_dataset(config, rejects_path=rejects, start_step=start_step)
+    # Ray Train writes checkpoints through the same filesystem as hybridray (S3 endpoint,
+    # retries); for a local path it is the local filesystem.
+    filesystem, storage_path = storage.filesystem_for(config.run.storage_path)
     scaling = config.scaling
-    resources = {"CPU": scaling.cpus_per_worker}
+    resources = {"CPU": scaling.cpus_per_worker, **scaling.resources_per_worker}
     if scaling.use_gpu:
         resources["GPU"] = scaling.gpus_per_worker
     trainer = TorchTrainer(
@@ -311,7 +344,8 @@ def build_trainer(
         ),
         run_config=RunConfig(
             name=name,
-            storage_path=config.run.storage_path,
+            storage_path=storage_path,
+            storage_filesystem=filesystem,
             checkpoint_config=CheckpointConfig(num_to_keep=config.run.checkpoints_to_keep),
             failure_config=FailureConfig(max_failures=config.run.max_failures),
             callbacks=callbacks,
@@ -340,6 +374,7 @@ def run_training(
     from hybridray.runs import plan_run, run_dir, run_identity
 
     config = resolve_paths(config)
+    runtime_env = use_s3_endpoint(config)
     identity = run_identity(config)
     plan = plan_run(config, identity, overwrite=overwrite)
     directory = run_dir(config)
@@ -356,7 +391,8 @@ def run_training(
         _say(f"resuming run {config.name!r} from step {plan.start_step}/{config.train.max_steps} "
              f"({plan.checkpoint})")
     resolve_model_path(config.model.name_or_path)  # build a builtin once, before the workers start
-    init_ray()
+    storage.check_writable(directory)  # a missing bucket or denied access: one line, now
+    init_ray(runtime_env=runtime_env)
     trainer, info = build_trainer(config, inject_fault=inject_fault, start_step=plan.start_step, identity=identity)
     for note in info.notes:
         _say(f"note: {note}")
@@ -373,20 +409,24 @@ def run_training(
 
 
 def _collect_outputs(config: Config, checkpoint: Optional[str], summary: dict, print_reports: bool = True) -> dict:
-    """Copy ``model/`` and ``eval/`` out of the final checkpoint into the run directory and
-    write ``summary.json`` there (local storage; see issue notes for ``s3://``)."""
-    if checkpoint is None or "://" in config.run.storage_path:
+    """Copy ``model/`` and ``eval/`` out of the final checkpoint into the run directory (local
+    or ``s3://``) and write ``summary.json`` there; print the held-out tables."""
+    from hybridray import storage
+    from hybridray.runs import run_dir
+
+    if checkpoint is None:
         return summary
-    run_dir = Path(config.run.storage_path) / config.name
+    directory = run_dir(config)
+    checkpoint = storage.uri_of(config.run.storage_path, checkpoint)  # Ray gives paths inside its filesystem
+    summary["checkpoint"] = checkpoint
     for part in ("model", "eval"):
-        source = Path(checkpoint) / part
-        if source.exists():
-            shutil.copytree(source, run_dir / part, dirs_exist_ok=True)
-    summary["model"] = str(run_dir / "model")
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+        if storage.exists(storage.join(checkpoint, part)):
+            storage.copy_tree(storage.join(checkpoint, part), storage.join(directory, part))
+    summary["model"] = storage.join(directory, "model")
+    storage.write_text(storage.join(directory, "summary.json"), json.dumps(summary, indent=2, default=str) + "\n")
     if print_reports:
         for name in ("before", "after"):
-            table = run_dir / "eval" / name / "report.md"
-            if table.exists():
-                print(f"\n## Held-out evaluation {name} training\n\n{table.read_text()}")
+            table = storage.read_text(storage.join(directory, "eval", name, "report.md"))
+            if table is not None:
+                print(f"\n## Held-out evaluation {name} training\n\n{table}")
     return summary

@@ -14,17 +14,19 @@ from hybridray.errors import UserError
 DATA_KINDS = ("lareqa", "beir", "tatoeba")
 
 
-def parse_data_spec(value: str) -> tuple[str, Path]:
-    """``KIND:DIR`` -> ``(kind, Path(dir))``; argparse reports a bad value naming ``--data``."""
+def parse_data_spec(value: str) -> tuple[str, str]:
+    """``KIND:DIR`` -> ``(kind, dir)`` (a local path or ``s3://`` URI); argparse reports a bad
+    value naming ``--data``."""
     kind, sep, directory = value.partition(":")
     if not sep or kind not in DATA_KINDS or not directory:
         raise argparse.ArgumentTypeError(f"expected KIND:DIR with KIND one of {', '.join(DATA_KINDS)}; got {value!r}")
-    return kind, Path(directory)
+    return kind, directory
 
 
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, metavar="PATH",
-                        help="builtin:multilingual-e5-small, builtin:tiny, a local HF directory or hub id")
+                        help="builtin:multilingual-e5-small, builtin:tiny, a local or s3:// HF directory "
+                             "(e.g. a run's model/), or a hub id")
     parser.add_argument("--data", required=True, type=parse_data_spec, metavar="KIND:DIR",
                         help="lareqa:DIR ({lang}.json, XQuAD-R/MLQA-R), beir:DIR (corpus.jsonl, "
                              "queries.jsonl, qrels/; or a directory of such datasets), tatoeba:DIR")
@@ -49,12 +51,15 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_eval(args: argparse.Namespace) -> int:
     """Evaluate ``args.model`` on ``args.data``, write the report to ``args.out``, print it."""
-    kind, directory = args.data
+    from hybridray import storage
+
+    kind, location = args.data
+    directory = Path(storage.local_copy(location))  # s3:// data is fetched once into the cache
     if not directory.is_dir():
-        raise UserError(f"--data {kind}:{directory}: not a directory")
+        raise UserError(f"--data {kind}:{location}: not a directory")
     from hybridray.device import default_device
     from hybridray.evaluate.report import write_report
-    from hybridray.models import POOLING_MODES, default_prefixes, load_encoder
+    from hybridray.models import POOLING_MODES, default_prefixes, load_encoder, resolve_model_path
 
     if args.pooling not in POOLING_MODES:
         raise UserError(f"--pooling {args.pooling!r}: expected one of {', '.join(POOLING_MODES)}")
@@ -62,7 +67,8 @@ def run_eval(args: argparse.Namespace) -> int:
         raise UserError("--with-context applies to lareqa data only")
     started = time.perf_counter()
     langs = args.langs.split(",") if args.langs else None
-    default_query, default_passage = default_prefixes(args.model)
+    model_path = resolve_model_path(args.model) if storage.is_remote(args.model) else args.model
+    default_query, default_passage = default_prefixes(model_path)
     settings = dict(
         query_prefix=default_query if args.query_prefix is None else args.query_prefix,
         pooling=args.pooling, max_length=args.max_length, batch_size=args.batch_size,
@@ -73,7 +79,7 @@ def run_eval(args: argparse.Namespace) -> int:
         from hybridray.evaluate.lareqa import evaluate_lareqa, load_lareqa
 
         data = load_lareqa(directory, langs)  # before the model: data errors fail fast
-    model, tokenizer = load_encoder(args.model)
+    model, tokenizer = load_encoder(model_path)
     model.to(default_device())
     if kind == "lareqa":
         report = evaluate_lareqa(model, tokenizer, data, passage_prefix=passage_prefix,

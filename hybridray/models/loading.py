@@ -36,7 +36,12 @@ _POOLER_MODEL_TYPES = {"bert", "roberta", "xlm-roberta"}
 
 
 def resolve_model_path(name_or_path: str) -> str:
-    """Builtin name -> its cache directory (built if needed); anything else unchanged."""
+    """Builtin name -> its cache directory (built if needed); ``s3://`` directory -> a cached
+    local copy (``hybridray.storage.local_copy``); anything else unchanged."""
+    if name_or_path.startswith("s3://"):
+        from hybridray.storage import local_copy
+
+        return local_copy(name_or_path)
     if not name_or_path.startswith("builtin:"):
         return name_or_path
     if name_or_path not in _BUILDERS:
