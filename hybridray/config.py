@@ -5,6 +5,7 @@ dotted name (``sampler.alpha``), never halfway through a run.
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal, Optional
 
@@ -197,6 +198,8 @@ class EvalConfig(_Section):
 class Config(_Section):
     """A whole run: see ``configs/local.yaml`` for a documented example."""
 
+    #: The run's directory under ``run.storage_path``: one plain path part (letters, digits,
+    #: ``.``, ``_``, ``-``), so that no run can write outside the storage path.
     name: str = "hybrid"
     seed: int = 0
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -209,6 +212,16 @@ class Config(_Section):
     scaling: ScalingConfig = Field(default_factory=ScalingConfig)
     run: RunConfig = Field(default_factory=RunConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @field_validator("name")
+    @classmethod
+    def _one_path_part(cls, value: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", value):
+            raise ValueError(
+                f"{value!r} is not a plain directory name (letters, digits, '.', '_', '-'; no '/' "
+                "and no leading '.'): a run's name must not point outside run.storage_path"
+            )
+        return value
 
     @model_validator(mode="after")
     def _consistent(self) -> "Config":
@@ -257,7 +270,10 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
 def defining_values(config: "Config") -> dict[str, Any]:
     """The dotted keys and values that define what a run computes (``OPERATIONAL_KEYS`` left
     out): two configs that agree here train the same model and write the same reports."""
-    return {k: v for k, v in flatten(config.model_dump(mode="json")).items() if k not in OPERATIONAL_KEYS}
+    return {
+        k: v for k, v in flatten(config.model_dump(mode="json")).items()
+        if not any(k == op or k.startswith(op + ".") for op in OPERATIONAL_KEYS)
+    }
 
 
 def _set_dotted(tree: dict, key: str, value: Any) -> None:

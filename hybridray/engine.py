@@ -193,13 +193,13 @@ def clamp_temperature(engine) -> None:
     module and in DeepSpeed's fp32 master copy (ZeRO-1/2/3 keep one; the next step would
     otherwise write the unclamped value back). Collective under ZeRO: every rank calls it.
     A fixed temperature is left alone."""
-    import deepspeed
-    from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
-
     loss = engine.module.loss
     param = loss.log_temperature
     if not isinstance(param, nn.Parameter):
         return
+    import deepspeed
+    from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
+
     lo, hi = loss.log_temperature_bounds
     master = safe_get_full_fp32_param(param)
     if master is not None:

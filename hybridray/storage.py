@@ -7,10 +7,10 @@ the first for a run), the region from ``AWS_REGION`` / ``AWS_DEFAULT_REGION``, c
 from the usual AWS variables or the instance's role -- never from a config file, so they never
 reach a saved config, a report or a checkpoint.
 
-Throttling (``SlowDown``), 5xx answers and dropped connections are retried twice over: by the
-AWS SDK's standard strategy inside each call, and around each whole operation here
-(``retried``: ``S3_ATTEMPTS`` attempts, jittered exponential backoff), because Arrow's client
-does not recover from every throttled answer itself (a throttled GetObject ends in "Failed to
+Throttling (``SlowDown``), 5xx answers and dropped connections are retried around each whole
+operation here (``retried``: ``S3_ATTEMPTS`` attempts, jittered exponential backoff); the SDK
+itself makes one attempt per call, because Arrow's client does not recover from every
+throttled answer by itself (a throttled GetObject retried inside the SDK ends in "Failed to
 flush response stream"). A missing bucket, a denied request or an endpoint still dead after
 the last attempt ends in one ``UserError`` line naming the URI.
 """
@@ -36,8 +36,10 @@ def is_remote(uri: str) -> bool:
     return "://" in uri
 
 
-#: Attempts per S3 operation (the first and the retries), here and inside the SDK.
+#: Attempts per S3 operation (the first and the retries).
 S3_ATTEMPTS = 5
+#: Read size when copying a file between filesystems.
+_CHUNK_BYTES = 8 << 20
 #: Words of transient S3 errors (AWS SDK error names and HTTP statuses): worth retrying.
 _TRANSIENT = ("SLOW_DOWN", "SLOWDOWN", "THROTTL", "SERVICE_UNAVAILABLE", "INTERNAL_FAILURE", "NETWORK_CONNECTION",
               "REQUEST_TIMEOUT", "HTTP RESPONSE CODE: 5", " 500", " 502", " 503", " 504")
@@ -45,8 +47,11 @@ _TRANSIENT = ("SLOW_DOWN", "SLOWDOWN", "THROTTL", "SERVICE_UNAVAILABLE", "INTERN
 
 @functools.lru_cache(maxsize=8)
 def _s3(endpoint: str, region: str) -> pafs.S3FileSystem:
-    kwargs = dict(region=region, connect_timeout=5, request_timeout=30,
-                  retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=S3_ATTEMPTS))
+    # One retry layer, ours (``retried``): the SDK makes a single attempt per call.
+    kwargs = dict(connect_timeout=5, request_timeout=30,
+                  retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=1))
+    if region:  # else the SDK finds it (config profile, instance metadata)
+        kwargs["region"] = region
     if endpoint:
         url = urlparse(endpoint if "://" in endpoint else f"https://{endpoint}")
         kwargs.update(endpoint_override=url.netloc, scheme=url.scheme)
@@ -78,7 +83,7 @@ def filesystem_for(uri: str) -> tuple[pafs.FileSystem, str]:
     """The pyarrow filesystem of ``uri`` and the path inside it."""
     if uri.startswith("s3://"):
         endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or ""
-        region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+        region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or ""
         return _s3(endpoint, region), uri[len("s3://"):].rstrip("/")
     if is_remote(uri):
         raise UserError(f"{uri}: only local paths and s3:// are supported")
@@ -168,20 +173,37 @@ def check_writable(uri: str) -> None:
 
 
 def copy_tree(source: str, destination: str) -> None:
-    """Copy a directory tree between any two locations (local or ``s3://``)."""
+    """Copy a directory tree between any two locations (local or ``s3://``), file by file, each
+    file retried on its own (a throttled file is sent again, not the whole tree).
+
+    Not ``pyarrow.fs.copy_files``: seen here, it drops an upload that fails while closing the
+    S3 stream ("Error ignored when destroying file ... SLOW_DOWN during UploadPart") and
+    returns as if it had copied the file. Closing the stream ourselves raises the error."""
     src_fs, src = filesystem_for(source)
     dst_fs, dst = filesystem_for(destination)
-    if not is_remote(destination):
-        os.makedirs(dst, exist_ok=True)
-    remote = source if is_remote(source) else destination
-    retried(remote, f"cannot copy {source} to {destination}",
-            lambda: pafs.copy_files(src, dst, source_filesystem=src_fs, destination_filesystem=dst_fs))
+    infos = retried(source, "cannot read", lambda: src_fs.get_file_info(pafs.FileSelector(src, recursive=True)))
+
+    def copy(source_path: str, target: str) -> None:
+        with src_fs.open_input_stream(source_path) as reader, dst_fs.open_output_stream(target) as writer:
+            while chunk := reader.read(_CHUNK_BYTES):
+                writer.write(chunk)
+
+    for info in infos:
+        if info.type != pafs.FileType.File:
+            continue
+        relative = info.path[len(src):].lstrip("/")
+        target = posixpath.join(dst, relative)
+        if not is_remote(destination):
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+        retried(destination if is_remote(destination) else source, f"cannot copy {source}/{relative} to {destination}",
+                lambda p=info.path, t=target: copy(p, t))
 
 
 def local_copy(uri: str) -> str:
     """A local directory holding the tree at ``uri``: ``uri`` itself when it is local, else a
     cached download under ``$HYBRIDRAY_CACHE/remote`` (re-fetched when the remote listing --
-    names and sizes -- has changed; a file lock makes the workers of one node download once).
+    names, sizes, modification times -- has changed, so a model retrained in place is fetched
+    again; a file lock makes the workers of one node download once).
     Models, held-out sets and other read-only inputs are read this way."""
     if not is_remote(uri):
         return uri
@@ -196,7 +218,7 @@ def local_copy(uri: str) -> str:
         infos = retried(uri, "cannot read", lambda: fs.get_file_info(pafs.FileSelector(path, recursive=True)))
     except FileNotFoundError:
         infos = []
-    listing = sorted((i.path[len(path):], i.size) for i in infos if i.type == pafs.FileType.File)
+    listing = sorted((i.path[len(path):], i.size, str(i.mtime)) for i in infos if i.type == pafs.FileType.File)
     if not listing:
         raise UserError(f"{uri}: no such directory (or it is empty)")
     root = os.path.join(os.environ.get("HYBRIDRAY_CACHE") or os.path.expanduser("~/.cache/hybridray"), "remote")

@@ -91,14 +91,18 @@ def run_sweep(config: Config, sweep_path: str | Path, num_samples: Optional[int]
     """Run the sweep; returns the best trial's parameters and final metrics."""
     from ray import tune
 
+    from hybridray import storage
     from hybridray.models import resolve_model_path
-    from hybridray.train import init_ray, resolve_paths
+    from hybridray.train import init_ray, resolve_paths, use_s3_endpoint
 
     sweep = load_sweep(sweep_path, config)
     config = resolve_paths(config)
+    runtime_env = use_s3_endpoint(config)
     resolve_model_path(config.model.name_or_path)
-    init_ray()
+    storage.check_writable(storage.join(config.run.storage_path, f"{config.name}-sweep"))
+    init_ray(runtime_env=runtime_env)
     trainable = tune.with_parameters(_trial, base=config.model_dump(), overrides=sweep["overrides"])
+    filesystem, storage_path = storage.filesystem_for(config.run.storage_path)
     tuner = tune.Tuner(
         tune.with_resources(trainable, {"CPU": 0.1}),
         param_space={k: _domain(k, v) for k, v in sweep["search_space"].items()},
@@ -107,7 +111,8 @@ def run_sweep(config: Config, sweep_path: str | Path, num_samples: Optional[int]
             num_samples=num_samples or sweep["num_samples"],
             max_concurrent_trials=sweep["max_concurrent_trials"],
         ),
-        run_config=tune.RunConfig(name=f"{config.name}-sweep", storage_path=config.run.storage_path),
+        run_config=tune.RunConfig(name=f"{config.name}-sweep", storage_path=storage_path,
+                                  storage_filesystem=filesystem),
     )
     results = tuner.fit()
     best = results.get_best_result()

@@ -21,6 +21,7 @@ import subprocess
 import tempfile
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 import torch
@@ -164,6 +165,15 @@ def wait(cluster: Cluster, job: str, until=("SUCCEEDED", "FAILED", "STOPPED"), t
     raise AssertionError(f"job {job} still not in {until} after {timeout} s")
 
 
+def has_checkpoint(endpoint: str, name: str) -> bool:
+    """Ray Train's run snapshot names a latest checkpoint: a resume would find it."""
+    try:
+        body = s3_client(endpoint).get_object(Bucket=BUCKET, Key=f"runs/{name}/checkpoint_manager_snapshot.json")["Body"]
+    except s3_client(endpoint).exceptions.NoSuchKey:
+        return False
+    return bool((json.loads(body.read()).get("latest_checkpoint_result") or {}).get("checkpoint_dir_name"))
+
+
 def exported_weights(endpoint: str, name: str) -> dict:
     from safetensors.torch import load
 
@@ -205,7 +215,8 @@ def test_job_runs_on_two_nodes_with_everything_on_s3(cluster, straight):
                      "eval/before/report.json", "eval/after/report.md"):
         assert f"runs/straight/{expected}" in keys, expected
     assert any(re.match(r"runs/straight/checkpoint_[^/]+/trainer_state\.json", k) for k in keys)
-    assert not (REPO / "runs" / "straight").exists()  # nothing went to a node's disk
+    # nothing of the run on a node's disk: the job ran in Ray's copy of the working dir there
+    assert not [p for p in Path(cluster.temp).rglob("runs") if p.is_dir()]
     print("worker nodes:", nodes, "\nS3 keys:", "\n".join(k for k in keys if "checkpoint_" not in k))
 
 
@@ -214,12 +225,15 @@ def test_the_secret_key_is_nowhere_in_what_the_runs_wrote(cluster, straight, pre
     texts = [client.get_object(Bucket=BUCKET, Key=k)["Body"].read() for k in s3_keys(cluster.endpoint, "")]
     assert texts and not any(SECRET.encode() in body for body in texts)
     assert SECRET not in cluster.run("ray", "job", "logs", straight).stdout
+    # and nowhere in the nodes' Ray logs (driver, workers, Ray Data tasks, dashboard, raylets)
+    logs = [p for p in Path(cluster.temp).rglob("logs/*") if p.is_file()]
+    assert logs and not [p for p in logs if SECRET.encode() in p.read_bytes()]
 
 
 def test_stopped_job_resumes_when_submitted_again(cluster, straight):
     job = submit(cluster, "stopped")
     deadline = time.monotonic() + 600
-    while not any(k.endswith("trainer_state.json") for k in s3_keys(cluster.endpoint, "runs/stopped/checkpoint_")):
+    while not has_checkpoint(cluster.endpoint, "stopped"):
         assert time.monotonic() < deadline and status(cluster, job) in ("PENDING", "RUNNING"), status(cluster, job)
         time.sleep(0.5)
     cluster.run("ray", "job", "stop", job)

@@ -40,7 +40,6 @@ from __future__ import annotations
 import functools
 import queue
 import threading
-import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterator, Optional, Sequence
 
@@ -231,7 +230,7 @@ def _no_mono_notes(groups, windows, batch_size: int) -> list[str]:
         lo, hi = min(counts), max(counts)
         notes.append(
             f"no monolingual steps in {lang!r} in {len(counts)} of {len(windows)} window(s): it has "
-            f"{lo if lo == hi else f'{lo}-{hi}'} groups there, fewer than sampler.batch_size ({batch_size})"
+            f"{lo if lo == hi else f'{lo}-{hi}'} group(s) there, fewer than sampler.batch_size ({batch_size})"
         )
     return notes
 
@@ -445,7 +444,10 @@ def _drained(source) -> Iterator[dict[str, Any]]:
         stop.set()
         thread.join(timeout=_DRAIN_JOIN_TIMEOUT_S)
         if thread.is_alive():
-            warnings.warn(f"the batch stream's reader thread did not stop within {_DRAIN_JOIN_TIMEOUT_S} s")
+            raise RuntimeError(
+                f"the batch stream's reader thread did not stop within {_DRAIN_JOIN_TIMEOUT_S:.0f} s "
+                "of its consumer: it would go on calling into Ray"
+            )
 
 
 def _step_rows(source) -> Iterator[dict[str, Any]]:

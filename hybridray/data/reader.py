@@ -69,6 +69,11 @@ def list_shard_files(path: str) -> list[str]:
 
     Raises UserError naming ``path`` when the storage is unreachable or holds no shard file.
     """
+    return [uri for uri, _ in list_shard_sizes(path)]
+
+
+def list_shard_sizes(path: str) -> list[tuple[str, int]]:
+    """``list_shard_files`` with each file's size in bytes (from the same listing)."""
     fs, fs_path = filesystem_for(path)
     match = _GLOB.search(fs_path)
     base = fs_path[: match.start()].rsplit("/", 1)[0] if match else fs_path
@@ -83,15 +88,15 @@ def list_shard_files(path: str) -> list[str]:
     except UserError:
         raise
     except (OSError, pa.ArrowException) as exc:
-        raise UserError(f"{path}: cannot read: {exc}") from None
+        raise UserError(f"{path}: cannot read: {' '.join(str(exc).split())}") from None
     files = sorted(
-        i.path for i in candidates
+        (i.path, i.size) for i in candidates
         if i.type == pafs.FileType.File and _is_shard(i.path)
         and (not match or fnmatch.fnmatchcase(i.path, fs_path))
     )
     if not files:
         raise UserError(f"{path}: no shard files (*.parquet, *.jsonl)")
-    return [uri_of(path, f) for f in files]
+    return [(uri_of(path, f), size) for f, size in files]
 
 
 # ----------------------------------------------------------------------------- rows
