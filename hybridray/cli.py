@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from hybridray.errors import UserError
@@ -30,8 +31,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
         print(dump_config(config), end="")
         return 0
-    result = run_training(config, overwrite=args.overwrite)
-    print(json.dumps(result, indent=2))
+    run_training(config, overwrite=args.overwrite)  # prints the closing summary
     return 0
 
 
@@ -59,7 +59,18 @@ def _cmd_data_prepare(args: argparse.Namespace) -> int:
         args.source, args.out, heldout_fraction=args.heldout_fraction, seed=args.seed,
         langs=langs, overwrite=args.overwrite,
     )
-    print(json.dumps(summary, indent=2, ensure_ascii=False))
+    rows = {split: sum(counts.values()) for split, counts in summary["rows"].items()}
+    print(f"hybridray: prepared {args.out}: train {rows['train']} rows ({summary['articles']['train']} article "
+          f"clusters), held-out {rows['heldout']} rows ({summary['articles']['heldout']}), "
+          f"{len(summary['languages'])} languages, {sum(summary['rejected'].values())} rejected questions; "
+          f"details in prepare.json")
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from hybridray.run_report import compare_runs
+
+    print(compare_runs(args.runs, out=args.out))
     return 0
 
 
@@ -85,6 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--overwrite", action="store_true",
                        help="delete an existing run directory of this name first (without it, a run "
                             "with the same config resumes and one with another config is refused)")
+    train.add_argument("--verbose", action="store_true",
+                       help="show every library's logs and Ray Data's progress bars (or HYBRIDRAY_VERBOSE=1)")
     train.set_defaults(func=_cmd_train)
 
     tune = sub.add_parser("tune", help="search sampler.alpha and loss.temperature (Ray Tune)",
@@ -92,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_arguments(tune)
     tune.add_argument("--sweep", default="tune/alpha_temperature.yaml", help="sweep definition YAML")
     tune.add_argument("--num-samples", type=int, default=None, help="override the sweep's sample count")
+    tune.add_argument("--verbose", action="store_true", help="show every library's logs (or HYBRIDRAY_VERBOSE=1)")
     tune.set_defaults(func=_cmd_tune)
 
     evaluate = sub.add_parser("eval", help="evaluate a retriever (LAReQA, BEIR layout, Tatoeba)",
@@ -118,6 +132,14 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     prepare.set_defaults(func=_cmd_data_prepare)
 
+    report = sub.add_parser("report", help="show a finished run's summary, or compare runs",
+                            description="One run directory: its closing summary (held-out before/after, "
+                                        "where the model, reports and plots are). Several: one table, a row "
+                                        "per run, and with --out a comparison plot.")
+    report.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories (local or s3://), e.g. runs/local-hybrid")
+    report.add_argument("--out", default=None, metavar="DIR", help="write comparison.png and comparison.txt here")
+    report.set_defaults(func=_cmd_report)
+
     model = sub.add_parser("model", help="build or locate an encoder",
                            description="Model commands.")
     model_sub = model.add_subparsers(dest="model_command", required=True, metavar="SUBCOMMAND")
@@ -135,6 +157,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if getattr(args, "verbose", False):
+        from hybridray.console import VERBOSE_ENV
+
+        os.environ[VERBOSE_ENV] = "1"  # this process, and the Ray workers it starts
     try:
         return args.func(args)
     except UserError as exc:

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
-from hybridray.device import default_device, use_bf16
+from hybridray.device import default_device, tell_deepspeed, use_bf16
 from hybridray.distributed import init_standalone, is_distributed
 from hybridray.distributed import world_size as current_world_size
 from hybridray.errors import UserError
@@ -160,6 +160,7 @@ def build_engine(model: nn.Module, config, world_size: Optional[int] = None, opt
     eval mode: without it dropout would be off until something happened to switch it on.
     Evaluation switches to eval mode and back (``hybridray.evaluate.encode.eval_mode``).
     """
+    tell_deepspeed()
     import deepspeed
     import deepspeed.ops
 
@@ -198,12 +199,20 @@ def clamp_temperature(engine) -> None:
     if not isinstance(param, nn.Parameter):
         return
     import deepspeed
-    from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
+    from deepspeed.utils import (
+        safe_get_full_fp32_param,
+        safe_get_local_fp32_param,
+        safe_set_full_fp32_param,
+        safe_set_local_fp32_param,
+    )
 
     lo, hi = loss.log_temperature_bounds
-    master = safe_get_full_fp32_param(param)
-    if master is not None:
-        safe_set_full_fp32_param(param, master.clamp(lo, hi))
     zero3 = hasattr(param, "ds_id")
+    if zero3:  # each rank clamps its own partition (the full-value setter fails on a padded one)
+        safe_set_local_fp32_param(param, safe_get_local_fp32_param(param).clamp(lo, hi))
+    else:
+        master = safe_get_full_fp32_param(param)  # ZeRO-1/2; None under ZeRO-0 (no master copy)
+        if master is not None:
+            safe_set_full_fp32_param(param, master.clamp(lo, hi))
     with deepspeed.zero.GatheredParameters([param], modifier_rank=0, enabled=zero3):
         loss.clamp_temperature_()

@@ -116,8 +116,12 @@ def train_func(loop_config: dict) -> None:
     from hybridray.engine import TrainingModel, build_engine, clamp_temperature
     from hybridray.evaluate.lareqa import load_lareqa
 
+    from hybridray.console import quiet_process
+
+    quiet_process(loop_config.get("verbose"))
     config = Config.model_validate(loop_config["config"])
     run = loop_config["run"]
+    board = loop_config.get("board") if rank() == 0 else None  # the driver's progress display
     if config.run.s3_endpoint:
         os.environ["AWS_ENDPOINT_URL_S3"] = config.run.s3_endpoint
     if not config.scaling.use_gpu:
@@ -128,8 +132,8 @@ def train_func(loop_config: dict) -> None:
     engine = build_engine(model, config, world_size())  # in train mode, dropout on
     device = engine.device
     nodes = worker_nodes()
-    if rank() == 0:
-        print(f"[hybridray] {world_size()} worker(s) on {len(set(nodes))} node(s): {', '.join(nodes)}", flush=True)
+    if board is not None:
+        board.push.remote({"message": f"{world_size()} worker(s) on {len(set(nodes))} node(s): {', '.join(nodes)}"})
 
     start_step, saved = 0, {}
     checkpoint = ray.train.get_checkpoint()
@@ -166,7 +170,8 @@ def train_func(loop_config: dict) -> None:
             engine.step()
             clamp_temperature(engine)
 
-            window["loss"] += float(all_reduce_mean(loss))
+            step_loss = float(all_reduce_mean(loss))
+            window["loss"] += step_loss
             window["n"] += 1
             window[batch["batch_type"]] += 1
             window["samples"] += config.sampler.batch_size
@@ -177,7 +182,11 @@ def train_func(loop_config: dict) -> None:
             log_now = (step + 1) % config.train.log_every == 0 or done
             save_now = done or (config.train.checkpoint_every and (step + 1) % config.train.checkpoint_every == 0)
             eval_now = done or (config.train.eval_every and (step + 1) % config.train.eval_every == 0)
+            record = {"step": step + 1, "time": time.time(), "loss": step_loss, "lr": engine.get_lr()[0],
+                      "samples": config.sampler.batch_size, "batch_type": batch["batch_type"]}
             if not (log_now or save_now or eval_now):
+                if board is not None:
+                    board.push.remote(record)  # fire and forget: no wait, no barrier
                 continue
 
             elapsed = time.perf_counter() - window_start
@@ -197,8 +206,9 @@ def train_func(loop_config: dict) -> None:
                 if done:
                     reports["after"] = report
             metrics.update({f"before_{k}": v for k, v in val_metrics(reports.get("before")).items()})
-            if rank() == 0:
-                print(_progress_line(metrics, config.train.max_steps), flush=True)
+            if board is not None:
+                record.update({k: v for k, v in metrics.items() if k.startswith("val_") or k == "temperature"})
+                board.push.remote(record)
 
             if save_now:
                 with tempfile.TemporaryDirectory() as directory:
@@ -211,20 +221,6 @@ def train_func(loop_config: dict) -> None:
             window = dict.fromkeys(window, 0)
             window["loss"] = 0.0
             window_start = time.perf_counter()
-
-
-def _progress_line(metrics: dict, max_steps: int) -> str:
-    line = (
-        f"[hybridray] step {metrics['step']}/{max_steps} loss {metrics['loss']:.4f} "
-        f"lr {metrics['lr']:.2e} {metrics['samples_per_s']:.1f} samples/s "
-        f"mono/cross {metrics['mono_batches']}/{metrics['cross_batches']}"
-    )
-    if "val_map" in metrics:
-        line += (
-            f" | val mAP multi {metrics['val_map']:.3f} mono {metrics['val_map_mono']:.3f} "
-            f"cross {metrics['val_map_cross']:.3f} rank-dist {metrics['val_rank_distance']:.1f}"
-        )
-    return line
 
 
 def _export_final(engine, tokenizer, directory: Path, config: Config, reports: dict) -> None:
@@ -290,8 +286,11 @@ def init_ray(**kwargs) -> None:
     accident; the dashboard stays up because Ray Train's state queries go through it)."""
     import ray
 
+    from hybridray.console import ray_logging_config
+
     if ray.is_initialized():
         return
+    kwargs.setdefault("logging_config", ray_logging_config())
     if os.environ.get("RAY_ADDRESS"):
         ray.init(**kwargs)
     else:
@@ -308,18 +307,21 @@ def build_trainer(
     inject_fault: Optional[tuple[int, str]] = None,
     start_step: int = 0,
     identity=None,
+    board=None,
 ):
     """The ``TorchTrainer`` of a run: workers, resources, storage, retention and failures
     from the config; the hybrid-batch stream from ``start_step`` on, given whole to every
     worker; the run's identity (``hybridray.runs.run_identity``, computed if not given) saved
     with every checkpoint.
 
+    ``board`` (``hybridray.console.new_board``) receives rank 0's per-step progress records.
     ``inject_fault=(step, marker_path)`` makes rank 0 crash once at ``step`` (for testing
     recovery through ``run.max_failures``); never set by the CLI."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from hybridray import storage
+    from hybridray.console import is_verbose, train_logging_config
     from hybridray.data.pipeline import build_train_dataset, ray_data_config
     from hybridray.device import dist_backend
     from hybridray.runs import run_identity
@@ -337,7 +339,8 @@ def build_trainer(
         resources["GPU"] = scaling.gpus_per_worker
     trainer = TorchTrainer(
         train_func,
-        train_loop_config={"config": config.model_dump(), "run": identity.as_dict(), "fault": inject_fault},
+        train_loop_config={"config": config.model_dump(), "run": identity.as_dict(), "fault": inject_fault,
+                           "board": board, "verbose": is_verbose()},
         torch_config=TorchConfig(backend=dist_backend("cuda" if scaling.use_gpu else "cpu")),
         scaling_config=ScalingConfig(
             num_workers=scaling.num_workers, use_gpu=scaling.use_gpu, resources_per_worker=resources
@@ -349,6 +352,7 @@ def build_trainer(
             checkpoint_config=CheckpointConfig(num_to_keep=config.run.checkpoints_to_keep),
             failure_config=FailureConfig(max_failures=config.run.max_failures),
             callbacks=callbacks,
+            logging_config=train_logging_config(),
         ),
         datasets={"train": dataset},
         dataset_config=ray_data_config(),
@@ -363,16 +367,22 @@ def _say(message: str) -> None:
 def run_training(
     config: Config, *, overwrite: bool = False, inject_fault: Optional[tuple[int, str]] = None
 ) -> dict:
-    """Train (or resume, or recognise a finished run: ``hybridray.runs``), then collect the
-    final model and before/after reports from the last checkpoint into
-    ``<storage_path>/<name>/`` (``model/``, ``eval/before``, ``eval/after``, ``summary.json``).
+    """Train (or resume, or recognise a finished run: ``hybridray.runs``) with a live progress
+    display, then collect the final model and before/after reports from the last checkpoint
+    into ``<storage_path>/<name>/`` (``model/``, ``eval/before``, ``eval/after``,
+    ``summary.json``; plus ``metrics.jsonl``, ``plots/`` and ``tensorboard/``, see
+    ``hybridray.run_report``) and print the closing summary.
 
     ``overwrite`` deletes an existing run directory first; without it a directory that holds
     another run is refused."""
     from hybridray import storage
+    from hybridray.console import ProgressDisplay, new_board, quiet_process
     from hybridray.models import resolve_model_path
+    from hybridray.run_report import closing_summary, write_run_artifacts
     from hybridray.runs import plan_run, run_dir, run_identity
 
+    started = time.perf_counter()
+    quiet_process()
     config = resolve_paths(config)
     runtime_env = use_s3_endpoint(config)
     identity = run_identity(config)
@@ -386,17 +396,20 @@ def run_training(
             return json.loads(written)
         # the driver died after training but before collecting: collect now
         summary = {"name": config.name, "metrics": plan.metrics, "checkpoint": plan.checkpoint, "data": None}
-        return _collect_outputs(config, plan.checkpoint, summary, print_reports=False)
+        return _collect_outputs(config, plan.checkpoint, summary)
     if plan.start_step:
         _say(f"resuming run {config.name!r} from step {plan.start_step}/{config.train.max_steps} "
              f"({plan.checkpoint})")
     resolve_model_path(config.model.name_or_path)  # build a builtin once, before the workers start
     storage.check_writable(directory)  # a missing bucket or denied access: one line, now
     init_ray(runtime_env=runtime_env)
-    trainer, info = build_trainer(config, inject_fault=inject_fault, start_step=plan.start_step, identity=identity)
+    board = new_board()
+    trainer, info = build_trainer(config, inject_fault=inject_fault, start_step=plan.start_step,
+                                  identity=identity, board=board)
     for note in info.notes:
         _say(f"note: {note}")
-    result = trainer.fit()
+    with ProgressDisplay(board, config.train.max_steps, plan.start_step, every=config.train.log_every) as display:
+        result = trainer.fit()
     if result.error is not None:
         raise result.error
     summary = {
@@ -404,13 +417,19 @@ def run_training(
         "metrics": result.metrics,
         "checkpoint": result.checkpoint.path if result.checkpoint else None,
         "data": asdict(info),
+        "wall_seconds": time.perf_counter() - started,
+        "samples_per_s": display.samples_per_s(),
     }
-    return _collect_outputs(config, summary["checkpoint"], summary)
+    summary = _collect_outputs(config, summary["checkpoint"], summary)
+    write_run_artifacts(directory, display.history, start_step=plan.start_step)
+    print("\n" + closing_summary(directory, summary, wall_s=summary["wall_seconds"],
+                                  samples_per_s=summary["samples_per_s"]), flush=True)
+    return summary
 
 
-def _collect_outputs(config: Config, checkpoint: Optional[str], summary: dict, print_reports: bool = True) -> dict:
+def _collect_outputs(config: Config, checkpoint: Optional[str], summary: dict) -> dict:
     """Copy ``model/`` and ``eval/`` out of the final checkpoint into the run directory (local
-    or ``s3://``) and write ``summary.json`` there; print the held-out tables."""
+    or ``s3://``) and write ``summary.json`` there."""
     from hybridray import storage
     from hybridray.runs import run_dir
 
@@ -424,9 +443,4 @@ def _collect_outputs(config: Config, checkpoint: Optional[str], summary: dict, p
             storage.copy_tree(storage.join(checkpoint, part), storage.join(directory, part))
     summary["model"] = storage.join(directory, "model")
     storage.write_text(storage.join(directory, "summary.json"), json.dumps(summary, indent=2, default=str) + "\n")
-    if print_reports:
-        for name in ("before", "after"):
-            table = storage.read_text(storage.join(directory, "eval", name, "report.md"))
-            if table is not None:
-                print(f"\n## Held-out evaluation {name} training\n\n{table}")
     return summary

@@ -187,7 +187,7 @@ def _temperature_run(bert, stage, rank, world):
         with deepspeed.zero.GatheredParameters([param], enabled=stage == 3):
             values.append(param.item())
         master = safe_get_full_fp32_param(param)
-        masters.append(master.item() if master is not None else None)
+        masters.append(master.flatten()[0].item() if master is not None else None)
     return {"values": values, "masters": masters}
 
 

@@ -134,7 +134,7 @@ def test_rerunning_a_run_never_reuses_it_for_another_config(straight, tmp_path):
     again = run_cli("train", str(path))
     assert again.returncode == 0, again.stderr
     assert f"run {config.name!r} is already complete (6/6 steps)" in again.stderr
-    assert json.loads(again.stdout)["metrics"]["step"] == 6
+    assert json.loads((Path(run_dir(config)) / "summary.json").read_text())["metrics"]["step"] == 6
     changed = run_cli("train", str(path), "sampler.alpha=1.0", "loss.temperature=0.02")
     assert changed.returncode == 2
     assert "was trained with a different config (loss.temperature: 0.05 -> 0.02; sampler.alpha: 0.5 -> 1.0)" in changed.stderr
