@@ -14,7 +14,6 @@ draws it -- a tqdm bar on a terminal, a plain line every ``train.log_every`` ste
 from __future__ import annotations
 
 import logging
-import math
 import os
 import sys
 import threading
@@ -119,11 +118,27 @@ def _board_class():
 
 
 def new_board():
-    """A ``ProgressBoard`` actor on this node (num_cpus=0: it never takes a training CPU)."""
+    """A ``ProgressBoard`` actor (num_cpus=0: it never takes a training CPU)."""
     return _board_class().remote()
 
 
-def _format_duration(seconds: float) -> str:
+def failure_callback(board):
+    """A Ray Train callback that tells the console when workers fail: Ray Train logs its
+    restart decision at INFO, which the quiet console drops, so without this a retried
+    failure (``run.max_failures``) would pass without a word."""
+    from ray.train import UserCallback
+
+    class SayFailures(UserCallback):
+        def after_exception(self, run_context, worker_exceptions) -> None:
+            for rank, exc in sorted(worker_exceptions.items()):
+                first = str(exc).strip().splitlines()[-1] if str(exc).strip() else ""
+                board.push.remote({"message": f"worker rank {rank} failed: {type(exc).__name__}: {first[:300]} "
+                                              "(restarting from the last checkpoint if run.max_failures allows)"})
+
+    return SayFailures()
+
+
+def format_duration(seconds: float) -> str:
     seconds = int(round(seconds))
     h, rest = divmod(seconds, 3600)
     m, s = divmod(rest, 60)
@@ -135,70 +150,80 @@ class ProgressDisplay:
 
     A step record (see ``train.train_func``) has ``step`` (done), ``time`` (rank 0's clock),
     ``loss``, ``lr``, ``samples`` (pairs in the step), ``batch_type`` and, after an evaluation,
-    ``val_*``; a ``message`` record is a line to show once. Step records are kept (``history``)
-    for the closing summary, the training curves and TensorBoard. Speed and ETA come from the
-    records' own times, so start-up (Ray, model loading, the evaluation before training) is
-    not counted as training time.
+    ``val_*``; a ``message`` record is a line to show once. Each step record also goes to
+    ``on_record`` (the run's ``RunLog``). Speed and ETA come from the records' own times,
+    from the first step record on, so start-up (Ray, model loading, the evaluation before
+    training) is not counted as training time. A step that comes again (workers restarted
+    from a checkpoint) replaces what followed it.
     """
 
     def __init__(self, board, total_steps: int, start_step: int, *, every: int, stream=None,
-                 interval_s: float = 0.5):
+                 on_record=None, interval_s: float = 0.5):
         self.board, self.total, self.start, self.every = board, total_steps, start_step, max(1, every)
         self.stream = stream or sys.stderr
         self.interactive = self.stream.isatty()
+        self.on_record = on_record
         self.interval_s = interval_s
         self.history: list[dict] = []
-        self.counts = {"mono": 0, "cross": 0, "x-x": 0}
         self.val_map: Optional[float] = None
         self._stop = threading.Event()
         self._bar = None
+        self._failed = False
         self._thread = threading.Thread(target=self._run, name="hybridray-progress", daemon=True)
 
     def __enter__(self) -> "ProgressDisplay":
-        if self.interactive:
-            from tqdm.auto import tqdm
-
-            self._bar = tqdm(total=self.total, initial=self.start, desc="train", unit="step",
-                             file=self.stream, dynamic_ncols=True, smoothing=0.1)
         self._thread.start()
         return self
 
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join(timeout=10)
-        try:
-            self._pull()  # whatever arrived last
-        except Exception:  # noqa: BLE001 - the run's own error (if any) is what the user needs
-            pass
+        self._pull()  # whatever arrived last
         if self._bar is not None:
             self._bar.close()
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
-            try:
-                self._pull()
-            except Exception:  # noqa: BLE001 - the board dies with the run; the run reports why
-                return
+            self._pull()
 
     def _pull(self) -> None:
         import ray
 
-        for item in ray.get(self.board.drain.remote()):
-            self._show(item)
+        try:
+            items = ray.get(self.board.drain.remote())
+        except (ray.exceptions.RayActorError, ray.exceptions.RaySystemError):
+            return  # the board went away with the run; the run itself says why
+        self.deliver(items)
 
-    def samples_per_s(self) -> float:
-        """Training throughput between the first and the last step record."""
-        if len(self.history) < 2:
-            return math.nan
-        seconds = self.history[-1]["time"] - self.history[0]["time"]
-        return sum(h["samples"] for h in self.history[1:]) / seconds if seconds > 0 else math.nan
+    def deliver(self, items: list[dict]) -> None:
+        """Show records; a failure here is said once and never stops the run."""
+        for item in items:
+            try:
+                self._show(item)
+            except Exception as exc:  # noqa: BLE001 - said once, and training goes on
+                if not self._failed:
+                    self._failed = True
+                    print(f"hybridray: the progress display failed ({type(exc).__name__}: {exc}); "
+                          "training goes on", file=self.stream, flush=True)
+
+    def counts(self) -> dict[str, int]:
+        out = {"mono": 0, "cross": 0, "x-x": 0}
+        for h in self.history:
+            out[h["batch_type"]] = out.get(h["batch_type"], 0) + 1
+        return out
+
+    def samples_per_s(self) -> Optional[float]:
+        """Training throughput between the first and the last step record (None: too few)."""
+        if len(self.history) < 2 or self.history[-1]["time"] <= self.history[0]["time"]:
+            return None
+        return sum(h["samples"] for h in self.history[1:]) / (self.history[-1]["time"] - self.history[0]["time"])
 
     def _eta(self, step: int) -> str:
         if len(self.history) < 2:
             return "?"
         first, last = self.history[0], self.history[-1]
         per_step = (last["time"] - first["time"]) / max(1, last["step"] - first["step"])
-        return _format_duration(per_step * (self.total - step))
+        return format_duration(per_step * (self.total - step))
 
     def _say(self, text: str) -> None:
         if self._bar is not None:
@@ -210,21 +235,31 @@ class ProgressDisplay:
         if "message" in item:
             self._say(f"[hybridray] {item['message']}")
             return
+        if self.history and item["step"] <= self.history[-1]["step"]:
+            self.history = [h for h in self.history if h["step"] < item["step"]]
+            self._say(f"[hybridray] restarted: training again from step {item['step']}")
         self.history.append(item)
-        self.counts[item["batch_type"]] = self.counts.get(item["batch_type"], 0) + 1
+        if self.on_record is not None:
+            self.on_record(item)
         if "val_map" in item:
             self.val_map = item["val_map"]
+        counts = self.counts()
         fields = {"loss": f"{item['loss']:.3f}", "lr": f"{item['lr']:.1e}"}
         speed = self.samples_per_s()
-        if math.isfinite(speed):
+        if speed is not None:
             fields["samples/s"] = f"{speed:.1f}"
-        fields["mono/cross"] = f"{self.counts['mono']}/{self.counts['cross']}"
-        if self.counts.get("x-x"):
-            fields["x-x"] = str(self.counts["x-x"])
+        fields["mono/cross"] = f"{counts['mono']}/{counts['cross']}"
+        if counts.get("x-x"):
+            fields["x-x"] = str(counts["x-x"])
         if self.val_map is not None:
             fields["val_map"] = f"{self.val_map:.3f}"
-        if self._bar is not None:
-            self._bar.update(item["step"] - self._bar.n)
+        if self.interactive:
+            if self._bar is None:  # made at the first step, so its clock is the training's
+                from tqdm.auto import tqdm
+
+                self._bar = tqdm(total=self.total, initial=item["step"] - 1, desc="train", unit="step",
+                                 file=self.stream, dynamic_ncols=True, smoothing=0.1)
+            self._bar.n = item["step"]
             self._bar.set_postfix(fields, refresh=True)
         elif item["step"] % self.every == 0 or item["step"] == self.total or "val_map" in item:
             line = " ".join(f"{k} {v}" for k, v in fields.items())

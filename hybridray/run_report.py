@@ -18,10 +18,12 @@ from __future__ import annotations
 import json
 import math
 import tempfile
+import time
 from pathlib import Path
 from typing import Optional, Sequence
 
 from hybridray import storage
+from hybridray.console import format_duration
 from hybridray.errors import UserError
 
 #: (label, summary key path, digits, lower is better) of the held-out table.
@@ -58,13 +60,6 @@ def heldout_table(before: Optional[dict], after: Optional[dict]) -> str:
     return text_table(["held-out"] + [c[0] for c in HELDOUT_COLUMNS], rows)
 
 
-def _duration(seconds: float) -> str:
-    seconds = int(round(seconds))
-    h, rest = divmod(seconds, 3600)
-    m, s = divmod(rest, 60)
-    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
-
-
 def read_reports(run_dir: str) -> dict[str, Optional[dict]]:
     out = {}
     for stage in ("before", "after"):
@@ -80,33 +75,40 @@ def read_history(run_dir: str) -> list[dict]:
 
 def closing_summary(run_dir: str, summary: dict, *, wall_s: Optional[float] = None,
                     samples_per_s: Optional[float] = None) -> str:
-    """The end-of-run text: held-out table with the change, time and speed, where things are.
-    Time and speed default to what ``summary.json`` recorded."""
+    """The end-of-run text: held-out table with the change, time and speed (of this attempt,
+    when the run was resumed), and where the outputs are (only those that exist)."""
     reports = read_reports(run_dir)
     metrics = summary.get("metrics") or {}
     wall_s = summary.get("wall_seconds") if wall_s is None else wall_s
     samples_per_s = summary.get("samples_per_s") if samples_per_s is None else samples_per_s
+    resumed = summary.get("start_step") or 0
     lines = [f"hybridray: run {summary.get('name')!r}: {metrics.get('step', '?')} steps"
-             + (f" in {_duration(wall_s)}" if wall_s is not None else "")
-             + (f", {samples_per_s:.1f} samples/s" if samples_per_s is not None and math.isfinite(samples_per_s) else ""),
+             + (f" (resumed at step {resumed}; this attempt" if resumed else "")
+             + (f" in {format_duration(wall_s)}" if wall_s is not None else "")
+             + (f", {samples_per_s:.1f} samples/s" if samples_per_s is not None and math.isfinite(samples_per_s) else "")
+             + (")" if resumed else ""),
              ""]
     if reports["before"] or reports["after"]:
         path = (reports["after"] or reports["before"])["data"]["path"]
         n = (reports["after"] or reports["before"])["summary"]["n_queries"]
         lines += [f"held-out LAReQA evaluation ({n} queries, {path}):", "",
                   heldout_table(reports["before"], reports["after"]), ""]
-    plots = storage.join(run_dir, "plots")
-    lines += [
-        f"model    {storage.join(run_dir, 'model')}",
-        f"reports  {storage.join(run_dir, 'eval')}/{{before,after}}/report.md",
-        f"plots    {plots}/training_curves.png, {plots}/heldout_by_language.png",
-        f"metrics  {storage.join(run_dir, 'metrics.jsonl')}; tensorboard --logdir {storage.join(run_dir, 'tensorboard')}",
-    ]
+    where = [("model", ["model"]),
+             ("reports", [f"eval/{stage}/report.md" for stage in ("before", "after")]),
+             ("plots", ["plots/training_curves.png", "plots/heldout_by_language.png"]),
+             ("metrics", ["metrics.jsonl"])]
+    for label, parts in where:
+        found = [storage.join(run_dir, p) for p in parts if storage.exists(storage.join(run_dir, p))]
+        if found:
+            lines.append(f"{label:<8} {', '.join(found)}")
+    if storage.exists(storage.join(run_dir, "tensorboard")):
+        lines.append(f"{'curves':<8} tensorboard --logdir {storage.join(run_dir, 'tensorboard')}")
     return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------- artifacts
-def plot_training_curves(history: list[dict], path: Path) -> None:
+def plot_training_curves(history: list[dict], path: Path, before: Optional[dict] = None) -> None:
+    """Loss per step; held-out mAP per evaluation, from the evaluation before training (step 0)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -115,17 +117,21 @@ def plot_training_curves(history: list[dict], path: Path) -> None:
     fig, (loss_ax, map_ax) = plt.subplots(1, 2, figsize=(10, 3.6))
     steps = [h["step"] for h in history]
     loss_ax.plot(steps, [h["loss"] for h in history], lw=1, color="tab:blue", alpha=0.5, label="per step")
-    window = max(1, len(history) // 20)
-    if len(history) >= window:
+    window = len(history) // 20  # a running mean over 5% of the run, once it means something
+    if window > 1:
         smooth = [sum(h["loss"] for h in history[max(0, i - window + 1):i + 1]) / min(window, i + 1)
                   for i in range(len(history))]
         loss_ax.plot(steps, smooth, lw=2, color="tab:blue", label=f"mean of {window}")
     loss_ax.set(xlabel="step", ylabel="InfoNCE loss", title="training loss")
     loss_ax.legend()
     evals = [h for h in history if "val_map" in h]
+    if before is not None:
+        summary = before["summary"]
+        evals = [{"step": 0, "val_map": summary["map"]["multi"], "val_map_mono": summary["map"]["mono"],
+                  "val_map_cross": summary["map"]["cross"]}] + evals
     if evals:
         for key, label in (("val_map", "multi"), ("val_map_mono", "mono"), ("val_map_cross", "cross")):
-            map_ax.plot([h["step"] for h in evals], [h[key] for h in evals], marker="o", label=label)
+            map_ax.plot([h["step"] for h in evals], [h.get(key, math.nan) for h in evals], marker="o", label=label)
         map_ax.legend()
     else:
         map_ax.text(0.5, 0.5, "no held-out evaluation during training", ha="center", va="center")
@@ -160,54 +166,114 @@ def plot_languages(before: dict, after: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def write_tensorboard(history: list[dict], directory: Path) -> None:
-    from tensorboardX import SummaryWriter
-
-    with SummaryWriter(str(directory)) as writer:
-        for h in history:
-            for key in ("loss", "lr", "temperature", "val_map", "val_map_mono", "val_map_cross", "val_rank_distance"):
-                if key in h:
-                    writer.add_scalar(f"{'train' if not key.startswith('val') else 'heldout'}/{key}", h[key], h["step"])
+#: Record keys written to TensorBoard, and their section.
+_SCALARS = {"loss": "train", "lr": "train", "temperature": "train", "val_map": "heldout",
+            "val_map_mono": "heldout", "val_map_cross": "heldout", "val_rank_distance": "heldout"}
+#: How often a remote (``s3://``) run directory receives the live files.
+UPLOAD_EVERY_S = 60.0
 
 
-def write_run_artifacts(run_dir: str, history: list[dict], *, start_step: int = 0) -> None:
-    """``metrics.jsonl`` (the records of earlier attempts up to ``start_step`` kept), the two
-    plots and the TensorBoard events, written locally and copied into ``run_dir``."""
-    earlier = [h for h in read_history(run_dir) if h["step"] <= start_step]
-    history = earlier + [h for h in history if h["step"] > start_step]
-    reports = read_reports(run_dir)
-    with tempfile.TemporaryDirectory(prefix="hybridray-report-") as tmp:
-        out = Path(tmp)
-        (out / "plots").mkdir()
-        (out / "metrics.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
+class RunLog:
+    """A run's step records as they arrive: ``metrics.jsonl`` and TensorBoard events, live.
+
+    In a local run directory every record is appended to ``metrics.jsonl`` and to the
+    TensorBoard event file at once, so ``tensorboard --logdir runs/`` follows the run; for an
+    ``s3://`` one both are kept in a local directory and uploaded every ``UPLOAD_EVERY_S``
+    seconds and at the end. A resumed run keeps the records of earlier attempts up to its
+    start step; a restart inside a run (a retried worker failure) drops the records from the
+    step it restarted at, in the file and in TensorBoard (``purge_step``).
+    """
+
+    def __init__(self, run_dir: str, start_step: int = 0):
+        self.run_dir = run_dir
+        self.remote = storage.is_remote(run_dir)
+        self.local = Path(tempfile.mkdtemp(prefix="hybridray-log-") if self.remote else run_dir)
+        self.records = {h["step"]: h for h in read_history(run_dir) if h["step"] <= start_step}
+        self._writer = None
+        self._uploaded = time.monotonic()
+        self._restart(start_step + 1)
+
+    @property
+    def history(self) -> list[dict]:
+        return [self.records[step] for step in sorted(self.records)]
+
+    def _restart(self, step: int) -> None:
+        """Forget the records from ``step`` on; rewrite the file; restart TensorBoard there."""
+        from tensorboardX import SummaryWriter
+
+        self.records = {k: v for k, v in self.records.items() if k < step}
+        self.local.mkdir(parents=True, exist_ok=True)
+        (self.local / "metrics.jsonl").write_text("".join(json.dumps(h) + "\n" for h in self.history))
+        if self._writer is not None:
+            self._writer.close()
+        self._writer = SummaryWriter(str(self.local / "tensorboard"), purge_step=step)
+
+    def add(self, record: dict) -> None:
+        if self.records and record["step"] <= max(self.records):
+            self._restart(record["step"])
+        self.records[record["step"]] = record
+        with open(self.local / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        for key, section in _SCALARS.items():
+            if key in record:
+                self._writer.add_scalar(f"{section}/{key}", record[key], record["step"])
+        self._writer.flush()
+        if self.remote and time.monotonic() - self._uploaded > UPLOAD_EVERY_S:
+            self._upload()
+
+    def _upload(self) -> None:
+        storage.copy_tree(str(self.local), self.run_dir)
+        self._uploaded = time.monotonic()
+
+    def close(self) -> None:
+        """Flush; the plots of a finished run (its curves, its held-out languages); upload."""
+        self._writer.close()
+        reports = read_reports(self.run_dir)
+        plots = self.local / "plots"
+        plots.mkdir(exist_ok=True)
+        history = self.history
         if history:
-            plot_training_curves(history, out / "plots" / "training_curves.png")
-            write_tensorboard(history, out / "tensorboard")
+            plot_training_curves(history, plots / "training_curves.png", before=reports["before"])
         if reports["before"] and reports["after"]:
-            plot_languages(reports["before"], reports["after"], out / "plots" / "heldout_by_language.png")
-        storage.delete_tree(storage.join(run_dir, "tensorboard"))  # one event stream per run
-        storage.copy_tree(tmp, run_dir)
+            plot_languages(reports["before"], reports["after"], plots / "heldout_by_language.png")
+        if self.remote:
+            self._upload()
 
 
 # ----------------------------------------------------------------------------- hybridray report
+def _lareqa_report(directory: str) -> Optional[dict]:
+    text = storage.read_text(storage.join(directory, "report.json"))
+    report = json.loads(text) if text is not None else None
+    return report if report and report.get("task") == "lareqa" else None
+
+
 def compare_runs(run_dirs: Sequence[str], out: Optional[str] = None) -> str:
-    """One run: its closing summary. Several: one table, a row per run (after training), and
-    with ``out`` a bar chart of the three mAPs per run (``out/comparison.png``)."""
+    """One run: its closing summary. Several: one table, a row per run (its held-out report
+    after training), and with ``out`` a bar chart of the three mAPs per run
+    (``out/comparison.png``). A ``hybridray eval --out`` directory (a LAReQA ``report.json``)
+    counts as a run too, so two held-out sets, or a model before and after, line up."""
     summaries = []
     for run_dir in run_dirs:
         text = storage.read_text(storage.join(run_dir, "summary.json"))
-        if text is None:
-            raise UserError(f"{run_dir}: no summary.json (not a finished hybridray run)")
-        summaries.append(json.loads(text))
-    if len(run_dirs) == 1:
+        if text is not None:
+            summaries.append(json.loads(text))
+        elif _lareqa_report(run_dir) is not None:
+            summaries.append(None)
+        else:
+            raise UserError(f"{run_dir}: no summary.json (a finished hybridray run) and no LAReQA "
+                            "report.json (a hybridray eval --out directory)")
+    if len(run_dirs) == 1 and summaries[0] is not None:
         return closing_summary(run_dirs[0], summaries[0])
     rows, reports = [], []
     for run_dir, summary in zip(run_dirs, summaries):
-        report = read_reports(run_dir)
+        if summary is None:  # an evaluation directory
+            report, name, stage = {"before": None, "after": _lareqa_report(run_dir)}, run_dir.rstrip("/"), "eval"
+        else:
+            report, name = read_reports(run_dir), str(summary.get("name"))
+            stage = "after" if report["after"] else "before"
         reports.append(report)
-        after = report["after"] or report["before"]
-        rows.append([str(summary.get("name")), "after" if report["after"] else "before"]
-                    + [f"{_value(after, p):.{d}f}" for _, p, d, _ in HELDOUT_COLUMNS])
+        shown = report["after"] or report["before"]
+        rows.append([name, stage] + [f"{_value(shown, p):.{d}f}" for _, p, d, _ in HELDOUT_COLUMNS])
     table = text_table(["run", "model"] + [c[0] for c in HELDOUT_COLUMNS], rows)
     if out:
         import matplotlib

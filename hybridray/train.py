@@ -148,6 +148,8 @@ def train_func(loop_config: dict) -> None:
 
     reports = dict(saved.get("reports", {}))
     if start_step == 0 and config.train.eval_before:
+        if board is not None and config.data.heldout:
+            board.push.remote({"message": "held-out evaluation before training ..."})
         reports["before"] = evaluate_now(engine, tokenizer, heldout, config, "before training")
 
     window = {"loss": 0.0, "n": 0, "samples": 0, "tokens": 0, "mono": 0, "cross": 0, "x-x": 0}
@@ -201,6 +203,8 @@ def train_func(loop_config: dict) -> None:
                 "mono_batches": window["mono"], "cross_batches": window["cross"], "xx_batches": window["x-x"],
             }
             if eval_now:
+                if board is not None and config.data.heldout:
+                    board.push.remote({"message": f"held-out evaluation at step {step + 1} ..."})
                 report = evaluate_now(engine, tokenizer, heldout, config, f"step {step + 1}")
                 metrics.update(val_metrics(report))
                 if done:
@@ -376,9 +380,9 @@ def run_training(
     ``overwrite`` deletes an existing run directory first; without it a directory that holds
     another run is refused."""
     from hybridray import storage
-    from hybridray.console import ProgressDisplay, new_board, quiet_process
+    from hybridray.console import ProgressDisplay, failure_callback, new_board, quiet_process
     from hybridray.models import resolve_model_path
-    from hybridray.run_report import closing_summary, write_run_artifacts
+    from hybridray.run_report import RunLog, closing_summary
     from hybridray.runs import plan_run, run_dir, run_identity
 
     started = time.perf_counter()
@@ -396,7 +400,10 @@ def run_training(
             return json.loads(written)
         # the driver died after training but before collecting: collect now
         summary = {"name": config.name, "metrics": plan.metrics, "checkpoint": plan.checkpoint, "data": None}
-        return _collect_outputs(config, plan.checkpoint, summary)
+        summary = _collect_outputs(config, plan.checkpoint, summary)
+        RunLog(directory, plan.start_step).close()  # the plots, from what the run logged
+        print("\n" + closing_summary(directory, summary), flush=True)
+        return summary
     if plan.start_step:
         _say(f"resuming run {config.name!r} from step {plan.start_step}/{config.train.max_steps} "
              f"({plan.checkpoint})")
@@ -405,25 +412,28 @@ def run_training(
     init_ray(runtime_env=runtime_env)
     board = new_board()
     trainer, info = build_trainer(config, inject_fault=inject_fault, start_step=plan.start_step,
-                                  identity=identity, board=board)
+                                  identity=identity, board=board, callbacks=[failure_callback(board)])
     for note in info.notes:
         _say(f"note: {note}")
-    with ProgressDisplay(board, config.train.max_steps, plan.start_step, every=config.train.log_every) as display:
+    log = RunLog(directory, plan.start_step)  # metrics.jsonl and TensorBoard, written as they come
+    with ProgressDisplay(board, config.train.max_steps, plan.start_step, every=config.train.log_every,
+                         on_record=log.add) as display:
         result = trainer.fit()
     if result.error is not None:
+        log.close()
         raise result.error
     summary = {
         "name": config.name,
         "metrics": result.metrics,
         "checkpoint": result.checkpoint.path if result.checkpoint else None,
         "data": asdict(info),
+        "start_step": plan.start_step,
         "wall_seconds": time.perf_counter() - started,
         "samples_per_s": display.samples_per_s(),
     }
     summary = _collect_outputs(config, summary["checkpoint"], summary)
-    write_run_artifacts(directory, display.history, start_step=plan.start_step)
-    print("\n" + closing_summary(directory, summary, wall_s=summary["wall_seconds"],
-                                  samples_per_s=summary["samples_per_s"]), flush=True)
+    log.close()
+    print("\n" + closing_summary(directory, summary), flush=True)
     return summary
 
 

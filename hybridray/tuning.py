@@ -92,7 +92,8 @@ def _trial_line_callback(total: int, metric: str):
 
         def on_trial_error(self, iteration, trials, trial, **info):
             self.done += 1
-            print(f"[hybridray] trial {self.done}/{total} {trial.config}: FAILED ({trial.error_file})", flush=True)
+            params = " ".join(f"{k}={v}" for k, v in (trial.config or {}).items())
+            print(f"[hybridray] trial {self.done}/{total} {params}: FAILED (see {trial.error_file})", flush=True)
 
     return TrialLine()
 
@@ -102,8 +103,10 @@ def _trial(params: dict, base: dict, overrides: list[str]) -> None:
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
+    from hybridray.console import quiet_process
     from hybridray.train import build_trainer
 
+    quiet_process()  # this trial's actor builds its own dataset
     config = build_config(base, overrides + [f"{k}={v}" for k, v in params.items()])
     trial = tune.get_context().get_trial_id()
     trainer, _ = build_trainer(config, run_dir_name=f"{config.name}-{trial}", callbacks=[TuneReportCallback()])

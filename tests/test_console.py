@@ -27,6 +27,9 @@ pytestmark = pytest.mark.ray
 
 HYBRIDRAY = str(REPO / ".venv" / "bin" / "hybridray")
 STEPS = 6
+#: What a quiet console must not show: Ray Data's tables, worker prefixes, library chatter.
+NOISE = ("Dataset train_", "MapBatches(", "RayTrainWorker", "is deprecated", "[INFO", "Reporting training result",
+         "Setting accelerator", "Loading weights", "Progress bars disabled")
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +94,7 @@ def test_terminal_output_is_one_bar_and_the_summary(runs):
     assert "hybridray: run 'on-a-terminal': 6 steps" in text
     assert re.search(r"change\s+[+-]\d\.\d{3}\s+[+-]\d\.\d{3}\s+[+-]\d\.\d{3}\s+[+-]\d+\.\d", text)
     assert f"model    {storage_path / 'on-a-terminal' / 'model'}" in text
-    for noise in ("Dataset train_", "MapBatches(", "RayTrainWorker", "is deprecated", "[INFO"):
+    for noise in NOISE:
         assert noise not in text, noise
 
 
@@ -102,10 +105,11 @@ def test_piped_output_is_plain_lines_and_the_summary(runs):
     assert len(lines) < 40, piped
     steps = [int(m.group(1)) for m in re.finditer(r"^\[hybridray\] step (\d+)/6 loss ", piped, re.M)]
     assert steps == [2, 3, 4, 6], steps  # every log_every steps, and after each evaluation
+    assert "[hybridray] held-out evaluation before training ..." in piped
     assert re.search(r"^\[hybridray\] step 3/6 .*val_map 0\.\d{3}", piped, re.M)
     assert "hybridray: run 'into-a-pipe': 6 steps" in piped
-    assert lines[-1].startswith("metrics  ")  # the run ends on its summary, not on a progress bar
-    for noise in ("Dataset train_", "MapBatches(", "is deprecated", "[INFO"):
+    assert lines[-1].startswith("curves   tensorboard --logdir ")  # it ends on its summary, not on a bar
+    for noise in NOISE:
         assert noise not in piped, noise
 
 

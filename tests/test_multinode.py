@@ -246,6 +246,8 @@ def test_stopped_job_resumes_when_submitted_again(cluster, straight):
     logs = cluster.run("ray", "job", "logs", again).stdout
     resumed_from = int(re.search(r"resuming run 'stopped' from step (\d+)/", logs).group(1))
     assert 0 < resumed_from < STEPS
+    body = s3_client(cluster.endpoint).get_object(Bucket=BUCKET, Key="runs/stopped/metrics.jsonl")["Body"].read()
+    assert [json.loads(line)["step"] for line in body.decode().splitlines()] == list(range(1, STEPS + 1))
     want, got = exported_weights(cluster.endpoint, "straight"), exported_weights(cluster.endpoint, "stopped")
     assert want.keys() == got.keys()
     for name in want:

@@ -97,16 +97,21 @@ def assert_same_model(got, want):
     assert got["metrics"]["loss"] == pytest.approx(want["metrics"]["loss"], rel=1e-5)
 
 
-def test_resume_after_worker_crash_matches_uninterrupted_run(ray_session, straight, tmp_path, mlqa_prepared, small_heldout):
+def test_resume_after_worker_crash_matches_uninterrupted_run(ray_session, straight, tmp_path, mlqa_prepared, small_heldout,
+                                                             capfd):
     from hybridray.train import run_training
 
     marker = tmp_path / "crashed-once"
-    resumed = run_training(
-        tiny_config(tmp_path, mlqa_prepared, small_heldout, **RESUME, **{"run.max_failures": 1}),
-        inject_fault=(4, str(marker)),
-    )
+    config = tiny_config(tmp_path, mlqa_prepared, small_heldout, **RESUME, **{"run.max_failures": 1})
+    resumed = run_training(config, inject_fault=(4, str(marker)))
     assert marker.exists(), "the injected crash did not happen"
     assert_same_model(resumed, straight[1])
+    # the quiet console still says what happened, and the run's log has each step once
+    err = capfd.readouterr().err
+    assert "[hybridray] worker rank 0 failed: " in err and "injected fault at step 4" in err
+    assert "[hybridray] restarted: training again from step 4" in err
+    history = [json.loads(line) for line in (tmp_path / "runs" / config.name / "metrics.jsonl").read_text().splitlines()]
+    assert [h["step"] for h in history] == [1, 2, 3, 4, 5, 6]
 
 
 def test_rerun_of_a_failed_run_resumes_from_its_checkpoint(ray_session, straight, tmp_path, mlqa_prepared, small_heldout):
