@@ -200,8 +200,9 @@ def _progress_line(metrics: dict, max_steps: int) -> str:
 
 
 def _export_final(engine, tokenizer, directory: Path, config: Config, reports: dict) -> None:
-    """The final model (HF + sentence-transformers directory) and the held-out reports go
-    into the last checkpoint, so they reach the run's storage (local or ``s3://``)."""
+    """The final model (HF + sentence-transformers directory; LoRA merged, the adapter alone
+    in ``adapter/``) and the held-out reports go into the last checkpoint, so they reach the
+    run's storage (local or ``s3://``)."""
     from hybridray.data.tokenize import prefixes
     from hybridray.distributed import rank
     from hybridray.evaluate.report import write_report
@@ -209,9 +210,11 @@ def _export_final(engine, tokenizer, directory: Path, config: Config, reports: d
     with full_weights(engine, config):
         if rank() == 0:
             query_prefix, passage_prefix = prefixes(config.model)
+            lora = config.model.lora
             engine.module.encoder.save_pretrained(
                 directory / "model", tokenizer,
                 prompts={"query": query_prefix, "passage": passage_prefix},
+                adapter_directory=directory / "adapter" if lora and lora.save_adapter else None,
             )
             for name, report in reports.items():
                 if report is not None:
@@ -323,7 +326,7 @@ def run_training(config: Config, inject_fault: Optional[tuple[int, str]] = None)
     if result.checkpoint is not None and "://" not in config.run.storage_path:
         run_dir = Path(config.run.storage_path) / config.name
         with result.checkpoint.as_directory() as directory:
-            for part in ("model", "eval"):
+            for part in ("model", "adapter", "eval"):
                 source = Path(directory) / part
                 if source.exists():
                     shutil.copytree(source, run_dir / part, dirs_exist_ok=True)
