@@ -28,6 +28,7 @@ from hybridray.models.decoder import (
     prepare_decoder,
 )
 from hybridray.models.offline_e5 import E5_PROMPTS, ensure_e5
+from hybridray.models.shapes import PUBLISHED_SHAPES
 from hybridray.models.st_format import read_prompts
 from hybridray.models.tiny import ensure_tiny, ensure_tiny_decoder
 
@@ -112,7 +113,9 @@ def default_prefixes(name_or_path: str) -> tuple[str, str]:
 
     A local directory that records its prompts (a hybridray export, a sentence-transformers
     model) says so itself; otherwise the builtin table, then the name (published decoder
-    embedders, then E5), then, for a local decoder checkpoint, the default instruction."""
+    embedders, then E5), then, for a decoder -- a local checkpoint whose config says so, or an
+    LLM of ``shapes.PUBLISHED_SHAPES`` -- the default instruction. Other hub ids are decided
+    by name only (no download here): set ``model.query_prefix`` for a hub decoder not listed."""
     if name_or_path in BUILTIN_PREFIXES:
         return BUILTIN_PREFIXES[name_or_path]
     local = Path(name_or_path).is_dir()
@@ -124,6 +127,8 @@ def default_prefixes(name_or_path: str) -> tuple[str, str]:
         return published
     if "e5" in name_or_path.lower():
         return E5_PREFIXES
-    if local and (Path(name_or_path) / "config.json").is_file() and is_decoder(model_config(name_or_path)):
+    if name_or_path in PUBLISHED_SHAPES or (
+        local and (Path(name_or_path) / "config.json").is_file() and is_decoder(model_config(name_or_path))
+    ):
         return DEFAULT_DECODER_PROMPTS
     return NO_PREFIXES
