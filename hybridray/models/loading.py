@@ -95,7 +95,11 @@ def load_tokenizer(
     """The model's tokenizer with the decoder recipe applied (EOS appended, a pad token,
     the padding side): training, evaluation and export all tokenise through this."""
     path = resolve_model_path(name_or_path)
-    config = config if config is not None else AutoConfig.from_pretrained(path)
+    if config is None:
+        try:
+            config = AutoConfig.from_pretrained(path)
+        except (OSError, ValueError):  # a tokenizer-only directory: not a decoder's
+            config = None
     tokenizer = AutoTokenizer.from_pretrained(path)
     return apply_tokenizer_recipe(
         tokenizer, decoder=is_decoder(config), append_eos=append_eos, padding_side=padding_side
