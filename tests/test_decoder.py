@@ -13,7 +13,14 @@ import torch
 
 from hybridray.config import build_config
 from hybridray.errors import UserError
-from hybridray.models import BUILTIN_TINY, BUILTIN_TINY_DECODER, default_prefixes, load_encoder, pool
+from hybridray.models import (
+    BUILTIN_TINY,
+    BUILTIN_TINY_DECODER,
+    default_pooling,
+    default_prefixes,
+    load_encoder,
+    pool,
+)
 from hybridray.models.decoder import DEFAULT_DECODER_PROMPTS, PUBLISHED_PROMPTS, is_decoder
 from hybridray.models.encoder import DualEncoder
 
@@ -104,6 +111,8 @@ def test_instruction_prompts_by_family():
     assert e5_mistral == PUBLISHED_PROMPTS["e5-mistral"] and e5_mistral[0].startswith("Instruct: ")
     assert default_prefixes("Qwen/Qwen3-Embedding-8B")[0].endswith("\nQuery:")
     assert default_prefixes("intfloat/multilingual-e5-small") == ("query: ", "passage: ")
+    assert default_pooling(BUILTIN_TINY_DECODER) == "last" == default_pooling("01-ai/Yi-34B")
+    assert default_pooling(BUILTIN_TINY) == "mean" == default_pooling("xlm-roberta-base")
 
 
 # ----------------------------------------------------------------------------- pooling
@@ -231,6 +240,7 @@ def test_lora_export_merges_into_a_sentence_transformers_model(tmp_path, loaded)
     got = torch.as_tensor(st.encode(TEXTS, prompt_name="query", convert_to_numpy=True))
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
     assert default_prefixes(str(tmp_path / "model")) == (query_prompt, "")
+    assert default_pooling(str(tmp_path / "model")) == "last"  # what `hybridray eval` will use
 
     # the adapter alone, on the untouched base
     adapter_config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())

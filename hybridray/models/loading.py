@@ -29,7 +29,7 @@ from hybridray.models.decoder import (
 )
 from hybridray.models.offline_e5 import E5_PROMPTS, ensure_e5
 from hybridray.models.shapes import PUBLISHED_SHAPES
-from hybridray.models.st_format import read_prompts
+from hybridray.models.st_format import read_pooling, read_prompts
 from hybridray.models.tiny import ensure_tiny, ensure_tiny_decoder
 
 BUILTIN_E5 = "builtin:multilingual-e5-small"
@@ -136,3 +136,17 @@ def default_prefixes(name_or_path: str) -> tuple[str, str]:
     ):
         return DEFAULT_DECODER_PROMPTS
     return NO_PREFIXES
+
+
+def default_pooling(name_or_path: str) -> str:
+    """The pooling a model was trained with: recorded in its sentence-transformers files, else
+    ``last`` for decoders (a local checkpoint, a builtin or a listed LLM), else ``mean``."""
+    if name_or_path == BUILTIN_TINY_DECODER or name_or_path in PUBLISHED_SHAPES:
+        return "last"
+    if Path(name_or_path).is_dir():
+        recorded = read_pooling(name_or_path)
+        if recorded is not None:
+            return recorded
+        if (Path(name_or_path) / "config.json").is_file() and is_decoder(model_config(name_or_path)):
+            return "last"
+    return "mean"
