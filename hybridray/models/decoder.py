@@ -168,10 +168,3 @@ def prepare_decoder(model: nn.Module, bidirectional: bool = False) -> nn.Module:
         model.config.is_causal = False
     return model
 
-
-def check_decoder_options(model: nn.Module, model_cfg) -> None:
-    """Decoder-only options on an encoder are errors, not silent no-ops."""
-    if model_cfg.bidirectional and not is_decoder(model.config):
-        raise UserError(
-            f"model.bidirectional: {model_cfg.name_or_path} is not a decoder (already bidirectional)"
-        )
