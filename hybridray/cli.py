@@ -45,6 +45,25 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from hybridray.config import load_config
+    from hybridray.plan import format_grid, format_plan, parse_grid, plan, plan_grid
+
+    config = load_config(args.config, args.overrides)  # validates the config and overrides first
+    options = dict(gpu_memory_gib=args.gpu_memory, gpus_per_node=args.gpus_per_node, headroom=args.headroom)
+    if args.grid:
+        import yaml
+
+        tree = yaml.safe_load(open(args.config)) or {}
+        rows = plan_grid(tree, args.overrides, parse_grid(args.grid), **options)
+        print(json.dumps([{**s, **p.as_dict()} for s, p in rows], default=str, indent=2)
+              if args.json else format_grid(rows))
+        return 0
+    result = plan(config, **options)
+    print(json.dumps(result.as_dict(), default=str, indent=2) if args.json else format_plan(result, config))
+    return 0
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
     from hybridray.evaluate.run import run_eval
 
@@ -108,6 +127,24 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--verbose", action="store_true", help="show every library's logs (or HYBRIDRAY_VERBOSE=1)")
     tune.set_defaults(func=_cmd_tune)
 
+    plan = sub.add_parser(
+        "plan", help="per-GPU memory of a run: parameters, gradients, optimizer state, activations",
+        description="Print the per-GPU memory a run config needs (DeepSpeed's ZeRO estimators for "
+                    "model states; activations from batch, lengths, model shape and checkpointing) "
+                    "and whether it fits. Reads the model's config only, never its weights.",
+    )
+    _add_config_arguments(plan)
+    plan.add_argument("--gpu-memory", type=float, default=80.0, metavar="GIB",
+                      help="memory of one GPU in GiB (default 80)")
+    plan.add_argument("--gpus-per-node", type=int, default=None, metavar="N",
+                      help="GPUs per node (default: min(scaling.num_workers, 8))")
+    plan.add_argument("--headroom", type=float, default=0.1, metavar="FRACTION",
+                      help="share of GPU memory kept free for CUDA context, NCCL, fragmentation (default 0.1)")
+    plan.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
+                      help="plan every combination of these values (repeatable); prints a markdown table")
+    plan.add_argument("--json", action="store_true", help="print JSON instead of text")
+    plan.set_defaults(func=_cmd_plan)
+
     evaluate = sub.add_parser("eval", help="evaluate a retriever (LAReQA, BEIR layout, Tatoeba)",
                               description="Evaluate a model and write report.json, report.md and plots.")
     from hybridray.evaluate.run import add_eval_arguments
@@ -149,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "any other name is printed unchanged.",
     )
     build.add_argument("name", nargs="?", default="builtin:multilingual-e5-small",
-                       help="builtin:multilingual-e5-small (default) or builtin:tiny")
+                       help="builtin:multilingual-e5-small (default), builtin:tiny or builtin:tiny-decoder")
     build.set_defaults(func=_cmd_model_build)
     return parser
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -20,19 +20,59 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+class LoraSection(_Section):
+    """LoRA adapters through ``peft``: the base model is frozen, only the adapters train."""
+
+    #: Rank of each adapter's low-rank update.
+    r: int = Field(16, ge=1, le=1024)
+    #: Scaling numerator: the update is multiplied by ``alpha / r``.
+    alpha: float = Field(32.0, gt=0.0)
+    #: Dropout on the adapter input (0 keeps multi-worker runs bit-comparable to one worker).
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    #: Module names to adapt (suffixes, e.g. [q_proj, v_proj]) or ``all-linear``.
+    target_modules: Union[list[str], Literal["all-linear"]] = "all-linear"
+    #: Also export the adapter alone (``adapter/``, loadable with ``peft``) beside the merged model.
+    save_adapter: bool = True
+
+    @field_validator("target_modules")
+    @classmethod
+    def _some_modules(cls, value):
+        if isinstance(value, list) and not value:
+            raise ValueError("name at least one module, or use all-linear")
+        return value
+
+
 class ModelConfig(_Section):
     """The encoder: any HF id or local path, or a builtin (``builtin:multilingual-e5-small``,
-    rebuilt offline from PyPI packages; ``builtin:tiny``, random, for tests)."""
+    rebuilt offline from PyPI packages; ``builtin:tiny``, random, for tests;
+    ``builtin:tiny-decoder``, a random 2-layer Mistral-style decoder, for tests).
+
+    Decoder LLMs (any causal LM of transformers: Mistral, Llama, Qwen2, Gemma, ...) take
+    ``pooling: last``; see ``hybridray/models/decoder.py`` for their tokenizer recipe."""
 
     name_or_path: str = "builtin:multilingual-e5-small"
     pooling: Literal["mean", "cls", "last"] = "mean"
-    #: None = the model family's default (``query: `` / ``passage: `` for E5, empty otherwise).
+    #: None = the model family's default (``query: `` / ``passage: `` for E5, an instruction
+    #: prompt for decoder embedders, empty otherwise).
     query_prefix: Optional[str] = None
     passage_prefix: Optional[str] = None
     max_query_length: int = Field(48, ge=4, le=8192)
     max_passage_length: int = Field(96, ge=4, le=8192)
     #: Freeze the word-embedding table (most parameters of a small multilingual encoder).
     freeze_embeddings: bool = True
+    #: Append the EOS token to every text (last-token pooling then reads it); None = yes for
+    #: decoders, no for encoders. Texts that already end with EOS are left alone.
+    append_eos: Optional[bool] = None
+    #: Tokenizer padding side; None = the tokenizer's own. Pooling is right for either.
+    padding_side: Optional[Literal["left", "right"]] = None
+    #: Decoders only: bidirectional attention (transformers' ``config.is_causal = False``),
+    #: as LLM2Vec-style embedders use; off = the causal attention the model was trained with.
+    bidirectional: bool = False
+    #: Activation (gradient) checkpointing: keep only each layer's input and recompute the
+    #: rest in the backward pass (far less activation memory, about a third more compute).
+    activation_checkpointing: bool = False
+    #: LoRA adapters (``{r, alpha, dropout, target_modules}``); None = train the full model.
+    lora: Optional[LoraSection] = None
 
 
 class HFSourceConfig(_Section):
@@ -164,7 +204,17 @@ class TrainConfig(_Section):
 
 
 class DeepSpeedConfig(_Section):
+    """ZeRO stage and the memory levers (``hybridray plan`` shows what each one saves)."""
+
+    #: 0 = replicate everything; 1 = partition optimizer state; 2 = + gradients;
+    #: 3 = + parameters (each worker holds 1/N of the weights, gathered layer by layer).
     zero_stage: int = Field(0, ge=0, le=3)
+    #: Keep optimizer state (and its update step) in CPU memory (ZeRO-Offload; stages 1-3).
+    offload_optimizer: Literal["none", "cpu"] = "none"
+    #: Keep the partitioned parameters in CPU memory (ZeRO-Infinity; stage 3 only).
+    offload_param: Literal["none", "cpu"] = "none"
+    #: bf16 mixed precision; None = on GPUs that support it, off on CPU.
+    bf16: Optional[bool] = None
 
 
 class ScalingConfig(_Section):
@@ -239,6 +289,11 @@ class Config(_Section):
                 f"sampler.batch_size ({self.sampler.batch_size}) must be a multiple of "
                 f"scaling.num_workers ({self.scaling.num_workers})"
             )
+        ds = self.deepspeed
+        if ds.offload_param != "none" and ds.zero_stage != 3:
+            raise ValueError("deepspeed.offload_param needs deepspeed.zero_stage=3")
+        if ds.offload_optimizer != "none" and ds.zero_stage == 0:
+            raise ValueError("deepspeed.offload_optimizer needs deepspeed.zero_stage 1, 2 or 3")
         return self
 
 

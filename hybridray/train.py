@@ -228,8 +228,9 @@ def train_func(loop_config: dict) -> None:
 
 
 def _export_final(engine, tokenizer, directory: Path, config: Config, reports: dict) -> None:
-    """The final model (HF + sentence-transformers directory) and the held-out reports go
-    into the last checkpoint, so they reach the run's storage (local or ``s3://``)."""
+    """The final model (HF + sentence-transformers directory; LoRA merged, the adapter alone
+    in ``adapter/``) and the held-out reports go into the last checkpoint, so they reach the
+    run's storage (local or ``s3://``)."""
     from hybridray.data.tokenize import prefixes
     from hybridray.distributed import rank
     from hybridray.evaluate.report import write_report
@@ -237,9 +238,11 @@ def _export_final(engine, tokenizer, directory: Path, config: Config, reports: d
     with full_weights(engine, config):
         if rank() == 0:
             query_prefix, passage_prefix = prefixes(config.model)
+            lora = config.model.lora
             engine.module.encoder.save_pretrained(
                 directory / "model", tokenizer,
                 prompts={"query": query_prefix, "passage": passage_prefix},
+                adapter_directory=directory / "adapter" if lora and lora.save_adapter else None,
             )
             for name, report in reports.items():
                 if report is not None:
@@ -448,7 +451,7 @@ def _collect_outputs(config: Config, checkpoint: Optional[str], summary: dict) -
     directory = run_dir(config)
     checkpoint = storage.uri_of(config.run.storage_path, checkpoint)  # Ray gives paths inside its filesystem
     summary["checkpoint"] = checkpoint
-    for part in ("model", "eval"):
+    for part in ("model", "adapter", "eval"):
         if storage.exists(storage.join(checkpoint, part)):
             storage.copy_tree(storage.join(checkpoint, part), storage.join(directory, part))
     summary["model"] = storage.join(directory, "model")

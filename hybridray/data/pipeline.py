@@ -191,7 +191,10 @@ def build_train_dataset(config, *, rejects_path: Optional[str], start_step: int 
         main_refs=main_refs, extra_refs=extra_refs, extra_meta=extra_meta, k_negatives=k,
     )
     tokenise = functools.partial(
-        _tokenise, tokenizer=tokenizer_spec(cfg.model.name_or_path, put=True), q_prefix=q_prefix, p_prefix=p_prefix,
+        _tokenise, tokenizer=tokenizer_spec(
+            cfg.model.name_or_path, put=True,
+            append_eos=cfg.model.append_eos, padding_side=cfg.model.padding_side,
+        ), q_prefix=q_prefix, p_prefix=p_prefix,
         max_query=cfg.model.max_query_length, max_passage=cfg.model.max_passage_length, k_negatives=k,
     )
     ds = (

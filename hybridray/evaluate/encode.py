@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from hybridray.device import use_bf16
+from hybridray.models.decoder import position_inputs
 from hybridray.models.pooling import pool
 
 
@@ -75,7 +76,7 @@ def encode_texts(
             batch = tokenizer.pad({key: [values[i] for i in rows] for key, values in features.items()},
                                   return_tensors="pt")
             batch = {key: value.to(device) for key, value in batch.items()}
-            hidden = _last_hidden_state(model(**batch))
+            hidden = _last_hidden_state(model(**batch, **position_inputs(model, batch["attention_mask"])))
             vectors = F.normalize(pool(hidden, batch["attention_mask"], pooling).float(), dim=-1)
             if out is None:
                 out = np.empty((len(texts), vectors.shape[-1]), dtype=np.float32)

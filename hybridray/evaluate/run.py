@@ -43,7 +43,9 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--split", default="test", help="beir: qrels split (default test)")
     parser.add_argument("--batch-size", type=int, default=64, help="encoding batch size (default 64)")
     parser.add_argument("--max-length", type=int, default=256, help="max tokens per text (default 256)")
-    parser.add_argument("--pooling", default="mean", help="mean (E5, default), cls (LaBSE) or last")
+    parser.add_argument("--pooling", default=None,
+                        help="mean (E5), cls (LaBSE) or last (decoder LLMs); default: the model's "
+                             "(its sentence-transformers pooling, else last for decoders, else mean)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("--out", required=True, metavar="DIR",
                         help="output directory for report.json, report.md and plots")
@@ -59,15 +61,17 @@ def run_eval(args: argparse.Namespace) -> int:
         raise UserError(f"--data {kind}:{location}: not a directory")
     from hybridray.device import default_device
     from hybridray.evaluate.report import write_report
-    from hybridray.models import POOLING_MODES, default_prefixes, load_encoder, resolve_model_path
+    from hybridray.models import POOLING_MODES, default_pooling, default_prefixes, load_encoder, resolve_model_path
 
+    model_path = resolve_model_path(args.model) if storage.is_remote(args.model) else args.model
+    if args.pooling is None:
+        args.pooling = default_pooling(model_path)
     if args.pooling not in POOLING_MODES:
         raise UserError(f"--pooling {args.pooling!r}: expected one of {', '.join(POOLING_MODES)}")
     if args.with_context and kind != "lareqa":
         raise UserError("--with-context applies to lareqa data only")
     started = time.perf_counter()
     langs = args.langs.split(",") if args.langs else None
-    model_path = resolve_model_path(args.model) if storage.is_remote(args.model) else args.model
     default_query, default_passage = default_prefixes(model_path)
     settings = dict(
         query_prefix=default_query if args.query_prefix is None else args.query_prefix,
