@@ -306,6 +306,8 @@ OPERATIONAL_KEYS = frozenset({
     "train.log_every", "train.checkpoint_every", "train.eval_every", "train.eval_before",
     "scaling.cpus_per_worker", "scaling.gpus_per_worker", "scaling.resources_per_worker",
     "run.s3_endpoint", "data.task_cpus", "data.strict",
+    # memory levers: the same computation, laid out differently (the tests compare them)
+    "model.activation_checkpointing", "deepspeed.offload_optimizer", "deepspeed.offload_param",
     "data.train", "eval.batch_size",
 })
 

@@ -93,7 +93,7 @@ def closing_summary(run_dir: str, summary: dict, *, wall_s: Optional[float] = No
         n = (reports["after"] or reports["before"])["summary"]["n_queries"]
         lines += [f"held-out LAReQA evaluation ({n} queries, {path}):", "",
                   heldout_table(reports["before"], reports["after"]), ""]
-    where = [("model", ["model"]),
+    where = [("model", ["model"]), ("adapter", ["adapter"]),
              ("reports", [f"eval/{stage}/report.md" for stage in ("before", "after")]),
              ("plots", ["plots/training_curves.png", "plots/heldout_by_language.png"]),
              ("metrics", ["metrics.jsonl"])]

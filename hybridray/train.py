@@ -40,12 +40,16 @@ def full_weights(engine, config: Config):
 
 
 def heldout_evaluation(engine, tokenizer, heldout, config: Config, label: str) -> Optional[dict]:
-    """LAReQA evaluation of the current weights on rank 0 (the same code as ``hybridray eval``).
+    """LAReQA evaluation of the current weights (the same code as ``hybridray eval``); rank 0
+    gets the report, the others None. Every rank must call this.
 
-    Every rank must call this (under ZeRO-3 the weights are gathered collectively first);
-    only rank 0 encodes and scores, the others get None. Not run redundantly on every rank.
-    The whole model is in eval mode (no dropout) while it runs, and every submodule is put
-    back in exactly the mode it had.
+    ZeRO stages 0-2: only rank 0 encodes; the others wait at a barrier (and lend rank 0 their
+    threads on a shared node). ZeRO-3: every rank runs the same encoding, because each layer's
+    forward gathers its partitioned weights collectively -- a rank-0-only forward would wait
+    forever for the other ranks (gathering the whole model first does not help: ZeRO-3 frees a
+    layer's gathered weights again after its forward, and it would hold a 34B model on every
+    GPU). The whole model is in eval mode (no dropout) while it runs, and every submodule is
+    put back in exactly the mode it had.
     """
     import torch
     import torch.distributed as dist
@@ -56,12 +60,13 @@ def heldout_evaluation(engine, tokenizer, heldout, config: Config, label: str) -
     from hybridray.evaluate.lareqa import evaluate_lareqa
 
     module = engine.module
+    zero3 = config.deepspeed.zero_stage == 3
     report = None
     threads = torch.get_num_threads()
-    with full_weights(engine, config), eval_mode(module):
-        if rank() == 0:
-            # The other ranks on this node wait at the barrier below: borrow their threads.
-            torch.set_num_threads(threads * local_world_size())
+    with eval_mode(module):
+        if rank() == 0 or zero3:
+            if not zero3:  # the other ranks on this node wait at the barrier below
+                torch.set_num_threads(threads * local_world_size())
             query_prefix, passage_prefix = prefixes(config.model)
             report = evaluate_lareqa(
                 module.encoder.model, tokenizer, heldout,
@@ -69,7 +74,7 @@ def heldout_evaluation(engine, tokenizer, heldout, config: Config, label: str) -
                 pooling=config.model.pooling, max_length=config.eval.max_length,
                 batch_size=config.eval.batch_size, with_context=config.eval.with_context,
             )
-            report = {"model": f"{config.model.name_or_path} ({label})", **report}
+            report = {"model": f"{config.model.name_or_path} ({label})", **report} if rank() == 0 else None
     torch.set_num_threads(threads)
     if dist.is_initialized():
         dist.barrier()
@@ -117,7 +122,9 @@ def train_func(loop_config: dict) -> None:
     from hybridray.evaluate.lareqa import load_lareqa
 
     from hybridray.console import quiet_process
+    from hybridray.device import tell_deepspeed
 
+    tell_deepspeed()  # before anything imports DeepSpeed
     quiet_process(loop_config.get("verbose"))
     config = Config.model_validate(loop_config["config"])
     run = loop_config["run"]
@@ -143,7 +150,8 @@ def train_func(loop_config: dict) -> None:
         if (saved.get("run") or {}).get("fingerprint") != run["fingerprint"]:
             # The driver refuses such a run before it starts; this guards the workers too.
             raise RuntimeError(f"checkpoint at step {start_step} belongs to another run")
-    heldout = load_lareqa(config.data.heldout, config.eval.langs) if config.data.heldout and rank() == 0 else None
+    evaluating_rank = rank() == 0 or config.deepspeed.zero_stage == 3  # see heldout_evaluation
+    heldout = load_lareqa(config.data.heldout, config.eval.langs) if config.data.heldout and evaluating_rank else None
     evaluate_now = heldout_evaluation if config.data.heldout else (lambda *a: None)
 
     reports = dict(saved.get("reports", {}))
@@ -384,11 +392,13 @@ def run_training(
     another run is refused."""
     from hybridray import storage
     from hybridray.console import ProgressDisplay, failure_callback, new_board, quiet_process
+    from hybridray.device import tell_deepspeed
     from hybridray.models import resolve_model_path
     from hybridray.run_report import RunLog, closing_summary
     from hybridray.runs import plan_run, run_dir, run_identity
 
     started = time.perf_counter()
+    tell_deepspeed()  # before anything imports DeepSpeed
     quiet_process()
     config = resolve_paths(config)
     runtime_env = use_s3_endpoint(config)

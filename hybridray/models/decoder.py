@@ -77,13 +77,18 @@ def apply_tokenizer_recipe(
     """The tokenizer as training and export need it: ``tokenizer`` itself, modified, or a
     replacement (so pass one that nothing else holds, e.g. freshly loaded).
 
-    ``append_eos`` None means: yes for decoders, no for encoders. Decoders without a pad token
+    ``append_eos`` None means: yes for decoders (unless the tokenizer already ends every text
+    with a special token of its own, as Qwen3-Embedding's does with ``<|endoftext|>``, which is
+    not its ``eos_token``), no for encoders. Decoders without a pad token
     pad with EOS (the attention mask tells padding apart). ``padding_side`` None keeps the
     tokenizer's own.
     """
     append = decoder if append_eos is None else append_eos
     if append and not _ends_with_eos(tokenizer):
-        tokenizer = _with_eos_appended(tokenizer)
+        if append_eos is None and _adds_after_text(tokenizer):
+            pass  # the model's own recipe already ends every text with a token (Qwen3-Embedding's <|endoftext|>)
+        else:
+            tokenizer = _with_eos_appended(tokenizer)
     if decoder and tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
             raise UserError(f"{tokenizer.name_or_path}: decoder tokenizer has neither a pad nor an EOS token")
@@ -97,6 +102,13 @@ def apply_tokenizer_recipe(
 def _probe(tokenizer) -> tuple[list[int], list[int]]:
     text = "a b"
     return tokenizer(text)["input_ids"], tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def _adds_after_text(tokenizer) -> bool:
+    """True when the tokenizer already puts special tokens after the text."""
+    with_special, plain = _probe(tokenizer)
+    n_prefix = len(with_special) - len(plain)
+    return n_prefix < 0 or with_special[max(n_prefix, 0):] != plain
 
 
 def _ends_with_eos(tokenizer) -> bool:

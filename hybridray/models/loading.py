@@ -145,9 +145,10 @@ def default_prefixes(name_or_path: str) -> tuple[str, str]:
 
 def default_pooling(name_or_path: str) -> str:
     """The pooling a model was trained with: recorded in its sentence-transformers files, else
-    ``last`` for decoders (a local checkpoint, a builtin or a listed LLM), else ``mean``."""
-    if name_or_path == BUILTIN_TINY_DECODER or name_or_path in PUBLISHED_SHAPES:
-        return "last"
+    ``last`` for decoders (a local checkpoint, a builtin, a listed shape or a decoder embedder
+    with published prompts), else ``mean``."""
+    if name_or_path == BUILTIN_TINY_DECODER or name_or_path in PUBLISHED_SHAPES or decoder_prompts(name_or_path):
+        return "last"  # a decoder embedder known by name (decoder.PUBLISHED_PROMPTS)
     if Path(name_or_path).is_dir():
         recorded = read_pooling(name_or_path)
         if recorded is not None:
