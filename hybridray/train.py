@@ -234,6 +234,11 @@ def resolve_paths(config: Config) -> Config:
     update.run.storage_path = _absolute(config.run.storage_path)
     for extra in update.data.extra_mono:
         extra.path = _absolute(extra.path)
+    if config.train.final_eval_suite:
+        from hybridray.config import load_suite
+
+        update.train.final_eval_suite = _absolute(config.train.final_eval_suite)
+        load_suite(update.train.final_eval_suite)  # a bad suite fails now, not after training
     if config.data.heldout and "://" not in config.data.heldout and not Path(update.data.heldout).is_dir():
         raise UserError(f"data.heldout: {config.data.heldout} is not a directory "
                         "(run `hybridray data prepare` first, or set data.heldout='' to skip)")
@@ -311,6 +316,8 @@ def run_training(config: Config, inject_fault: Optional[tuple[int, str]] = None)
     resolve_model_path(config.model.name_or_path)  # build a builtin once, before the workers start
     init_ray()
     trainer, info = build_trainer(config, inject_fault=inject_fault)
+    for note in info.notes:
+        print(f"[hybridray] note: {note}", flush=True)
     result = trainer.fit()
     if result.error is not None:
         raise result.error
@@ -333,4 +340,28 @@ def run_training(config: Config, inject_fault: Optional[tuple[int, str]] = None)
             table = run_dir / "eval" / name / "report.md"
             if table.exists():
                 print(f"\n## Held-out evaluation {name} training\n\n{table.read_text()}")
+    if config.train.final_eval_suite and result.checkpoint is not None:
+        summary["final_eval_suite"] = run_final_suite(config, result.checkpoint)
+        if "://" not in config.run.storage_path:  # summary.json gains the suite's place
+            (Path(config.run.storage_path) / config.name / "summary.json").write_text(
+                json.dumps(summary, indent=2, default=str) + "\n")
     return summary
+
+
+def run_final_suite(config: Config, checkpoint) -> str:
+    """``train.final_eval_suite`` on the exported model of the last checkpoint, on the driver
+    after training; the report goes to ``<run>/eval/suite/`` (local storage) or
+    ``runs/<name>/eval/suite/`` (``s3://`` storage). Returns that directory."""
+    from hybridray.config import load_suite
+    from hybridray.evaluate.suite import run_suite
+
+    local = Path(config.run.storage_path if "://" not in config.run.storage_path else "runs") / config.name
+    out = local / "eval" / "suite"
+    suite = load_suite(config.train.final_eval_suite)
+    with checkpoint.as_directory() as directory:
+        exported = local / "model" if (local / "model").is_dir() else Path(directory) / "model"
+        run_suite(suite, str(exported), out, suite_path=config.train.final_eval_suite,
+                  overrides={"pooling": config.model.pooling},
+                  label=f"Run `{config.name}` after {config.train.max_steps} steps")
+    print("\n" + (out / "report.md").read_text(encoding="utf-8").split("\n---\n")[0])
+    return str(out)
