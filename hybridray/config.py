@@ -38,6 +38,9 @@ class ExtraMonoConfig(_Section):
 
     path: str
     weight: float = Field(0.1, ge=0.0, le=1.0)
+    #: Also draw mono steps in this set's languages that data.train lacks (e.g. TyDi sw, ko
+    #: next to MLQA-R); false = only data.train's languages (see data/sampler.py).
+    new_languages: bool = False
 
 
 class DataConfig(_Section):

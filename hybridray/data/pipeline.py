@@ -166,12 +166,13 @@ def build_train_dataset(config, *, rejects_path: Optional[str], start_step: int 
     for w, (a, b) in enumerate(windows):
         sampler.check_window(main.groups[a:b], scfg, w)
     extra_meta = [
-        ExtraSource((), e.weight, sampler.extra_windows(len(x.groups), scfg))
+        ExtraSource((), e.weight, sampler.extra_windows(len(x.groups), scfg), e.new_languages)
         for e, x in zip(cfg.data.extra_mono, extras)
     ]
     notes = []
     if extras and (scfg.mode == "x-x" or scfg.alpha == 0.0):
         notes.append("data.extra_mono is only used by monolingual steps; this run has none")
+    notes.extend(unused_extra_languages(cfg.data.extra_mono, extras, main.rows_per_language, scfg.batch_size))
     if main.scattered_groups:
         notes.append(f"{main.scattered_groups} group(s) have rows that are not adjacent; they were gathered")
     segs = list(sampler.segments(windows, scfg.batch_size, cfg.seed, start_step, cfg.train.max_steps))
@@ -211,6 +212,26 @@ def build_train_dataset(config, *, rejects_path: Optional[str], start_step: int 
         notes=notes,
     )
     return ds, info
+
+
+def unused_extra_languages(extra_configs, extras, main_rows: dict[str, int], batch_size: int) -> list[str]:
+    """Notes on extra-set languages no mono step will ever use; UserError when that is all of
+    a set's languages (it would be read, indexed and never trained on)."""
+    notes = []
+    for k, (e, x) in enumerate(zip(extra_configs, extras)):
+        usable = {lang for lang, n in x.rows_per_language.items() if n >= batch_size}
+        if not e.new_languages:
+            usable &= set(main_rows)
+        unused = sorted(set(x.rows_per_language) - usable)
+        if not unused:
+            continue
+        why = ("has fewer than sampler.batch_size rows" if e.new_languages else
+               "is not in data.train (set new_languages: true to train on it)")
+        if not usable:
+            raise UserError(f"data.extra_mono[{k}] ({e.path}): no language a mono step can use: "
+                            f"each of {unused} {why}")
+        notes.append(f"data.extra_mono[{k}] ({e.path}): {', '.join(unused)} never used: each {why}")
+    return notes
 
 
 def _merged_counts(main, extras) -> dict[str, int]:
