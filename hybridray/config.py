@@ -137,8 +137,6 @@ class EvalConfig(_Section):
     with_context: bool = False
 
 
-#: The evaluation kinds a suite task (or ``hybridray eval --data KIND:DIR``) can name.
-EVAL_KINDS = ("lareqa", "tatoeba", "tydi", "afriqa", "beir")
 #: Task options that only mean something for some kinds.
 KIND_OPTIONS = {
     "split": ("beir", "tydi", "afriqa"), "with_context": ("lareqa",), "distractors": ("tydi",),

@@ -228,6 +228,33 @@ def test_answer_recall_matches_brute_force(seed):
     assert found.tolist() == [[True, False, False]] and answer_recall(found, (1, 5))["answer@5"] == 1.0
 
 
+def test_qa_scores_match_pytrec_eval_on_real_tydi_qrels():
+    """The BEIR metrics of a TyDi query set (real qrels, duplicate-free corpus, random
+    embeddings) equal trec_eval's on the same ranked run."""
+    import pytrec_eval
+
+    from hybridray.evaluate.search import search
+
+    task = load_tydi(TYDI, ["sw"])
+    queries, corpus = task.query_sets[0], task.corpora["sw"]
+    rng = np.random.default_rng(0)
+    corpus_emb = rng.normal(size=(len(corpus.ids), 32)).astype(np.float32)
+    gold_rows = [corpus.ids.index(next(iter(queries.qrels[q]))) for q in queries.query_ids]
+    query_emb = (corpus_emb[gold_rows] + rng.normal(scale=4.0, size=(len(gold_rows), 32))).astype(np.float32)
+    corpus_emb /= np.linalg.norm(corpus_emb, axis=1, keepdims=True)
+    query_emb /= np.linalg.norm(query_emb, axis=1, keepdims=True)
+    metrics = score_query_set(queries, corpus, query_emb, corpus_emb)
+    scores, hits = search(query_emb, corpus_emb, 100)
+    run = {q: {corpus.ids[j]: float(s) for s, j in zip(scores[i], hits[i])} for i, q in enumerate(queries.query_ids)}
+    top10 = {q: dict(sorted(docs.items(), key=lambda kv: -kv[1])[:10]) for q, docs in run.items()}
+    trec = pytrec_eval.RelevanceEvaluator(queries.qrels, {"ndcg_cut.10", "recall.100"}).evaluate(run)
+    trec_rr = pytrec_eval.RelevanceEvaluator(queries.qrels, {"recip_rank"}).evaluate(top10)
+    assert 0.05 < metrics["ndcg@10"] < 0.95  # neither trivial nor hopeless
+    assert metrics["ndcg@10"] == pytest.approx(np.mean([v["ndcg_cut_10"] for v in trec.values()]), abs=1e-9)
+    assert metrics["recall@100"] == pytest.approx(np.mean([v["recall_100"] for v in trec.values()]), abs=1e-9)
+    assert metrics["mrr@10"] == pytest.approx(np.mean([v["recip_rank"] for v in trec_rr.values()]), abs=1e-9)
+
+
 def test_resource_groups_follow_joshi_classes():
     assert [resource_group(x) for x in ("sw", "te", "bn", "id", "ko", "en", "hau", "fon", "swh", "ara")] == [
         "low", "low", "mid", "mid", "high", "high", "low", "low", "low", "high"]

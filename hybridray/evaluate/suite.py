@@ -170,7 +170,8 @@ def plot_low_resource(panels: dict[str, dict[str, dict[str, float]]], metrics: d
         width = 0.8 / len(settings)
         for i, (setting, values) in enumerate(settings.items()):
             x = np.arange(len(langs)) + (i - (len(settings) - 1) / 2) * width
-            ax.bar(x, [values.get(lang, np.nan) for lang in langs], width, label=setting or None)
+            bars = ax.bar(x, [values.get(lang, np.nan) for lang in langs], width, label=setting or None)
+            ax.bar_label(bars, fmt="%.2f", fontsize=6)
         ax.set_xticks(range(len(langs)), langs)
         ax.set_ylim(0, 1)
         ax.set_title(f"{name}: {metrics[name]}", fontsize=9)
@@ -188,7 +189,7 @@ def _f(value, digits: int = 3) -> str:
 
 
 def _duration(seconds: float) -> str:
-    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
+    return f"{seconds:.1f} s" if seconds < 10 else f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
 
 
 def suite_markdown(result: dict, task_markdown: list[str]) -> str:
@@ -203,7 +204,8 @@ def suite_markdown(result: dict, task_markdown: list[str]) -> str:
             + f"Suite `{result['suite']['path']}`, {len(result['tasks'])} tasks, "
             f"{_duration(result['timing']['total_seconds'])} in all (wall time per task includes encoding). "
             "Columns low / mid / high: macro mean over the task's languages of that resource group "
-            "(Joshi et al. 2020 classes 0-2 / 3 / 4-5; number of languages in brackets).\n\n"
+            "(Joshi et al. 2020 classes 0-2 / 3 / 4-5; number of languages in brackets; Tatoeba's own "
+            "table below keeps XTREME's high / low split).\n\n"
             + _table(["task", "metric", "all", "low", "mid", "high", "Ans@20", "wall time"], rows) + "\n")
     chart = ("\n![headline metric of the low-resource languages](low_resource.png)\n"
              if result.get("chart") else "\nNo task has a low-resource language: no chart.\n")
