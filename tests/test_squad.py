@@ -12,7 +12,7 @@ from conftest import REPO, SHARED_DATA
 from hybridray.cli import main
 from hybridray.config import ExtraMonoConfig, load_config
 from hybridray.data import reader
-from hybridray.data.pipeline import unused_extra_languages
+from hybridray.data.pipeline import check_lengths, unused_extra_languages
 from hybridray.data.squad import squad_to_shards
 from hybridray.errors import UserError
 
@@ -83,6 +83,8 @@ def test_documented_config_and_unused_extra_languages():
     old_way = ExtraMonoConfig(path="data/tydi-train", weight=0.5)
     (note,) = unused_extra_languages([old_way], [tydi], main_rows, 32)
     assert note.startswith("data.extra_mono[0] (data/tydi-train): ko, sw never used") and "new_languages" in note
+    with pytest.raises(UserError, match=r"model.max_passage_length \(192\) is more than builtin:tiny takes \(128 tokens\)"):
+        check_lengths(config.model.model_copy(update={"name_or_path": "builtin:tiny"}))
     korean_only = SimpleNamespace(rows_per_language={"ko": 1621})
     with pytest.raises(UserError, match=r"data.extra_mono\[0\].*no language a mono step can use"):
         unused_extra_languages([old_way], [korean_only], main_rows, 32)

@@ -48,7 +48,7 @@ import pyarrow as pa
 
 from hybridray.data import reader, sampler
 from hybridray.data.sampler import MAIN, ExtraSource, Group, Segment
-from hybridray.data.tokenize import TokenizerSpec, encode, prefixes, tokenizer_spec
+from hybridray.data.tokenize import TokenizerSpec, encode, load_tokenizer, prefixes, tokenizer_spec
 from hybridray.errors import UserError
 
 #: Steps per block out of the materialise stage (small: the stream starts flowing at once).
@@ -128,6 +128,16 @@ def _index(path: str, config, strict: bool):
     )
 
 
+def check_lengths(model_cfg) -> None:
+    """UserError when a configured length exceeds what the model can take (its position
+    table): caught on the driver, not as a tensor-size error on every worker."""
+    limit = load_tokenizer(model_cfg.name_or_path).model_max_length
+    for key in ("max_query_length", "max_passage_length"):
+        value = getattr(model_cfg, key)
+        if value > limit:
+            raise UserError(f"model.{key} ({value}) is more than {model_cfg.name_or_path} takes ({limit} tokens)")
+
+
 def _check_negatives(index: reader.ShardIndex, k: int) -> None:
     if k and index.groups and index.min_negatives == 0:
         raise UserError(
@@ -149,6 +159,7 @@ def build_train_dataset(config, *, rejects_path: Optional[str], start_step: int 
     cfg, scfg = config, config.sampler
     if not 0 <= start_step <= cfg.train.max_steps:
         raise UserError(f"start_step {start_step} is outside [0, train.max_steps={cfg.train.max_steps}]")
+    check_lengths(cfg.model)
     main = _index(cfg.data.train, cfg, cfg.data.strict)
     extras = [_index(e.path, cfg, cfg.data.strict) for e in cfg.data.extra_mono]
     all_rejects = main.rejects + [r for e in extras for r in e.rejects]
