@@ -33,4 +33,4 @@ demo: prepare
 	$(VENV)/bin/hybridray train configs/local.yaml
 
 test: setup
-	$(PY) -m pytest
+	PYTHON=$(PY) bash tests/run-suite.sh

@@ -30,7 +30,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
         print(dump_config(config), end="")
         return 0
-    result = run_training(config)
+    result = run_training(config, overwrite=args.overwrite)
     print(json.dumps(result, indent=2))
     return 0
 
@@ -94,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_arguments(train)
     train.add_argument("--print-config", action="store_true",
                        help="print the resolved config and exit")
+    train.add_argument("--overwrite", action="store_true",
+                       help="delete an existing run directory of this name first (without it, a run "
+                            "with the same config resumes and one with another config is refused)")
     train.set_defaults(func=_cmd_train)
 
     tune = sub.add_parser("tune", help="search sampler.alpha and loss.temperature (Ray Tune)",

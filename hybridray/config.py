@@ -9,8 +9,9 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from hybridray.data.schema import OPTIONAL_COLUMNS, REQUIRED_COLUMNS
 from hybridray.errors import UserError
 
 
@@ -33,20 +34,59 @@ class ModelConfig(_Section):
     freeze_embeddings: bool = True
 
 
+class HFSourceConfig(_Section):
+    """How an ``hf:NAME_OR_PATH`` source (Hugging Face ``datasets``) maps onto the shard
+    schema (hybridray/data/schema.py); see hybridray/data/hf_source.py."""
+
+    #: Dataset configuration name, as in ``load_dataset(path, name)`` (e.g. ``mlqa.de.de``).
+    name: Optional[str] = None
+    #: The split to read; a dataset saved with ``save_to_disk`` as one split is read as is.
+    split: str = "train"
+    #: Hub revision (branch, tag or commit) of a hub dataset; None = the default branch.
+    revision: Optional[str] = None
+    #: Shard column -> dataset column, where the names differ (e.g. ``{query: question}``).
+    columns: dict[str, str] = Field(default_factory=dict)
+    #: Shard column -> one value for every row, for columns the dataset lacks (e.g.
+    #: ``{lang: de}``); ``source`` defaults to the dataset's name.
+    constants: dict[str, str] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _known_columns(self) -> "HFSourceConfig":
+        known = REQUIRED_COLUMNS + OPTIONAL_COLUMNS
+        for key, names in (("columns", self.columns), ("constants", self.constants)):
+            unknown = sorted(set(names) - set(known))
+            if unknown:
+                raise ValueError(f"{key}: {unknown} are not shard columns ({', '.join(known)})")
+        both = sorted(set(self.columns) & set(self.constants))
+        if both:
+            raise ValueError(f"{both} are given in both columns and constants")
+        per_row = sorted(set(self.constants) & {"group_id", "query", "passage", "hard_negatives"})
+        if per_row:
+            raise ValueError(f"constants: {per_row} differ from row to row; map them from columns")
+        return self
+
+
 class ExtraMonoConfig(_Section):
     """Monolingual data with no translations, mixed into monolingual batches."""
 
+    #: A shard dataset (directory, glob or ``s3://`` prefix) or ``hf:NAME_OR_PATH``.
     path: str
     weight: float = Field(0.1, ge=0.0, le=1.0)
     #: Also draw mono steps in this set's languages that data.train lacks (e.g. TyDi sw, ko
     #: next to MLQA-R); false = only data.train's languages (see data/sampler.py).
     new_languages: bool = False
+    #: Column mapping of an ``hf:`` path (None = the dataset's columns are the shard's).
+    hf: Optional[HFSourceConfig] = None
 
 
 class DataConfig(_Section):
-    """Where the translated-QA shards are (directory, glob or ``s3://`` prefix)."""
+    """Where the translated-QA shards are (directory, glob or ``s3://`` prefix), or a Hugging
+    Face dataset (``hf:NAME_OR_PATH``: a hub id, a ``save_to_disk`` directory or anything
+    ``load_dataset`` reads, e.g. a directory of json / parquet files)."""
 
     train: str = "data/mlqa-r/train"
+    #: Column mapping of an ``hf:`` data.train (None = the dataset's columns are the shard's).
+    hf: Optional[HFSourceConfig] = None
     #: Held-out LAReQA-layout directory (written by ``hybridray data prepare``); empty = none.
     heldout: str = "data/mlqa-r/heldout-lareqa"
     #: Restrict training to these languages (None = all languages in the shards).
@@ -98,7 +138,23 @@ class OptimConfig(_Section):
     schedule: Literal["linear", "cosine", "constant"] = "linear"
     #: Gradient clipping norm; 0 disables it (DeepSpeed would otherwise clip at 1.0 silently).
     grad_clip: float = Field(1.0, ge=0.0)
+    #: Must be 1 (see ``_one_update_per_global_batch``): a global batch is one update.
     grad_accum: int = Field(1, ge=1)
+
+    @field_validator("grad_accum")
+    @classmethod
+    def _one_update_per_global_batch(cls, value: int) -> int:
+        # DeepSpeed accumulation would split each forward's rows and still step once per
+        # global batch: every update would mix several global batches (a mono and a cross one
+        # together), end the LR schedule early and checkpoint mid-accumulation, and in-batch
+        # negatives would span one micro-batch only. Refused until accumulation is done right
+        # (gradient caching over the whole global batch).
+        if value != 1:
+            raise ValueError(
+                "values above 1 are not supported: each global batch is one optimizer step with "
+                "negatives from the whole batch; lower sampler.batch_size or add workers instead"
+            )
+        return value
 
 
 class TrainConfig(_Section):
@@ -241,12 +297,51 @@ class Config(_Section):
 
     @model_validator(mode="after")
     def _consistent(self) -> "Config":
+        sources = [("data.train", self.data.train, "data.hf", self.data.hf)] + [
+            (f"data.extra_mono.{i}.path", e.path, f"data.extra_mono.{i}.hf", e.hf)
+            for i, e in enumerate(self.data.extra_mono)
+        ]
+        for path_key, path, hf_key, hf in sources:
+            if path.startswith("hf:") and not path[3:].strip():
+                raise ValueError(f"{path_key}: hf: needs a dataset id or path, e.g. hf:org/name")
+            if hf is not None and not path.startswith("hf:"):
+                raise ValueError(f"{hf_key}: set, but {path_key} ({path}) is not an hf: source")
         if self.sampler.batch_size % self.scaling.num_workers:
             raise ValueError(
                 f"sampler.batch_size ({self.sampler.batch_size}) must be a multiple of "
                 f"scaling.num_workers ({self.scaling.num_workers})"
             )
         return self
+
+
+#: Keys that change how a run is executed or logged, never what it computes: a run may be
+#: resumed with other values. Everything else defines the run (see ``defining_values``).
+#: ``data.train`` is a location; the shards' content is fingerprinted separately
+#: (``hybridray.runs``), so moved shards still resume and changed shards do not.
+OPERATIONAL_KEYS = frozenset({
+    "name", "run.storage_path", "run.checkpoints_to_keep", "run.max_failures",
+    "train.log_every", "train.checkpoint_every", "train.eval_every", "train.eval_before",
+    "scaling.cpus_per_worker", "scaling.gpus_per_worker", "data.task_cpus", "data.strict",
+    "data.train", "eval.batch_size",
+})
+
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (lists are values)."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def defining_values(config: "Config") -> dict[str, Any]:
+    """The dotted keys and values that define what a run computes (``OPERATIONAL_KEYS`` left
+    out): two configs that agree here train the same model and write the same reports."""
+    return {k: v for k, v in flatten(config.model_dump(mode="json")).items() if k not in OPERATIONAL_KEYS}
 
 
 def _set_dotted(tree: dict, key: str, value: Any) -> None:
@@ -276,10 +371,9 @@ def _describe(error: ValidationError) -> str:
     lines = []
     for err in error.errors():
         loc = ".".join(str(p) for p in err["loc"])
-        msg = err["msg"]
+        msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             msg = "unknown key"
-        msg = msg.removeprefix("Value error, ")
         lines.append(f"{loc}: {msg}" if loc else msg)
     return "; ".join(lines)
 

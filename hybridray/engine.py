@@ -70,14 +70,12 @@ class TrainingModel(nn.Module):
 
 # ----------------------------------------------------------------------------- config
 def micro_batch_size(config, world_size: int) -> int:
-    """Pairs per worker per forward: global batch / workers / accumulation steps."""
-    global_batch, accum = config.sampler.batch_size, config.optim.grad_accum
-    if global_batch % (world_size * accum):
-        raise UserError(
-            f"sampler.batch_size ({global_batch}) must be a multiple of workers ({world_size}) "
-            f"x optim.grad_accum ({accum})"
-        )
-    return global_batch // (world_size * accum)
+    """Pairs per worker per step: the global batch split evenly over the workers (one forward
+    per step; ``optim.grad_accum`` is refused above 1 by the config)."""
+    global_batch = config.sampler.batch_size
+    if global_batch % world_size:
+        raise UserError(f"sampler.batch_size ({global_batch}) must be a multiple of the workers ({world_size})")
+    return global_batch // world_size
 
 
 def deepspeed_config(config, world_size: int) -> dict:
@@ -91,7 +89,7 @@ def deepspeed_config(config, world_size: int) -> dict:
     return {
         "train_batch_size": config.sampler.batch_size,
         "train_micro_batch_size_per_gpu": micro_batch_size(config, world_size),
-        "gradient_accumulation_steps": config.optim.grad_accum,
+        "gradient_accumulation_steps": 1,
         "gradient_clipping": float(config.optim.grad_clip),
         "zero_optimization": {"stage": config.deepspeed.zero_stage},
         "bf16": {"enabled": use_bf16(default_device())},
@@ -150,11 +148,17 @@ def build_optimizer(model: nn.Module, config) -> tuple[torch.optim.Optimizer, La
 
 
 # ----------------------------------------------------------------------------- engine
-def build_engine(model: nn.Module, config, world_size: Optional[int] = None):
-    """A DeepSpeed engine training ``model`` (normally a ``TrainingModel``).
+def build_engine(model: nn.Module, config, world_size: Optional[int] = None, optimizer=None):
+    """A DeepSpeed engine training ``model`` (normally a ``TrainingModel``), in train mode.
 
     Uses the process group that is already up (Ray Train creates it) or, in a single
     process, starts one of size 1. DeepSpeed steps the LR scheduler once per optimizer step.
+    ``optimizer`` replaces the configured AdamW (tests use plain SGD to read clipped
+    gradients off the update); the LR schedule then drives it.
+
+    Train mode is set here, for every submodule, because ``from_pretrained`` returns models in
+    eval mode: without it dropout would be off until something happened to switch it on.
+    Evaluation switches to eval mode and back (``hybridray.evaluate.encode.eval_mode``).
     """
     import deepspeed
     import deepspeed.ops
@@ -167,11 +171,39 @@ def build_engine(model: nn.Module, config, world_size: Optional[int] = None):
     actual = current_world_size()
     if world_size is not None and world_size != actual:
         raise ValueError(f"world_size={world_size} but the process group has {actual} ranks")
-    optimizer, scheduler = build_optimizer(model, config)
+    if optimizer is None:
+        optimizer, scheduler = build_optimizer(model, config)
+    else:
+        scheduler = LambdaLR(optimizer, partial(
+            lr_factor, warmup_steps=config.optim.warmup_steps, total_steps=config.train.max_steps,
+            schedule=config.optim.schedule,
+        ))
     engine, *_ = deepspeed.initialize(
         model=model,
         optimizer=optimizer,
         lr_scheduler=scheduler,
         config=deepspeed_config(config, actual),
     )
+    engine.train()
     return engine
+
+
+def clamp_temperature(engine) -> None:
+    """After an optimizer step: put a learned temperature back inside its bounds, in the
+    module and in DeepSpeed's fp32 master copy (ZeRO-1/2/3 keep one; the next step would
+    otherwise write the unclamped value back). Collective under ZeRO: every rank calls it.
+    A fixed temperature is left alone."""
+    import deepspeed
+    from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
+
+    loss = engine.module.loss
+    param = loss.log_temperature
+    if not isinstance(param, nn.Parameter):
+        return
+    lo, hi = loss.log_temperature_bounds
+    master = safe_get_full_fp32_param(param)
+    if master is not None:
+        safe_set_full_fp32_param(param, master.clamp(lo, hi))
+    zero3 = hasattr(param, "ds_id")
+    with deepspeed.zero.GatheredParameters([param], modifier_rank=0, enabled=zero3):
+        loss.clamp_temperature_()

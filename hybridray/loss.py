@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hybridray.data.sampler import NO_GROUP
 from hybridray.distributed import all_gather_no_grad, all_gather_with_grad, rank, world_size
 
 
@@ -24,9 +25,13 @@ class InfoNCELoss(nn.Module):
     all ranks. Each rank scores only its own ``B`` queries (a ``B x (N + N*k)`` matrix, ``N``
     the global batch), never the full global matrix.
 
-    **Masking.** With ``mask_same_group``, every column whose group id equals the query's
-    (a translation of the query's own pair, or a hard negative taken from it) is removed,
-    except the query's own positive: a translation of the answer is not a negative.
+    **Masking** (false negatives). With ``mask_same_group``, a column is removed from query
+    ``i``'s softmax when its group id equals the query's: another pair's positive that is a
+    translation of the query's own pair, or another query's hard negative that is (a
+    translation of) this query's answer. Never removed: the query's own positive, and the
+    query's own hard negatives (the data chose them as negatives for this very query). A hard
+    negative's group id is the group of the pair it answers, or ``NO_GROUP`` (0) when it
+    answers none in the data; ``NO_GROUP`` never matches.
 
     **Symmetric.** With ``symmetric``, the passage -> query term (local passages against the
     gathered queries, same labels and masking) is added and the two are averaged.
@@ -39,9 +44,8 @@ class InfoNCELoss(nn.Module):
     over the ``W`` ranks, which gives exactly ``grad L``. This is the only place where the
     reduction is chosen; ``tests/test_distributed_equivalence.py`` proves it against a single
     process. The global loss for logging is the mean of the local losses over ranks
-    (``hybridray.distributed.all_reduce_mean``), since every rank has the same ``B``. With
-    gradient accumulation DeepSpeed also divides each micro-batch loss by the number of
-    micro-batches, and the negatives are those of the current global micro-batch.
+    (``hybridray.distributed.all_reduce_mean``), since every rank has the same ``B``. One
+    global batch is one optimizer step (``optim.grad_accum`` > 1 is refused by the config).
 
     Inputs (embeddings L2-normalised by the encoder, so dot products are cosines):
 
@@ -53,14 +57,18 @@ class InfoNCELoss(nn.Module):
     ``hard_negatives``           [B*k, D]    optional, query-major (or [B, k, D])
     ``group_ids``                [B] int     optional, one id per pair (its translations
                                              share it)
-    ``hard_negative_group_ids``  [B*k] int   optional; without it hard negatives are
-                                             never masked
+    ``hard_negative_group_ids``  [B*k] int   optional, the group each hard negative
+                                             answers (``NO_GROUP`` = none); without it
+                                             hard negatives are never masked
     ===========================  ==========  =============================================
 
     Returns the scalar local loss (see the reduction above).
 
-    Temperature: fixed ``temperature``, or learned (``learn_temperature``) as ``log tau`` and
-    clamped to ``[min(0.01, tau0), max(1.0, tau0)]`` as in CLIP, so it cannot collapse.
+    Temperature: fixed ``temperature``, or learned (``learn_temperature``) as ``log tau``, kept
+    in ``[min(0.01, tau0), max(1.0, tau0)]`` by ``clamp_temperature_()`` after every optimizer
+    step, as CLIP clamps its logit scale (the trainer does it through
+    ``hybridray.engine.clamp_temperature``). Clamping the forward value instead would leave
+    the parameter free to drift past the bound, where its gradient is zero.
     Scores are computed in at least float32 whatever the encoder's precision.
 
     Paper: van den Oord et al., "Representation Learning with Contrastive Predictive Coding"
@@ -108,10 +116,19 @@ class InfoNCELoss(nn.Module):
 
     @property
     def temperature(self) -> torch.Tensor:
-        lo, hi = self.temperature_bounds
         # at least float32, even when DeepSpeed casts the module to bf16
         log_t = self.log_temperature
-        return log_t.to(torch.promote_types(log_t.dtype, torch.float32)).exp().clamp(lo, hi)
+        return log_t.to(torch.promote_types(log_t.dtype, torch.float32)).exp()
+
+    @property
+    def log_temperature_bounds(self) -> tuple[float, float]:
+        lo, hi = self.temperature_bounds
+        return math.log(lo), math.log(hi)
+
+    @torch.no_grad()
+    def clamp_temperature_(self) -> None:
+        """Put a learned temperature back inside its bounds (after each optimizer step)."""
+        self.log_temperature.clamp_(*self.log_temperature_bounds)
 
     def forward(
         self,
@@ -132,34 +149,41 @@ class InfoNCELoss(nn.Module):
 
         columns = [all_gather_with_grad(passage)]
         column_groups = [groups]
+        spared = labels[:, None]  # per row, the columns never masked: its positive ...
         if hard_negatives is not None:
-            columns.append(all_gather_with_grad(hard_negatives.reshape(-1, query.shape[-1])))
+            negatives = hard_negatives.reshape(-1, query.shape[-1])
+            k = negatives.shape[0] // local
+            columns.append(all_gather_with_grad(negatives))
             column_groups.append(
                 all_gather_no_grad(hard_negative_group_ids.reshape(-1))
                 if groups is not None and hard_negative_group_ids is not None
                 else None
             )
+            # ... and its own k hard negatives, which follow the N gathered positives
+            own = columns[0].shape[0] + labels[:, None] * k + torch.arange(k, device=query.device)
+            spared = torch.cat([spared, own], dim=1)
         if columns[0].shape[0] != world_size() * local:
             raise ValueError("every rank must pass the same number of pairs")
-        loss = self._cross_entropy(query, columns, column_groups, local_groups, labels)
+        loss = self._cross_entropy(query, columns, column_groups, local_groups, labels, spared)
 
         if self.symmetric:
             queries = all_gather_with_grad(query)
-            backward = self._cross_entropy(passage, [queries], [groups], local_groups, labels)
+            backward = self._cross_entropy(passage, [queries], [groups], local_groups, labels, labels[:, None])
             loss = (loss + backward) / 2
         return loss
 
-    def _cross_entropy(self, rows, columns, column_groups, row_groups, labels) -> torch.Tensor:
-        """Mean over ``rows`` of -log softmax(rows . columns / tau)[label], masked."""
+    def _cross_entropy(self, rows, columns, column_groups, row_groups, labels, spared) -> torch.Tensor:
+        """Mean over ``rows`` of -log softmax(rows . columns / tau)[label], with the columns
+        that share the row's group masked, except the row's ``spared`` columns."""
         dtype = torch.promote_types(rows.dtype, torch.float32)  # never score in bf16/fp16
         scores = rows.to(dtype) @ torch.cat(columns).to(dtype).T / self.temperature
         if row_groups is not None:
             mask = torch.cat([
-                row_groups.reshape(-1, 1) == block_groups.reshape(1, -1)
+                (row_groups.reshape(-1, 1) == block_groups.reshape(1, -1)) & (block_groups.reshape(1, -1) != NO_GROUP)
                 if block_groups is not None  # no group ids: never masked
                 else torch.zeros(len(rows), len(block), dtype=torch.bool, device=rows.device)
                 for block, block_groups in zip(columns, column_groups)
             ], dim=1)
-            mask[torch.arange(len(rows), device=rows.device), labels] = False
+            mask[torch.arange(len(rows), device=rows.device)[:, None], spared] = False
             scores = scores.masked_fill(mask, float("-inf"))
         return F.cross_entropy(scores, labels)

@@ -11,6 +11,7 @@ import json
 import os
 from dataclasses import asdict
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -44,20 +45,21 @@ def heldout_evaluation(engine, tokenizer, heldout, config: Config, label: str) -
 
     Every rank must call this (under ZeRO-3 the weights are gathered collectively first);
     only rank 0 encodes and scores, the others get None. Not run redundantly on every rank.
+    The whole model is in eval mode (no dropout) while it runs, and every submodule is put
+    back in exactly the mode it had.
     """
     import torch
     import torch.distributed as dist
 
     from hybridray.data.tokenize import prefixes
     from hybridray.distributed import local_world_size, rank
+    from hybridray.evaluate.encode import eval_mode
     from hybridray.evaluate.lareqa import evaluate_lareqa
 
     module = engine.module
     report = None
-    was_training = module.training
-    module.eval()
     threads = torch.get_num_threads()
-    with full_weights(engine, config):
+    with full_weights(engine, config), eval_mode(module):
         if rank() == 0:
             # The other ranks on this node wait at the barrier below: borrow their threads.
             torch.set_num_threads(threads * local_world_size())
@@ -70,7 +72,6 @@ def heldout_evaluation(engine, tokenizer, heldout, config: Config, label: str) -
             )
             report = {"model": f"{config.model.name_or_path} ({label})", **report}
     torch.set_num_threads(threads)
-    module.train(was_training)
     if dist.is_initialized():
         dist.barrier()
     return report
@@ -91,6 +92,8 @@ def val_metrics(report: Optional[dict]) -> dict:
 
 def train_func(loop_config: dict) -> None:
     """The per-worker training loop (Ray Train calls it on every worker)."""
+    import contextlib
+
     import ray.train
     import torch
 
@@ -98,16 +101,17 @@ def train_func(loop_config: dict) -> None:
     from hybridray.data.pipeline import iter_worker_batches
     from hybridray.device import cpu_threads
     from hybridray.distributed import all_reduce_mean, rank, world_size
-    from hybridray.engine import TrainingModel, build_engine
+    from hybridray.engine import TrainingModel, build_engine, clamp_temperature
     from hybridray.evaluate.lareqa import load_lareqa
 
     config = Config.model_validate(loop_config["config"])
+    run = loop_config["run"]
     if not config.scaling.use_gpu:
         torch.set_num_threads(cpu_threads(config.scaling.cpus_per_worker))
     torch.manual_seed(config.seed)  # identical initial weights (e.g. a learned temperature) on every rank
     model = TrainingModel.from_config(config)
     tokenizer = model.encoder.tokenizer
-    engine = build_engine(model, config, world_size())
+    engine = build_engine(model, config, world_size())  # in train mode, dropout on
     device = engine.device
 
     start_step, saved = 0, {}
@@ -115,6 +119,9 @@ def train_func(loop_config: dict) -> None:
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
             start_step, saved = load_state(engine, directory)
+        if (saved.get("run") or {}).get("fingerprint") != run["fingerprint"]:
+            # The driver refuses such a run before it starts; this guards the workers too.
+            raise RuntimeError(f"checkpoint at step {start_step} belongs to another run")
     heldout = load_lareqa(config.data.heldout, config.eval.langs) if config.data.heldout and rank() == 0 else None
     evaluate_now = heldout_evaluation if config.data.heldout else (lambda *a: None)
 
@@ -126,63 +133,66 @@ def train_func(loop_config: dict) -> None:
     window_start = time.perf_counter()
     last_step = config.train.max_steps - 1
     batches = iter_worker_batches(
-        ray.train.get_dataset_shard("train"), rank=rank(), world_size=world_size(), start_step=start_step
+        ray.train.get_dataset_shard("train"), rank=rank(), world_size=world_size(),
+        start_step=start_step, stop_step=config.train.max_steps,
     )
     fault = loop_config.get("fault")
-    for batch in batches:
-        step = batch["step"]
-        if fault and step == fault[0] and rank() == 0 and not Path(fault[1]).exists():
-            Path(fault[1]).touch()  # crash once: the restarted workers find the marker
-            raise RuntimeError(f"injected fault at step {step}")
-        inputs = {k: batch[k].to(device) for k in MODEL_INPUTS if batch.get(k) is not None}
-        loss = engine(**inputs)
-        engine.backward(loss)
-        engine.step()
+    with contextlib.closing(batches):
+        for batch in batches:
+            step = batch["step"]
+            if fault and step == fault[0] and rank() == 0 and not Path(fault[1]).exists():
+                Path(fault[1]).touch()  # crash once: the restarted workers find the marker
+                raise RuntimeError(f"injected fault at step {step}")
+            inputs = {k: batch[k].to(device) for k in MODEL_INPUTS if batch.get(k) is not None}
+            loss = engine(**inputs)
+            engine.backward(loss)
+            engine.step()
+            clamp_temperature(engine)
 
-        window["loss"] += float(all_reduce_mean(loss))
-        window["n"] += 1
-        window[batch["batch_type"]] += 1
-        window["samples"] += config.sampler.batch_size
-        window["tokens"] += int(all_reduce_mean(
-            (batch["query_attention_mask"].sum() + batch["passage_attention_mask"].sum()).float()
-        ) * world_size())
-        done = step == last_step
-        log_now = (step + 1) % config.train.log_every == 0 or done
-        save_now = done or (config.train.checkpoint_every and (step + 1) % config.train.checkpoint_every == 0)
-        eval_now = done or (config.train.eval_every and (step + 1) % config.train.eval_every == 0)
-        if not (log_now or save_now or eval_now):
-            continue
+            window["loss"] += float(all_reduce_mean(loss))
+            window["n"] += 1
+            window[batch["batch_type"]] += 1
+            window["samples"] += config.sampler.batch_size
+            window["tokens"] += int(all_reduce_mean(
+                (batch["query_attention_mask"].sum() + batch["passage_attention_mask"].sum()).float()
+            ) * world_size())
+            done = step == last_step
+            log_now = (step + 1) % config.train.log_every == 0 or done
+            save_now = done or (config.train.checkpoint_every and (step + 1) % config.train.checkpoint_every == 0)
+            eval_now = done or (config.train.eval_every and (step + 1) % config.train.eval_every == 0)
+            if not (log_now or save_now or eval_now):
+                continue
 
-        elapsed = time.perf_counter() - window_start
-        metrics = {
-            "step": step + 1,
-            "loss": window["loss"] / max(1, window["n"]),
-            "lr": engine.get_lr()[0],
-            "temperature": float(engine.module.loss.temperature),
-            "samples_per_s": window["samples"] / elapsed,
-            "tokens_per_s": window["tokens"] / elapsed,
-            "mono_batches": window["mono"], "cross_batches": window["cross"], "xx_batches": window["x-x"],
-        }
-        if eval_now:
-            report = evaluate_now(engine, tokenizer, heldout, config, f"step {step + 1}")
-            metrics.update(val_metrics(report))
-            if done:
-                reports["after"] = report
-        metrics.update({f"before_{k}": v for k, v in val_metrics(reports.get("before")).items()})
-        if rank() == 0:
-            print(_progress_line(metrics, config.train.max_steps), flush=True)
-
-        if save_now:
-            with tempfile.TemporaryDirectory() as directory:
-                save_state(engine, directory, step=step + 1, reports=reports)
+            elapsed = time.perf_counter() - window_start
+            metrics = {
+                "step": step + 1,
+                "loss": window["loss"] / max(1, window["n"]),
+                "lr": engine.get_lr()[0],
+                "temperature": float(engine.module.loss.temperature),
+                "samples_per_s": window["samples"] / elapsed,
+                "tokens_per_s": window["tokens"] / elapsed,
+                "mono_batches": window["mono"], "cross_batches": window["cross"], "xx_batches": window["x-x"],
+            }
+            if eval_now:
+                report = evaluate_now(engine, tokenizer, heldout, config, f"step {step + 1}")
+                metrics.update(val_metrics(report))
                 if done:
-                    _export_final(engine, tokenizer, Path(directory), config, reports)
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
-        else:
-            ray.train.report(metrics)
-        window = dict.fromkeys(window, 0)
-        window["loss"] = 0.0
-        window_start = time.perf_counter()
+                    reports["after"] = report
+            metrics.update({f"before_{k}": v for k, v in val_metrics(reports.get("before")).items()})
+            if rank() == 0:
+                print(_progress_line(metrics, config.train.max_steps), flush=True)
+
+            if save_now:
+                with tempfile.TemporaryDirectory() as directory:
+                    save_state(engine, directory, step=step + 1, reports=reports, run=run)
+                    if done:
+                        _export_final(engine, tokenizer, Path(directory), config, reports)
+                    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
+            else:
+                ray.train.report(metrics)
+            window = dict.fromkeys(window, 0)
+            window["loss"] = 0.0
+            window_start = time.perf_counter()
 
 
 def _progress_line(metrics: dict, max_steps: int) -> str:
@@ -221,6 +231,10 @@ def _export_final(engine, tokenizer, directory: Path, config: Config, reports: d
 # ----------------------------------------------------------------------------- driver side
 def _absolute(path: str) -> str:
     """Local paths are made absolute on the driver: Ray workers run in other directories."""
+    if path.startswith("hf:"):
+        from hybridray.data.hf_source import absolute
+
+        return absolute(path)
     if not path or "://" in path:
         return path
     return str(Path(path).expanduser().resolve())
@@ -267,9 +281,13 @@ def build_trainer(
     run_dir_name: Optional[str] = None,
     callbacks: Optional[list] = None,
     inject_fault: Optional[tuple[int, str]] = None,
+    start_step: int = 0,
+    identity=None,
 ):
     """The ``TorchTrainer`` of a run: workers, resources, storage, retention and failures
-    from the config; the hybrid-batch stream given whole to every worker.
+    from the config; the hybrid-batch stream from ``start_step`` on, given whole to every
+    worker; the run's identity (``hybridray.runs.run_identity``, computed if not given) saved
+    with every checkpoint.
 
     ``inject_fault=(step, marker_path)`` makes rank 0 crash once at ``step`` (for testing
     recovery through ``run.max_failures``); never set by the CLI."""
@@ -278,18 +296,20 @@ def build_trainer(
 
     from hybridray.data.pipeline import build_train_dataset, ray_data_config
     from hybridray.device import dist_backend
+    from hybridray.runs import run_identity
 
     name = run_dir_name or config.name
+    identity = identity or run_identity(config)
     rejects = Path(config.run.storage_path if "://" not in config.run.storage_path else "runs") / name / "rejects.jsonl"
     rejects.parent.mkdir(parents=True, exist_ok=True)
-    dataset, info = build_train_dataset(config, rejects_path=str(rejects))
+    dataset, info = build_train_dataset(config, rejects_path=str(rejects), start_step=start_step)
     scaling = config.scaling
     resources = {"CPU": scaling.cpus_per_worker}
     if scaling.use_gpu:
         resources["GPU"] = scaling.gpus_per_worker
     trainer = TorchTrainer(
         train_func,
-        train_loop_config={"config": config.model_dump(), "fault": inject_fault},
+        train_loop_config={"config": config.model_dump(), "run": identity.as_dict(), "fault": inject_fault},
         torch_config=TorchConfig(backend=dist_backend("cuda" if scaling.use_gpu else "cpu")),
         scaling_config=ScalingConfig(
             num_workers=scaling.num_workers, use_gpu=scaling.use_gpu, resources_per_worker=resources
@@ -307,17 +327,44 @@ def build_trainer(
     return trainer, info
 
 
-def run_training(config: Config, inject_fault: Optional[tuple[int, str]] = None) -> dict:
-    """Train, then collect the final model and before/after reports from the last checkpoint
-    into ``<storage_path>/<name>/`` (``model/``, ``eval/before``, ``eval/after``, ``summary.json``)."""
+def _say(message: str) -> None:
+    print(f"hybridray: {message}", file=sys.stderr, flush=True)
+
+
+def run_training(
+    config: Config, *, overwrite: bool = False, inject_fault: Optional[tuple[int, str]] = None
+) -> dict:
+    """Train (or resume, or recognise a finished run: ``hybridray.runs``), then collect the
+    final model and before/after reports from the last checkpoint into
+    ``<storage_path>/<name>/`` (``model/``, ``eval/before``, ``eval/after``, ``summary.json``).
+
+    ``overwrite`` deletes an existing run directory first; without it a directory that holds
+    another run is refused."""
+    from hybridray import storage
     from hybridray.models import resolve_model_path
+    from hybridray.runs import plan_run, run_dir, run_identity
 
     config = resolve_paths(config)
+    identity = run_identity(config)
+    plan = plan_run(config, identity, overwrite=overwrite)
+    directory = run_dir(config)
+    if plan.complete:
+        _say(f"run {config.name!r} is already complete ({plan.start_step}/{config.train.max_steps} steps); "
+             f"its outputs are in {directory}: model/, eval/, summary.json (pass --overwrite to train it again)")
+        written = storage.read_text(storage.join(directory, "summary.json"))
+        if written is not None:
+            return json.loads(written)
+        # the driver died after training but before collecting: collect now
+        summary = {"name": config.name, "metrics": plan.metrics, "checkpoint": plan.checkpoint, "data": None}
+        return _collect_outputs(config, plan.checkpoint, summary, print_reports=False)
+    if plan.start_step:
+        _say(f"resuming run {config.name!r} from step {plan.start_step}/{config.train.max_steps} "
+             f"({plan.checkpoint})")
     resolve_model_path(config.model.name_or_path)  # build a builtin once, before the workers start
     init_ray()
-    trainer, info = build_trainer(config, inject_fault=inject_fault)
+    trainer, info = build_trainer(config, inject_fault=inject_fault, start_step=plan.start_step, identity=identity)
     for note in info.notes:
-        print(f"[hybridray] note: {note}", flush=True)
+        _say(f"note: {note}")
     result = trainer.fit()
     if result.error is not None:
         raise result.error
@@ -327,40 +374,49 @@ def run_training(config: Config, inject_fault: Optional[tuple[int, str]] = None)
         "checkpoint": result.checkpoint.path if result.checkpoint else None,
         "data": asdict(info),
     }
-    if result.checkpoint is not None and "://" not in config.run.storage_path:
-        run_dir = Path(config.run.storage_path) / config.name
-        with result.checkpoint.as_directory() as directory:
-            for part in ("model", "eval"):
-                source = Path(directory) / part
-                if source.exists():
-                    shutil.copytree(source, run_dir / part, dirs_exist_ok=True)
-        summary["model"] = str(run_dir / "model")
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
-        for name in ("before", "after"):
-            table = run_dir / "eval" / name / "report.md"
-            if table.exists():
-                print(f"\n## Held-out evaluation {name} training\n\n{table.read_text()}")
-    if config.train.final_eval_suite and result.checkpoint is not None:
-        summary["final_eval_suite"] = run_final_suite(config, result.checkpoint)
+    summary = _collect_outputs(config, summary["checkpoint"], summary)
+    if config.train.final_eval_suite and summary["checkpoint"]:
+        summary["final_eval_suite"] = run_final_suite(config, summary["checkpoint"])
         if "://" not in config.run.storage_path:  # summary.json gains the suite's place
             (Path(config.run.storage_path) / config.name / "summary.json").write_text(
                 json.dumps(summary, indent=2, default=str) + "\n")
     return summary
 
 
-def run_final_suite(config: Config, checkpoint) -> str:
-    """``train.final_eval_suite`` on the exported model of the last checkpoint, on the driver
+def _collect_outputs(config: Config, checkpoint: Optional[str], summary: dict, print_reports: bool = True) -> dict:
+    """Copy ``model/`` and ``eval/`` out of the final checkpoint into the run directory and
+    write ``summary.json`` there (local storage; see issue notes for ``s3://``)."""
+    if checkpoint is None or "://" in config.run.storage_path:
+        return summary
+    run_dir = Path(config.run.storage_path) / config.name
+    for part in ("model", "eval"):
+        source = Path(checkpoint) / part
+        if source.exists():
+            shutil.copytree(source, run_dir / part, dirs_exist_ok=True)
+    summary["model"] = str(run_dir / "model")
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    if print_reports:
+        for name in ("before", "after"):
+            table = run_dir / "eval" / name / "report.md"
+            if table.exists():
+                print(f"\n## Held-out evaluation {name} training\n\n{table.read_text()}")
+    return summary
+
+
+def run_final_suite(config: Config, checkpoint: str) -> str:
+    """``train.final_eval_suite`` on the exported model of the final checkpoint, on the driver
     after training; the report goes to ``<run>/eval/suite/`` (local storage) or
     ``runs/<name>/eval/suite/`` (``s3://`` storage). Returns that directory."""
+    from hybridray import storage
     from hybridray.config import load_suite
     from hybridray.evaluate.suite import run_suite
 
     local = Path(config.run.storage_path if "://" not in config.run.storage_path else "runs") / config.name
     out = local / "eval" / "suite"
     suite = load_suite(config.train.final_eval_suite)
-    with checkpoint.as_directory() as directory:
-        exported = local / "model" if (local / "model").is_dir() else Path(directory) / "model"
-        run_suite(suite, str(exported), out, suite_path=config.train.final_eval_suite,
+    exported = str(local / "model") if (local / "model").is_dir() else storage.join(checkpoint, "model")
+    with storage.local_dir(exported) as model_dir:
+        run_suite(suite, str(model_dir), out, suite_path=config.train.final_eval_suite,
                   overrides={"pooling": config.model.pooling},
                   label=f"Run `{config.name}` after {config.train.max_steps} steps")
     print("\n" + (out / "report.md").read_text(encoding="utf-8").split("\n---\n")[0])

@@ -1,9 +1,19 @@
-"""Shared fixtures: where the real data lives and the prepared MLQA-R shards."""
+"""Shared fixtures: where the real data lives, the prepared MLQA-R shards, one S3-API server
+and one local Ray for the whole session.
+
+Ray is started once per test session (``ray_session``), never per module: starting and
+stopping Ray repeatedly in one process is where the suite used to die without a word.
+``RAY_ENABLE_AUTO_CONNECT=0`` makes any Ray call made outside a live session fail loudly
+instead of silently starting a second cluster next to the first.
+"""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+
+os.environ.setdefault("RAY_ENABLE_AUTO_CONNECT", "0")  # before anything imports ray
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -19,6 +29,63 @@ def mlqa_prepared(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("prepared") / "mlqa-r"
     prepare_lareqa(MLQA_R, out, heldout_fraction=0.3, seed=0)
     return out
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A moto S3 server on 127.0.0.1 for the session; the usual ``AWS_*`` variables point at it.
+
+    Set before Ray starts (``ray_session`` depends on it), so Ray workers inherit them, as on a
+    real cluster where endpoint and credentials are in the environment before ``ray start``.
+    Tests create their own buckets.
+    """
+    from moto.server import ThreadedMotoServer
+
+    from hybridray import storage
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+           "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true",
+           "AWS_ENDPOINT_URL": endpoint}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    storage._s3.cache_clear()
+    yield endpoint
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    storage._s3.cache_clear()
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def ray_session(s3_server):
+    """One local Ray (2 CPUs, loopback) shared by every test that needs Ray."""
+    import ray
+
+    from hybridray.train import init_ray
+
+    init_ray(num_cpus=2)
+    yield
+    ray.shutdown()
+
+
+def pytest_runtest_logstart(nodeid, location):
+    """Record the test that is starting (``tests/run.sh`` names it if the process dies)."""
+    progress = os.environ.get("HYBRIDRAY_TEST_PROGRESS")
+    if progress:
+        Path(progress).write_text(nodeid + "\n")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    progress = os.environ.get("HYBRIDRAY_TEST_PROGRESS")
+    if progress:
+        Path(progress).write_text(f"finished with exit status {int(exitstatus)}\n")
 
 
 def spawn_one_and_two(worker, tmp: Path, names: tuple[str, str]):

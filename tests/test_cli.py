@@ -1,6 +1,7 @@
 """The installed ``hybridray`` command: help for every subcommand, exit code 2 for user errors."""
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -63,3 +64,17 @@ def test_data_prepare_refuses_to_overwrite(tmp_path):
 def test_module_entry_point_matches():
     result = subprocess.run([sys.executable, "-m", "hybridray.cli", "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "train" in result.stdout
+
+
+def test_the_suite_runner_names_the_test_during_which_pytest_died(tmp_path):
+    """A process that dies without pytest's summary is never silent (tests/run-suite.sh)."""
+    (tmp_path / "test_dies.py").write_text(
+        "import os\n\ndef test_fine():\n    pass\n\ndef test_dies():\n    os._exit(1)\n")
+    (tmp_path / "conftest.py").write_text((REPO / "tests" / "conftest.py").read_text())
+    done = subprocess.run(
+        ["bash", str(REPO / "tests" / "run-suite.sh"), "-q", "-p", "no:cacheprovider", str(tmp_path)],
+        capture_output=True, text=True, env={**os.environ, "PYTHON": sys.executable}, cwd=tmp_path,
+    )
+    assert done.returncode == 1
+    assert "pytest died (exit 1) before finishing; the test running was: " in done.stderr
+    assert "test_dies.py::test_dies" in done.stderr

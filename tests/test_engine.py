@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -32,6 +33,8 @@ STEPS = 5
 #: ZeRO stage -> LR schedule tried with it (each schedule goes through a real engine once).
 STAGE_SCHEDULES = {1: "linear", 2: "cosine", 3: "constant"}
 CLIP_STAGES, CLIPS = (0, 2), (0.0, 0.05)
+ALL_STAGES = (0, 1, 2, 3)
+TAU0, TAU_MIN = 0.011, 0.01  # a learned temperature starting just above its lower bound
 
 
 def tiny_bert():
@@ -66,18 +69,25 @@ def config(**sections):
 # ----------------------------------------------------------------------------- pure pieces
 def test_deepspeed_config_is_explicit():
     cfg = config(sampler={"batch_size": 32}, scaling={"num_workers": 2},
-                 optim={"grad_accum": 2, "grad_clip": 0.0}, deepspeed={"zero_stage": 3})
+                 optim={"grad_clip": 0.0}, deepspeed={"zero_stage": 3})
     ds = deepspeed_config(cfg, world_size=2)
     assert ds["train_batch_size"] == 32
-    assert ds["train_micro_batch_size_per_gpu"] == 8 and ds["gradient_accumulation_steps"] == 2
+    assert ds["train_micro_batch_size_per_gpu"] == 16 and ds["gradient_accumulation_steps"] == 1
     assert ds["gradient_clipping"] == 0.0  # present and off, not DeepSpeed's silent 1.0
     assert ds["zero_optimization"] == {"stage": 3}
     assert ds["bf16"] == {"enabled": False} and ds["fp16"] == {"enabled": False}  # CPU: fp32
     assert ds["zero_force_ds_cpu_optimizer"] is False
     assert ds["zero_allow_untested_optimizer"] is True
     assert deepspeed_config(config(optim={"grad_clip": 2.5}), 1)["gradient_clipping"] == 2.5
-    with pytest.raises(UserError, match="grad_accum"):
-        micro_batch_size(config(sampler={"batch_size": 12}, optim={"grad_accum": 8}), 1)
+    with pytest.raises(UserError, match="multiple of the workers"):
+        micro_batch_size(config(sampler={"batch_size": 12}), 8)
+
+
+def test_gradient_accumulation_is_refused_with_the_reason():
+    """Accumulation used to mix a mono and a cross global batch into one update, end the LR
+    schedule at half its length and checkpoint mid-accumulation."""
+    with pytest.raises(UserError, match=r"optim.grad_accum: values above 1 are not supported"):
+        config(optim={"grad_accum": 2})
 
 
 def test_lr_factor_schedules():
@@ -151,6 +161,61 @@ def _reference_run(bert, cfg, batches):
     return {n: p.detach().clone() for n, p in model.named_parameters()}, norms
 
 
+def _temperature_run(bert, stage):
+    """4 AdamW steps at a large LR on a batch whose passages equal its queries (the positive
+    is the best match, so the loss pulls the temperature down): the learned log-temperature
+    after each step, in the module and in DeepSpeed's fp32 master copy."""
+    import deepspeed
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    from hybridray.engine import build_engine, clamp_temperature
+
+    cfg = config(deepspeed={"zero_stage": stage}, model={"freeze_embeddings": True},
+                 loss={"temperature": TAU0, "learn_temperature": True},
+                 optim={"lr": 0.5, "warmup_steps": 0, "schedule": "constant", "grad_clip": 0.0})
+    engine = build_engine(TrainingModel.from_config(cfg, copy.deepcopy(bert)), cfg, 1)
+    b = batch(0)
+    b["passage_input_ids"], b["passage_attention_mask"] = b["query_input_ids"], b["query_attention_mask"]
+    param = engine.module.loss.log_temperature
+    values, masters = [], []
+    for _ in range(4):
+        engine.backward(engine(**b))
+        engine.step()
+        clamp_temperature(engine)
+        with deepspeed.zero.GatheredParameters([param], enabled=stage == 3):
+            values.append(param.item())
+        master = safe_get_full_fp32_param(param)
+        masters.append(master.item() if master is not None else None)
+    return {"values": values, "masters": masters}
+
+
+def _modes_after_build(scratch):
+    """Which submodules are in train mode in an engine built on a model loaded from disk
+    (``from_pretrained`` returns eval mode), and after a held-out evaluation."""
+    import json as json_
+
+    from hybridray.engine import build_engine
+    from hybridray.train import heldout_evaluation
+
+    cfg = config(model={"name_or_path": "builtin:tiny"})
+    engine = build_engine(TrainingModel.from_config(cfg), cfg, 1)
+    after_build = [n for n, m in engine.module.named_modules() if not m.training]
+    directory = Path(scratch) / "lareqa"
+    directory.mkdir()
+    para = {"context": "Berlin ist die Hauptstadt. Paris auch.", "sentences": ["Berlin ist die Hauptstadt.", "Paris auch."],
+            "sentence_breaks": [[0, 25], [26, 37]],
+            "qas": [{"id": "q1", "question": "Was ist Berlin?", "answers": [{"text": "Berlin", "answer_start": 0}]}]}
+    for lang in ("de", "en"):
+        (directory / f"{lang}.json").write_text(json_.dumps({"data": [{"title": "t", "paragraphs": [para]}]}))
+    from hybridray.evaluate.lareqa import load_lareqa
+
+    heldout = load_lareqa(directory)
+    reports = [heldout_evaluation(engine, engine.module.encoder.tokenizer, heldout, cfg, "check") for _ in range(2)]
+    after_eval = [n for n, m in engine.module.named_modules() if not m.training]
+    return {"after_build": after_build, "after_eval": after_eval,
+            "deterministic_eval": reports[0]["summary"] == reports[1]["summary"]}
+
+
 def _worker(index, ports, outputs):
     """Processes 0-1: ZeRO-1/2/3 training with 2 ranks. Process 2 (alone, world 1): clipping
     through the engine against ``_reference_run``."""
@@ -185,6 +250,8 @@ def _worker(index, ports, outputs):
                 got = {n: p.detach().clone() for n, p in engine.module.named_parameters()}
                 want, norms = _reference_run(bert, cfg, batches)
                 results[(stage, clip)] = {"got": got, "want": want, "norms": norms}
+        results["temperature"] = {stage: _temperature_run(bert, stage) for stage in ALL_STAGES}
+        results["modes"] = _modes_after_build(outputs[1].parent)
     if rank == 0:
         torch.save(results, outputs[world])
     dist.barrier()
@@ -215,6 +282,27 @@ def test_engine_follows_the_lr_schedule(runs, stage):
     assert want[0] < want[1]  # warm-up
     if STAGE_SCHEDULES[stage] != "constant":
         assert want[-1] < want[2]  # decay
+
+
+@pytest.mark.parametrize("stage", ALL_STAGES)
+def test_learned_temperature_is_clamped_as_a_parameter(runs, stage):
+    """The bound holds for the parameter and DeepSpeed's master copy after every step; clamping
+    only the forward value let Adam carry the parameter past the bound, where its gradient
+    is zero (it then needs as many steps to come back)."""
+    result = runs[0]["temperature"][stage]
+    bound = math.log(TAU_MIN)
+    assert all(v >= bound - 1e-6 for v in result["values"]), result
+    assert result["values"][0] == pytest.approx(bound, abs=1e-6)  # it was pulled down: the clamp acted
+    if stage:
+        assert all(m >= bound - 1e-6 for m in result["masters"]), result
+
+
+def test_engine_trains_in_train_mode_and_evaluates_in_eval_mode(runs):
+    """Dropout used to be on only after an evaluation had run (it switched the model to train
+    mode on its way out); a resumed run then trained without dropout."""
+    modes = runs[0]["modes"]
+    assert modes["after_build"] == [] and modes["after_eval"] == []
+    assert modes["deterministic_eval"]  # no dropout while encoding
 
 
 @pytest.mark.parametrize("stage", CLIP_STAGES)

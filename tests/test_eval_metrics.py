@@ -1,5 +1,6 @@
 """Ranking metrics against slow, obviously correct references, and BEIR metrics against
-pytrec_eval. Embeddings are small integers so every score is exact and ties are real."""
+pytrec_eval. Embeddings are small integers so every score is exact and ties are real: every
+reference breaks them by the fixed tie-break keys (``tiebreak_keys``), never by relevance."""
 from __future__ import annotations
 
 import json
@@ -17,34 +18,36 @@ from hybridray.evaluate.metrics import (
     rank_counts,
     rank_distance,
     recall_at_k,
+    tiebreak_keys,
     topk_recall,
 )
+from hybridray.evaluate.search import search
 from hybridray.evaluate.tatoeba import bitext_accuracy
 
 
 # ----------------------------------------------------------------------------- references
-def ref_rank(scores: list[float], item: int) -> int:
-    """1 + the number of candidates scoring strictly higher."""
-    return 1 + sum(1 for s in scores if s > scores[item])
+def ref_ranking(scores: list[float], keys) -> list[int]:
+    """The full ranking: by score, equal scores by key, both descending."""
+    return sorted(range(len(scores)), key=lambda i: (-scores[i], -keys[i]))
 
 
-def ref_ranking(scores: list[float], relevant: set[int]) -> list[int]:
-    """The full ranking, every tie broken in favour of relevant items."""
-    return sorted(range(len(scores)), key=lambda i: (-scores[i], i not in relevant))
+def ref_rank(scores: list[float], item: int, keys) -> int:
+    """1-based position of ``item`` in ``ref_ranking``."""
+    return ref_ranking(scores, keys).index(item) + 1
 
 
-def ref_ap(scores: list[float], relevant: set[int]) -> float:
+def ref_ap(scores: list[float], relevant: set[int], keys) -> float:
     """Textbook AP: walk the full ranking, average the precision at each relevant item."""
     hits, total = 0, 0.0
-    for position, item in enumerate(ref_ranking(scores, relevant), 1):
+    for position, item in enumerate(ref_ranking(scores, keys), 1):
         if item in relevant:
             hits += 1
             total += hits / position
     return total / len(relevant)
 
 
-def ref_recall(scores: list[float], relevant: set[int], k: int) -> float:
-    return len(set(ref_ranking(scores, relevant)[:k]) & relevant) / len(relevant)
+def ref_recall(scores: list[float], relevant: set[int], k: int, keys) -> float:
+    return len(set(ref_ranking(scores, keys)[:k]) & relevant) / len(relevant)
 
 
 def ranks_array(rows: list[list[int]]) -> np.ndarray:
@@ -59,34 +62,37 @@ def scored(values: list[float]) -> tuple[np.ndarray, np.ndarray]:
 
 # ----------------------------------------------------------------------------- hand-made
 SCORES = [9, 5, 5, 1]  # candidates 1 and 2 tie
+KEYS_2_FIRST = [0, 1, 2, 3]  # the tie goes to candidate 2 (higher key)
+KEYS_1_FIRST = [0, 2, 1, 3]
 
 
 @pytest.mark.parametrize(
-    "relevant, ranks, ap, r1, r2",
+    "relevant, keys, ranks, ap, r1, r2",
     [
-        ([2], [2], 1 / 2, 0, 1),  # a tie is not "strictly higher": rank 2, not 3
-        ([1, 2], [2, 2], (1 / 2 + 2 / 3) / 2, 0, 1 / 2),  # tied relevant items: rank 2, positions 2, 3
-        ([0, 2, 3], [1, 2, 4], (1 / 1 + 2 / 2 + 3 / 4) / 3, 1 / 3, 2 / 3),
-        ([3], [4], 1 / 4, 0, 0),
+        ([2], KEYS_2_FIRST, [2], 1 / 2, 0, 1),  # candidate 2 wins the tie by its key
+        ([2], KEYS_1_FIRST, [3], 1 / 3, 0, 0),  # ... and loses it: relevance plays no part
+        ([1, 2], KEYS_2_FIRST, [3, 2], (1 / 2 + 2 / 3) / 2, 0, 1 / 2),
+        ([0, 2, 3], KEYS_1_FIRST, [1, 3, 4], (1 / 1 + 2 / 3 + 3 / 4) / 3, 1 / 3, 1 / 3),
+        ([3], KEYS_2_FIRST, [4], 1 / 4, 0, 0),
     ],
 )
-def test_hand_made_ranks_and_metrics(relevant, ranks, ap, r1, r2):
+def test_hand_made_ranks_and_metrics(relevant, keys, ranks, ap, r1, r2):
     query, candidates = scored(SCORES)
-    counts = rank_counts(query, candidates, np.array([relevant]), [(0, 4)])
+    counts = rank_counts(query, candidates, np.array([relevant]), [(0, 4)], keys=np.array(keys))
     got = 1 + counts[0, :, 0]
     assert got.tolist() == ranks
     assert average_precision(got[None]) == pytest.approx([ap])
-    assert average_precision(got[None]) == pytest.approx([ref_ap(SCORES, set(relevant))])
+    assert average_precision(got[None]) == pytest.approx([ref_ap(SCORES, set(relevant), keys)])
     assert recall_at_k(got[None], 1) == pytest.approx([r1])
     assert recall_at_k(got[None], 2) == pytest.approx([r2])
-    assert recall_at_k(got[None], 2) == pytest.approx([ref_recall(SCORES, set(relevant), 2)])
+    assert recall_at_k(got[None], 2) == pytest.approx([ref_recall(SCORES, set(relevant), 2, keys)])
 
 
-def test_relevant_items_all_tied_at_the_top_are_perfect_not_above_one():
-    ranks = np.array([[1, 1, 1]])
-    assert average_precision(ranks) == pytest.approx([1.0])
-    assert recall_at_k(ranks, 1) == pytest.approx([1 / 3])  # only one fits in the top 1
-    assert rank_distance(ranks) == pytest.approx([0.0])
+def test_shared_ranks_are_refused():
+    """Ranks come from a total order; two relevant items at one rank would let AP exceed 1."""
+    with pytest.raises(ValueError, match="share a rank"):
+        average_precision(np.array([[1, 1, 3]]))
+    assert average_precision(np.array([[1, 2, 0, 0]])) == pytest.approx([1.0])  # empty slots may repeat
 
 
 def test_rank_distance_and_empty_slots():
@@ -107,29 +113,49 @@ def test_rank_counts_match_brute_force_with_ties_and_pools():
     relevant = rng.integers(0, 40, (13, 3))
     relevant[rng.random((13, 3)) < 0.3] = -1
     counts = rank_counts(queries, candidates, relevant, pools, chunk_size=4)
+    keys = tiebreak_keys(40)
     scores = (queries @ candidates.T).tolist()
+    n_ties = 0
     for i in range(13):
         for slot in range(3):
             for p, (lo, hi) in enumerate(pools):
-                if relevant[i, slot] < 0:
+                r = relevant[i, slot]
+                if r < 0:
                     assert counts[i, slot, p] == 0
-                else:
-                    target = scores[i][relevant[i, slot]]
-                    assert counts[i, slot, p] == sum(1 for s in scores[i][lo:hi] if s > target)
+                    continue
+                target = (scores[i][r], keys[r])
+                above = [c for c in range(lo, hi) if (scores[i][c], keys[c]) > target]
+                n_ties += sum(1 for c in range(lo, hi) if c != r and scores[i][c] == scores[i][r])
+                assert counts[i, slot, p] == len(above)
+    assert n_ties > 20  # the comparison has teeth: many real ties
 
 
 def test_average_precision_equals_reference_and_pytrec_eval_without_ties():
     rng = np.random.default_rng(1)
     scores = rng.standard_normal((20, 50))
+    keys = tiebreak_keys(50)
     relevant = [sorted(rng.choice(50, size=rng.integers(1, 6), replace=False).tolist()) for _ in range(20)]
-    ranks = ranks_array([[ref_rank(scores[i].tolist(), r) for r in rel] for i, rel in enumerate(relevant)])
+    ranks = ranks_array([[ref_rank(scores[i].tolist(), r, keys) for r in rel] for i, rel in enumerate(relevant)])
     ap = average_precision(ranks)
     run = {f"q{i}": {f"d{j}": float(scores[i, j]) for j in range(50)} for i in range(20)}
     qrels = {f"q{i}": {f"d{j}": 1 for j in rel} for i, rel in enumerate(relevant)}
     trec = pytrec_eval.RelevanceEvaluator(qrels, {"map"}).evaluate(run)
     for i, rel in enumerate(relevant):
-        assert ap[i] == pytest.approx(ref_ap(scores[i].tolist(), set(rel)))
+        assert ap[i] == pytest.approx(ref_ap(scores[i].tolist(), set(rel), keys))
         assert ap[i] == pytest.approx(trec[f"q{i}"]["map"])
+
+
+def test_search_orders_ties_by_key_also_across_the_cut():
+    rng = np.random.default_rng(4)
+    corpus = rng.integers(-1, 2, (60, 3)).astype(np.float32)  # few distinct vectors: many ties
+    queries = rng.integers(-1, 2, (9, 3)).astype(np.float32)
+    keys = tiebreak_keys(60)
+    for k in (1, 5, 17, 60):
+        scores, hits = search(queries, corpus, k)
+        for i in range(len(queries)):
+            want = ref_ranking((corpus @ queries[i]).tolist(), keys)[:k]
+            assert hits[i].tolist() == want, (k, i)
+            np.testing.assert_allclose(scores[i], corpus[want] @ queries[i])
 
 
 # ----------------------------------------------------------------------------- LAReQA
@@ -152,6 +178,7 @@ def ref_lareqa(data: LareqaData, query_emb: dict, cand_emb: dict) -> dict:
     langs = data.langs
     pool_all = np.concatenate([cand_emb[lang] for lang in langs])
     offset = dict(zip(langs, np.cumsum([0] + [len(cand_emb[lang]) for lang in langs])))
+    keys = tiebreak_keys(len(pool_all))  # pooled indices, also inside one language's pool
 
     def gold_global(lang, qid):
         if qid not in data.question_ids[lang]:
@@ -168,7 +195,7 @@ def ref_lareqa(data: LareqaData, query_emb: dict, cand_emb: dict) -> dict:
                 if g is None:
                     continue
                 scores = (cand_emb[y] @ query_emb[x][i]).tolist()
-                rank = ref_rank(scores, g - offset[y])
+                rank = ref_rank(scores, g - offset[y], keys[offset[y]:])
                 aps.append(1 / rank)
                 hits.append(rank <= 1)
             pairs[x][y] = (np.mean(aps) if aps else np.nan, np.mean(hits) if hits else np.nan, len(aps))
@@ -176,9 +203,9 @@ def ref_lareqa(data: LareqaData, query_emb: dict, cand_emb: dict) -> dict:
         for i, qid in enumerate(data.question_ids[x]):
             rel = [g for y in langs if (g := gold_global(y, qid)) is not None]
             scores = (pool_all @ query_emb[x][i]).tolist()
-            ranks = [ref_rank(scores, g) for g in rel]
-            aps.append(ref_ap(scores, set(rel)))
-            recalls.append(ref_recall(scores, set(rel), 10))
+            ranks = [ref_rank(scores, g, keys) for g in rel]
+            aps.append(ref_ap(scores, set(rel), keys))
+            recalls.append(ref_recall(scores, set(rel), 10, keys))
             if len(ranks) >= 2:
                 distances.append(max(ranks) - min(ranks))
         per_lang[x] = (np.mean(aps), np.mean(recalls), np.mean(distances) if distances else np.nan)
@@ -226,10 +253,52 @@ def test_lareqa_skips_missing_versions_and_counts():
     assert got["pairs"]["de"]["fr"]["n_queries"] == 2
     assert got["summary"]["n_cross_pairs"] == 6
     assert got["summary"]["n_candidates"] == 13 and got["summary"]["n_queries"] == 9
-    # every score ties: every relevant item has rank 1, so everything is perfect
-    assert got["summary"]["map"] == {"mono": 1.0, "cross": 1.0, "multi": 1.0}
-    assert got["summary"]["rank_distance"] == 0.0
     assert got["summary"]["recall_at"] == RECALL_AT
+    # every score ties: the fixed keys decide, exactly as the reference says -- not "perfect"
+    want = ref_lareqa(data, query_emb, cand_emb)
+    for setting in ("mono", "cross", "multi"):
+        assert got["summary"]["map"][setting] == pytest.approx(want["map"][setting])
+        assert got["summary"]["map"][setting] < 1.0
+    assert got["summary"]["rank_distance"] == pytest.approx(want["rank_distance"]) and want["rank_distance"] > 0
+
+
+def parallel_lareqa(n_questions=300, per_paragraph=5, langs=("en", "de", "fr")) -> LareqaData:
+    """Every question in every language; each pool holds ``per_paragraph`` sentences per
+    question (its gold first, in question order)."""
+    n = n_questions * per_paragraph
+    return LareqaData(
+        path="synthetic", langs=list(langs),
+        question_ids={lang: [f"q{i}" for i in range(n_questions)] for lang in langs},
+        questions={lang: [f"{lang}{i}" for i in range(n_questions)] for lang in langs},
+        gold={lang: np.arange(n_questions) * per_paragraph for lang in langs},
+        sentences={lang: [f"s{j}" for j in range(n)] for lang in langs},
+        contexts={lang: ["p"] * n for lang in langs},
+    )
+
+
+def test_a_collapsed_encoder_scores_at_chance_in_every_metric():
+    """All embeddings equal: with ties in the relevant item's favour this scored mAP 1.0 and
+    rank distance 0 -- and a sweep would have picked it. Now it scores like random vectors."""
+    data = parallel_lareqa()
+    n_q, n_c = 300, 1500
+    collapsed = score_lareqa(
+        data, {lang: np.ones((n_q, 4), np.float32) for lang in data.langs},
+        {lang: np.ones((n_c, 4), np.float32) for lang in data.langs},
+    )["summary"]
+    rng = np.random.default_rng(0)
+    random = score_lareqa(
+        data, {lang: rng.standard_normal((n_q, 64)).astype(np.float32) for lang in data.langs},
+        {lang: rng.standard_normal((n_c, 64)).astype(np.float32) for lang in data.langs},
+    )["summary"]
+    # Chance: E[1/rank] = H_N / N = 0.0053 for one relevant item among N = 1,500; the expected
+    # spread of 3 random ranks among 4,500 is 4,501 * 2/4 = 2,250.
+    for summary in (collapsed, random):
+        assert all(value < 0.02 for value in summary["map"].values()), summary["map"]
+        assert all(value < 0.05 for value in summary["recall"].values()), summary["recall"]
+        assert 1_800 < summary["rank_distance"] < 2_700, summary["rank_distance"]
+    # the Tatoeba and BEIR paths too (one relevant line / document per query)
+    same = np.ones((200, 4), np.float32)
+    assert max(bitext_accuracy(same, same)) <= 0.01
 
 
 # ----------------------------------------------------------------------------- BEIR
@@ -289,6 +358,17 @@ def test_score_beir_matches_pytrec_eval_on_its_own_run(tmp_path):
     assert got["ndcg@10"] == pytest.approx(np.mean([t["ndcg_cut_10"] for t in trec.values()]), abs=1e-6)
     assert got["recall@100"] == pytest.approx(np.mean([t["recall_100"] for t in trec.values()]), abs=1e-6)
     assert got["mrr@10"] == pytest.approx(np.mean([t["recip_rank"] for t in trec_rr.values()]), abs=1e-6)
+
+
+def test_score_beir_of_a_collapsed_encoder_is_near_chance(tmp_path):
+    """Every document ties: the top 100 are the 100 highest keys, not the first 100 rows
+    (corpus order often follows the qrels, e.g. ids assigned in judging order)."""
+    corpus_ids = [f"doc{j}" for j in range(1000)]
+    qrels = {f"q{i}": {f"doc{i}": 1} for i in range(50)}  # relevant = the first rows
+    write_beir(tmp_path / "set", corpus_ids, list(qrels), qrels)
+    data = load_beir(tmp_path / "set")
+    got = score_beir(data, np.ones((50, 4), np.float32), np.ones((1000, 4), np.float32))
+    assert got["recall@100"] < 0.25 and got["ndcg@10"] < 0.05  # chance: 0.1 and ~0.01
 
 
 # ----------------------------------------------------------------------------- Tatoeba

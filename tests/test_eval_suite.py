@@ -4,7 +4,6 @@ and the end-of-training hook ``train.final_eval_suite`` (without a Ray fit)."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 
 import pytest
@@ -158,31 +157,18 @@ def test_suite_and_option_errors_name_the_key(tmp_path, small, capsys):
 
 # ----------------------------------------------------------------------------- S3
 @pytest.fixture
-def s3_bucket(small):
+def s3_bucket(s3_server, small):
+    """The small TyDi copy under s3://eval-data/sets/tydi on the session's moto server."""
     import boto3
-    from moto.server import ThreadedMotoServer
 
-    from hybridray.data import reader
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
-    server.start()
-    host, port = server.get_host_and_port()
-    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-           "AWS_EC2_METADATA_DISABLED": "true", "AWS_ENDPOINT_URL": f"http://{host}:{port}"}
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    client = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"])
+    client = boto3.client("s3", endpoint_url=s3_server)
     client.create_bucket(Bucket="eval-data")
     for path in (small / "tydi").rglob("*.json"):
         client.upload_file(str(path), "eval-data", f"sets/tydi/{path.relative_to(small / 'tydi')}")
     yield "s3://eval-data/sets"
-    for k, v in old.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
-    reader._s3.cache_clear()
-    server.stop()
+    bucket = boto3.resource("s3", endpoint_url=s3_server).Bucket("eval-data")
+    bucket.objects.all().delete()
+    bucket.delete()
 
 
 def test_suite_reads_s3(tmp_path, s3_bucket, small):
@@ -206,8 +192,6 @@ def build_suite(tasks):
 
 # ----------------------------------------------------------------------------- training hook
 def test_final_eval_suite_runs_on_the_exported_model(tmp_path, small):
-    import ray.train
-
     from hybridray.models import resolve_model_path
     from hybridray.train import resolve_paths, run_final_suite
 
@@ -218,7 +202,7 @@ def test_final_eval_suite_runs_on_the_exported_model(tmp_path, small):
             "model": {"name_or_path": "builtin:tiny"}, "train": {"final_eval_suite": str(suite), "max_steps": 3}}
     checkpoint_dir = tmp_path / "checkpoint"
     shutil.copytree(resolve_model_path("builtin:tiny"), checkpoint_dir / "model")
-    out = run_final_suite(build_config(tree), ray.train.Checkpoint.from_directory(str(checkpoint_dir)))
+    out = run_final_suite(build_config(tree), str(checkpoint_dir))
     report = json.loads((tmp_path / "runs" / "hook" / "eval" / "suite" / "report.json").read_text())
     assert out.endswith("runs/hook/eval/suite") and report["label"] == "Run `hook` after 3 steps"
     assert list(report["tasks"]["tydi"]["per_language"]) == ["sw"]

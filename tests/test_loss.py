@@ -8,22 +8,27 @@ import torch
 import torch.nn.functional as F
 
 from hybridray.distributed import all_gather_no_grad, all_gather_with_grad, world_size
-from hybridray.loss import InfoNCELoss
+from hybridray.loss import NO_GROUP, InfoNCELoss
 
 N, D, K = 6, 5, 2
-GROUPS = [0, 0, 1, 2, 1, 3]  # pairs 0/1 and 2/4 are translations of each other
-NEG_GROUPS = [0, 9, 4, 5, 1, 6, 7, 8, 2, 1, 10, 11]  # some hard negatives share a group
+GROUPS = [1, 1, 2, 3, 2, 4]  # pairs 0/1 and 2/4 are translations of each other
+# Hard negatives, query-major (K per query): q0's first answers its own group 1 (spared for
+# q0, a false negative for q1), q2's first its own group 2 (a false negative for q4), q4's
+# answer q3's group 3 and q2's group 2; 0 = NO_GROUP answers nothing.
+NEG_GROUPS = [1, 9, 4, 5, 2, NO_GROUP, 7, 8, 3, 2, 10, NO_GROUP]
 
 
 def reference(q, p, h, groups, neg_groups, tau, symmetric, mask):
     """-log p(positive) averaged over rows, by loops over every (row, column) pair."""
 
     def row_loss(row, pos, candidates):
-        # candidates: (vector, group, is_positive); masked columns are simply skipped
+        # candidates: (vector, group, is_positive, owner); masked columns are simply skipped.
+        # A column is a false negative of row ``pos`` when it answers the row's group, unless
+        # it is the row's positive or one of the row's own hard negatives (owner == pos).
         logits = []
-        for vec, group, is_pos in candidates:
-            same_group = groups is not None and group is not None and group == groups[pos]
-            if mask and not is_pos and same_group:
+        for vec, group, is_pos, owner in candidates:
+            same_group = groups is not None and group is not None and group == groups[pos] and group != NO_GROUP
+            if mask and not is_pos and owner != pos and same_group:
                 continue
             logits.append((torch.dot(row, vec) / tau, is_pos))
         denom = sum(torch.exp(s) for s, _ in logits)
@@ -35,14 +40,14 @@ def reference(q, p, h, groups, neg_groups, tau, symmetric, mask):
 
     forward = []
     for i in range(len(q)):
-        cands = [(p[j], group(groups, j), j == i) for j in range(len(p))]
+        cands = [(p[j], group(groups, j), j == i, None) for j in range(len(p))]
         if h is not None:
-            cands += [(h[m], group(neg_groups, m), False) for m in range(len(h))]
+            cands += [(h[m], group(neg_groups, m), False, m // K) for m in range(len(h))]
         forward.append(row_loss(q[i], i, cands))
     loss = sum(forward) / len(forward)
     if symmetric:
         backward = [
-            row_loss(p[i], i, [(q[j], group(groups, j), j == i) for j in range(len(q))])
+            row_loss(p[i], i, [(q[j], group(groups, j), j == i, None) for j in range(len(q))])
             for i in range(len(p))
         ]
         loss = (loss + sum(backward) / len(backward)) / 2
@@ -96,7 +101,34 @@ def test_masking_changes_the_loss_and_spares_the_positive():
     same = InfoNCELoss(0.1)(q, p, group_ids=unique)
     assert same.item() == pytest.approx(unmasked.item(), rel=1e-12)
     # all pairs in one group: only the positive is left, the loss is exactly 0
-    assert InfoNCELoss(0.1)(q, p, group_ids=torch.zeros(N, dtype=torch.long)).item() == 0.0
+    assert InfoNCELoss(0.1)(q, p, group_ids=torch.ones(N, dtype=torch.long)).item() == 0.0
+
+
+def test_hard_negative_masking_spares_the_querys_own_negatives():
+    """The decided meaning, column by column: a hard negative answering query i's group is
+    masked for i unless it is i's own; NO_GROUP negatives are never masked."""
+    q, p, h = embeddings(0, N), embeddings(1, N), embeddings(2, N * K)
+    groups = torch.tensor(GROUPS)
+
+    def loss_without(row, masked_columns):
+        """Row ``row``'s loss computed by hand with exactly ``masked_columns`` removed."""
+        scores = torch.cat([q[row] @ p.T, q[row] @ h.T]) / loss_fn.temperature.double()
+        keep = torch.ones(len(scores), dtype=torch.bool)
+        keep[list(masked_columns)] = False
+        return -(scores[row] - torch.logsumexp(scores[keep], 0))
+
+    loss_fn = InfoNCELoss(0.1, mask_same_group=True)
+    want = [
+        loss_without(0, {1}),            # q0 (group 1): q1's positive; its own negative h0 is spared
+        loss_without(1, {0, N + 0}),     # q1 (group 1): q0's positive and q0's negative h0
+        loss_without(2, {4, N + 9}),     # q2 (group 2): q4's positive and q4's h9; its own h4 spared
+        loss_without(3, {N + 8}),        # q3 (group 3): q4's negative h8 answers group 3
+        loss_without(4, {2, N + 4}),     # q4 (group 2): q2's positive, q2's negative h4; own h9 spared
+        loss_without(5, {N + 2}),        # q5 (group 4): q1's h2; NO_GROUP negatives never masked
+    ]
+    neg_groups = torch.tensor(NEG_GROUPS)
+    got = loss_fn(q, p, h, groups, neg_groups)
+    assert got.item() == pytest.approx(torch.stack(want).mean().item(), rel=1e-12)
 
 
 def test_hard_negatives_accept_query_major_3d_shape():
@@ -126,9 +158,12 @@ def test_fixed_temperature_is_not_a_parameter_and_learned_one_is_clamped():
     loss_fn = InfoNCELoss(0.05, learn_temperature=True)
     with torch.no_grad():
         loss_fn.log_temperature.fill_(math.log(1e-5))
+    loss_fn.clamp_temperature_()  # the parameter itself moves back, not only the value used
+    assert loss_fn.log_temperature.item() == pytest.approx(math.log(0.01))
     assert loss_fn.temperature.item() == pytest.approx(0.01)
     with torch.no_grad():
         loss_fn.log_temperature.fill_(math.log(50.0))
+    loss_fn.clamp_temperature_()
     assert loss_fn.temperature.item() == pytest.approx(1.0)
 
 

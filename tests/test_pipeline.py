@@ -7,7 +7,6 @@ serves the module; pure reader checks run without it.
 from __future__ import annotations
 
 import json
-import os
 import socket
 from pathlib import Path
 
@@ -20,7 +19,7 @@ import torch
 from hybridray.config import build_config
 from hybridray.data import reader
 from hybridray.data.pipeline import build_train_dataset, iter_worker_batches, slice_step
-from hybridray.data.sampler import ExtraSource, make_windows, plan_global_batches, stable_hash64
+from hybridray.data.sampler import NO_GROUP, ExtraSource, make_windows, plan_global_batches, stable_hash64
 from hybridray.data.schema import ARROW_SCHEMA
 from hybridray.errors import UserError
 
@@ -36,14 +35,17 @@ def row(gid: str, lang: str, i: int, **kw) -> dict:
         "query": f"question {gid} {lang} " + "word " * (i % 7),
         "passage": f"answer {gid} {lang} " + "word " * (i % 11),
         "hard_negatives": [f"wrong {gid} {lang} one", f"wrong {gid} {lang} two word"],
-        "context": None, "article_id": None, "source": "test",
+        "hard_negative_group_ids": None, "context": None, "article_id": None, "source": "test",
     }
     return {**base, **kw}
 
 
 def group_rows(i: int, prefix: str = "g") -> list[dict]:
+    """Group i; its first hard negative answers group i+1 (a false negative for i+1's
+    queries), its second answers nothing."""
     langs = LANGS if i % 3 else LANGS[:2]
-    return [row(f"{prefix}{i}", lang, i) for lang in langs]
+    answers = [f"{prefix}{(i + 1) % 48}", None]
+    return [row(f"{prefix}{i}", lang, i, hard_negative_group_ids=answers) for lang in langs]
 
 
 def write_parquet(path: Path, rows: list[dict]) -> None:
@@ -70,7 +72,7 @@ def make_dataset(root: Path) -> Path:
         row("b5", "en", 0, hard_negatives=["ok", ""]),       # line 6: bad hard_negatives
         "{not json",                                         # line 7: invalid JSON
         "",                                                  # line 8: blank, skipped
-        row("g2", "zh", 2),                                  # line 9: scattered group g2, fine
+        row("g2", "zh", 2, hard_negative_group_ids=["g3", None]),  # line 9: scattered group g2, fine
     ])
     return root
 
@@ -120,16 +122,8 @@ def config(data, **overrides):
 
 
 @pytest.fixture(scope="module")
-def ray_cluster(s3):
-    """Started after the S3 settings are in the environment: Ray workers inherit it, as on a
-    real cluster where credentials and endpoint are set before ``ray start``."""
-    import ray
-
-    from hybridray.train import init_ray
-
-    init_ray(num_cpus=2)
-    yield
-    ray.shutdown()
+def ray_cluster(ray_session):
+    """The session's Ray (its workers see the session's S3 settings)."""
 
 
 # ----------------------------------------------------------------------------- pure reader
@@ -212,6 +206,11 @@ def test_rejects_report_and_info(full_run):
     assert info.n_groups == 48 and info.languages == [*LANGS, "zh"]
     assert info.n_windows == 3 and info.steps_per_epoch == 6
     assert info.rejects["unknown_language"] == 2
+    # zh exists for one group only: said once, with the counts, instead of silently no zh steps
+    assert [n for n in info.notes if "monolingual" in n] == [
+        "no monolingual steps in 'zh' in 1 of 3 window(s): it has 1 groups there, fewer than "
+        "sampler.batch_size (8)"
+    ]
 
 
 def test_ranks_in_lockstep(full_run):
@@ -240,6 +239,32 @@ def test_ranks_in_lockstep(full_run):
     en = [s for s in ranks[0] if s["lang"] == "en"]
     assert en and all(s["source"] == "extra:0" for s in en)
     assert all(s["source"] == "train" for s in ranks[0] if s["lang"] != "en")
+
+
+def test_hard_negatives_carry_the_group_they_answer(full_run):
+    """Each pair's two negatives: one answers the next group, one nothing (NO_GROUP); the
+    extra set records no answers, so all of its negatives are NO_GROUP."""
+    _, _, _, ranks, _ = full_run
+    name = {stable_hash64(f"g{i}"): i for i in range(48)}
+    for s in (s for slices in ranks for s in slices):
+        answers = s["negative_group_ids"].reshape(-1, 2).tolist()
+        assert len(answers) == len(s["group_ids"])
+        for gid, pair in zip(s["group_ids"].tolist(), answers):
+            if s["source"] == "train":
+                assert sorted(pair) == sorted([stable_hash64(f"g{(name[gid] + 1) % 48}"), NO_GROUP])
+            else:
+                assert pair == [NO_GROUP, NO_GROUP]
+
+
+def test_hard_negative_group_ids_are_validated():
+    from hybridray.data.schema import row_problem
+
+    good = row("g1", "en", 1, hard_negative_group_ids=["g2", None])
+    assert row_problem(good, max_text_chars=200) is None
+    assert "has 1 entries but 'hard_negatives' has 2" in row_problem(
+        {**good, "hard_negative_group_ids": ["g2"]}, max_text_chars=200)
+    assert "must be a list of strings" in row_problem(
+        {**good, "hard_negative_group_ids": [3, None]}, max_text_chars=200)
 
 
 def test_pipeline_matches_the_pure_plan(full_run, data):
@@ -314,6 +339,24 @@ def test_encode_matches_the_real_xlmr_tokenizer():
     assert np.array_equal(ids, hf["input_ids"]) and np.array_equal(mask, hf["attention_mask"])
 
 
+def step_row(step: int) -> dict:
+    return {"step": step, "batch_type": "mono", "lang": "en", "source": "train", "group_ids": np.arange(4),
+            "query_langs": "en " * 4, "passage_langs": "en " * 4,
+            "query_input_ids": np.ones((4, 3), np.int32), "query_attention_mask": np.ones((4, 3), np.int8),
+            "passage_input_ids": np.ones((4, 3), np.int32), "passage_attention_mask": np.ones((4, 3), np.int8)}
+
+
+def test_a_stream_that_ends_early_fails_loudly():
+    """Training used to end quietly at the last step the stream gave: no final checkpoint,
+    no export, a "finished" run."""
+    batches = iter_worker_batches([step_row(s) for s in range(3)], rank=0, world_size=2, stop_step=5)
+    assert [next(batches)["step"] for _ in range(3)] == [0, 1, 2]
+    with pytest.raises(RuntimeError, match=r"ended after step 2, before step 4 \(train.max_steps=5\)"):
+        next(batches)
+    complete = iter_worker_batches([step_row(s) for s in range(3)], rank=0, world_size=2, stop_step=3)
+    assert [b["step"] for b in complete] == [0, 1, 2]
+
+
 def test_slice_step_validates_world_size():
     row = {"step": 0, "batch_type": "mono", "lang": "en", "source": "train", "group_ids": np.arange(6),
            "query_langs": "en " * 6, "passage_langs": "en " * 6,
@@ -326,32 +369,15 @@ def test_slice_step_validates_world_size():
 
 # ----------------------------------------------------------------------------- S3 (moto)
 @pytest.fixture(scope="module")
-def s3(data):
-    """A moto S3 server on loopback holding the shards under s3://hybridray-test/shards/."""
+def s3(s3_server, data):
+    """The shards under s3://hybridray-test/shards/ on the session's S3-API server."""
     import boto3
-    from moto.server import ThreadedMotoServer
 
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-           "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true",
-           "AWS_ENDPOINT_URL": endpoint}
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    client = boto3.client("s3", endpoint_url=endpoint)
+    client = boto3.client("s3", endpoint_url=s3_server)
     client.create_bucket(Bucket="hybridray-test")
     for name in ("part-00000.parquet", "part-00001.parquet"):
         client.upload_file(str(data["shards"] / name), "hybridray-test", f"shards/{name}")
-    yield endpoint
-    for k, v in old.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
-    reader._s3.cache_clear()
-    server.stop()
+    return s3_server
 
 
 def test_s3_prefix_read(ray_cluster, data, s3):

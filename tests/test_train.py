@@ -1,12 +1,17 @@
 """End-to-end Ray Train runs (tiny encoder, 2 CPU workers, DeepSpeed): held-out evaluation
-before/after, export, and resume after a worker crash equal to an uninterrupted run.
+before/after, export; resume after a worker crash and after a failed run re-run by hand, both
+equal to an uninterrupted run; and what a re-run of an existing run does (complete, refused).
 
-Each ``fit()`` costs ~45 s of fixed Ray overhead here, so this file runs three of them.
+The resume runs train with dropout on (the tiny encoder's 0.1) and evaluate before training,
+so equal weights prove the RNG restore and that evaluation leaves train mode as it found it.
+Each ``fit()`` costs ~45 s of fixed Ray overhead here, so this file runs five of them.
 """
 from __future__ import annotations
 
 import json
+import shutil
 import uuid
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,17 +20,6 @@ from conftest import SHARED_DATA
 from hybridray.config import build_config
 
 pytestmark = pytest.mark.ray
-
-
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    from hybridray.train import init_ray
-
-    init_ray(num_cpus=2)
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -57,14 +51,12 @@ def tiny_config(tmp_path, mlqa_prepared, heldout, **overrides):
 
 def load_export(path):
     """The exported weights exactly as saved (no loader adds or initialises anything)."""
-    from pathlib import Path
-
     from safetensors.torch import load_file
 
     return load_file(Path(path) / "model.safetensors")
 
 
-def test_run_evaluates_before_and_after_and_exports(ray_local, tmp_path, mlqa_prepared, small_heldout):
+def test_run_evaluates_before_and_after_and_exports(ray_session, tmp_path, mlqa_prepared, small_heldout):
     from sentence_transformers import SentenceTransformer
 
     from hybridray.train import run_training
@@ -93,19 +85,82 @@ def test_run_evaluates_before_and_after_and_exports(ray_local, tmp_path, mlqa_pr
     assert model.encode(["query: hallo welt"]).shape == (1, 64)
 
 
-def test_resume_after_worker_crash_matches_uninterrupted_run(ray_local, tmp_path, mlqa_prepared, small_heldout):
+RESUME = {"train.eval_before": "true", "train.max_steps": 6, "train.checkpoint_every": 3}
+
+
+@pytest.fixture(scope="module")
+def straight(ray_session, tmp_path_factory, mlqa_prepared, small_heldout):
+    """An uninterrupted run: the reference of the resume tests, and a finished run to re-run."""
     from hybridray.train import run_training
 
-    common = {"data.heldout": "''", "train.eval_before": "false"}
-    straight = run_training(tiny_config(tmp_path / "a", mlqa_prepared, small_heldout, **common))
+    config = tiny_config(tmp_path_factory.mktemp("straight"), mlqa_prepared, small_heldout, **RESUME)
+    return config, run_training(config)
+
+
+def assert_same_model(got, want):
+    a, b = load_export(want["model"]), load_export(got["model"])
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-5, atol=1e-6, msg=name)
+    assert got["metrics"]["loss"] == pytest.approx(want["metrics"]["loss"], rel=1e-5)
+
+
+def test_resume_after_worker_crash_matches_uninterrupted_run(ray_session, straight, tmp_path, mlqa_prepared, small_heldout):
+    from hybridray.train import run_training
+
     marker = tmp_path / "crashed-once"
     resumed = run_training(
-        tiny_config(tmp_path / "b", mlqa_prepared, small_heldout, **common, **{"run.max_failures": 1}),
+        tiny_config(tmp_path, mlqa_prepared, small_heldout, **RESUME, **{"run.max_failures": 1}),
         inject_fault=(4, str(marker)),
     )
     assert marker.exists(), "the injected crash did not happen"
-    a, b = load_export(straight["model"]), load_export(resumed["model"])
-    assert a.keys() == b.keys()
-    for name in a:
-        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6, msg=name)
-    assert resumed["metrics"]["loss"] == pytest.approx(straight["metrics"]["loss"], rel=1e-5)
+    assert_same_model(resumed, straight[1])
+
+
+def test_rerun_of_a_failed_run_resumes_from_its_checkpoint(ray_session, straight, tmp_path, mlqa_prepared, small_heldout):
+    """The run dies at step 4 with no retries left; the same command again resumes it from
+    the step-3 checkpoint, building the dataset from step 3 on, and ends as the straight run."""
+    from hybridray.train import run_training
+
+    config = tiny_config(tmp_path, mlqa_prepared, small_heldout, **RESUME)
+    with pytest.raises(Exception, match="injected fault at step 4"):
+        run_training(config, inject_fault=(4, str(tmp_path / "crashed-once")))
+    resumed = run_training(config)
+    assert resumed["data"]["start_step"] == 3  # nothing before the checkpoint planned or tokenised
+    assert_same_model(resumed, straight[1])
+
+
+def test_rerunning_a_run_never_reuses_it_for_another_config(straight, tmp_path):
+    """As a user would: the same command again says the run is complete (no training); a
+    changed config is refused naming the key; --overwrite starts again."""
+    from hybridray.config import dump_config
+    from hybridray.runs import plan_run, run_dir, run_identity
+
+    config, summary = straight
+    path = tmp_path / "run.yaml"
+    path.write_text(dump_config(config))
+    again = run_cli("train", str(path))
+    assert again.returncode == 0, again.stderr
+    assert f"run {config.name!r} is already complete (6/6 steps)" in again.stderr
+    assert json.loads(again.stdout)["metrics"]["step"] == 6
+    changed = run_cli("train", str(path), "sampler.alpha=1.0", "loss.temperature=0.02")
+    assert changed.returncode == 2
+    assert "was trained with a different config (loss.temperature: 0.05 -> 0.02; sampler.alpha: 0.5 -> 1.0)" in changed.stderr
+    assert "--overwrite" in changed.stderr and len(changed.stderr.strip().splitlines()) == 1
+    assert load_export(summary["model"])  # the finished run is untouched
+
+    copy = config.model_copy(update={"name": config.name + "-copy"})
+    shutil.copytree(run_dir(config), run_dir(copy))
+    identity = run_identity(copy)
+    assert plan_run(copy, identity, overwrite=False).complete
+    assert plan_run(copy, identity, overwrite=True).start_step == 0
+    assert not Path(run_dir(copy)).exists()
+
+
+def run_cli(*args):
+    import subprocess
+
+    from conftest import REPO
+
+    return subprocess.run([str(REPO / ".venv" / "bin" / "hybridray"), *args], capture_output=True, text=True,
+                          timeout=300, cwd=REPO)

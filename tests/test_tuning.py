@@ -39,10 +39,7 @@ def test_bad_sweeps_name_the_problem(tmp_path, body, message):
 
 
 @pytest.mark.ray
-def test_two_trial_alpha_sweep_reports_heldout_map(tmp_path, mlqa_prepared):
-    import ray
-
-    from hybridray.train import init_ray
+def test_two_trial_alpha_sweep_reports_heldout_map(ray_session, tmp_path, mlqa_prepared):
     from hybridray.tuning import run_sweep
 
     heldout = tmp_path / "heldout"
@@ -62,11 +59,7 @@ def test_two_trial_alpha_sweep_reports_heldout_map(tmp_path, mlqa_prepared):
     })
     sweep = tmp_path / "sweep.yaml"
     sweep.write_text("metric: val_map\nmode: max\nsearch_space: {sampler.alpha: {grid: [0.0, 1.0]}}\n")
-    init_ray(num_cpus=2)
-    try:
-        best = run_sweep(config, sweep)
-    finally:
-        ray.shutdown()
+    best = run_sweep(config, sweep)
     assert best["best_params"]["sampler.alpha"] in (0.0, 1.0)
     assert 0.0 < best["best_metrics"]["val_map"] <= 1.0
     assert sorted(t["config/sampler.alpha"] for t in best["trials"]) == [0.0, 1.0]

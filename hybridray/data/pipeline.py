@@ -40,14 +40,15 @@ from __future__ import annotations
 import functools
 import queue
 import threading
+import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
 import pyarrow as pa
 
-from hybridray.data import reader, sampler
-from hybridray.data.sampler import MAIN, ExtraSource, Group, Segment
+from hybridray.data import hf_source, reader, sampler
+from hybridray.data.sampler import MAIN, NO_GROUP, ExtraSource, Group, Segment
 from hybridray.data.tokenize import TokenizerSpec, encode, load_tokenizer, prefixes, tokenizer_spec
 from hybridray.errors import UserError
 
@@ -67,6 +68,7 @@ _STEP_SCHEMA = pa.schema(
         ("passages", pa.list_(pa.string())),
         ("negatives", pa.list_(pa.string())),
         ("group_ids", pa.list_(pa.int64())),
+        ("negative_group_ids", pa.list_(pa.int64())),
         ("query_langs", pa.list_(pa.string())),
         ("passage_langs", pa.list_(pa.string())),
     ]
@@ -121,11 +123,13 @@ def ray_data_config():
     return ray.train.DataConfig(datasets_to_split=[], execution_options=options)
 
 
-def _index(path: str, config, strict: bool):
-    return reader.index_shards(
-        path, max_text_chars=config.data.max_text_chars, languages=config.data.languages,
-        strict=strict, task_cpus=config.data.task_cpus,
-    )
+def _index(path: str, config, strict: bool, hf=None, key: str = "data.hf"):
+    kwargs = dict(max_text_chars=config.data.max_text_chars, languages=config.data.languages,
+                  strict=strict, task_cpus=config.data.task_cpus)
+    if hf_source.is_hf(path):  # materialised once into the run's storage, then read as shards
+        cache_root = config.run.storage_path.rstrip("/") + "/hf-cache"
+        return hf_source.index_hf(path, hf, key=key, cache_root=cache_root, **kwargs)
+    return reader.index_shards(path, **kwargs)
 
 
 def check_lengths(model_cfg) -> None:
@@ -160,8 +164,9 @@ def build_train_dataset(config, *, rejects_path: Optional[str], start_step: int 
     if not 0 <= start_step <= cfg.train.max_steps:
         raise UserError(f"start_step {start_step} is outside [0, train.max_steps={cfg.train.max_steps}]")
     check_lengths(cfg.model)
-    main = _index(cfg.data.train, cfg, cfg.data.strict)
-    extras = [_index(e.path, cfg, cfg.data.strict) for e in cfg.data.extra_mono]
+    main = _index(cfg.data.train, cfg, cfg.data.strict, cfg.data.hf, "data.hf")
+    extras = [_index(e.path, cfg, cfg.data.strict, e.hf, f"data.extra_mono.{i}.hf")
+              for i, e in enumerate(cfg.data.extra_mono)]
     all_rejects = main.rejects + [r for e in extras for r in e.rejects]
     if rejects_path:
         reader.write_rejects(rejects_path, all_rejects)
@@ -186,6 +191,8 @@ def build_train_dataset(config, *, rejects_path: Optional[str], start_step: int 
     notes.extend(unused_extra_languages(cfg.data.extra_mono, extras, main.rows_per_language, scfg.batch_size))
     if main.scattered_groups:
         notes.append(f"{main.scattered_groups} group(s) have rows that are not adjacent; they were gathered")
+    if scfg.mode == "hybrid" and scfg.alpha > 0:
+        notes.extend(_no_mono_notes(main.groups, windows, scfg.batch_size))
     segs = list(sampler.segments(windows, scfg.batch_size, cfg.seed, start_step, cfg.train.max_steps))
 
     main_refs = [ray.put(main.groups[a:b]) for a, b in windows]
@@ -245,6 +252,22 @@ def unused_extra_languages(extra_configs, extras, main_rows: dict[str, int], bat
     return notes
 
 
+def _no_mono_notes(groups, windows, batch_size: int) -> list[str]:
+    """One line per language that some window leaves without monolingual steps."""
+    short: dict[str, list[int]] = {}
+    for a, b in windows:
+        for lang, n in sampler.short_languages(groups[a:b], batch_size).items():
+            short.setdefault(lang, []).append(n)
+    notes = []
+    for lang, counts in short.items():
+        lo, hi = min(counts), max(counts)
+        notes.append(
+            f"no monolingual steps in {lang!r} in {len(counts)} of {len(windows)} window(s): it has "
+            f"{lo if lo == hi else f'{lo}-{hi}'} groups there, fewer than sampler.batch_size ({batch_size})"
+        )
+    return notes
+
+
 def _merged_counts(main, extras) -> dict[str, int]:
     total: dict[str, int] = {}
     for index in [main, *extras]:
@@ -301,7 +324,7 @@ def _read_texts(plans, sources, files, k_negatives) -> dict[tuple[int, int, int]
         for _, q, ps in _refs(p, sources):
             need.setdefault((s, q[0]), set()).add(q[1])
             need.setdefault((s, ps[0]), set()).add(ps[1])
-    columns = ["query", "passage"] + (["hard_negatives"] if k_negatives else [])
+    columns = ["query", "passage"] + (["hard_negatives", "hard_negative_group_ids"] if k_negatives else [])
     texts = {}
     for (s, fi), rows in sorted(need.items()):
         for row, rec in reader.read_rows(files[s][fi], rows, columns).items():
@@ -311,19 +334,23 @@ def _read_texts(plans, sources, files, k_negatives) -> dict[tuple[int, int, int]
 
 def _step_record(plan, sources, texts, seed: int, k: int) -> dict:
     s = 0 if plan.source == MAIN else plan.source + 1
-    queries, passages, negatives, gids = [], [], [], []
+    queries, passages, negatives, gids, negative_gids = [], [], [], [], []
     for slot, (g, q, p) in enumerate(_refs(plan, sources)):
         queries.append(texts[(s, *q)]["query"])
         prow = texts[(s, *p)]
         passages.append(prow["passage"])
         if k:
             pool = prow["hard_negatives"]
-            negatives.extend(pool[j] for j in sampler.pick_negatives(len(pool), k, seed=seed, step=plan.step, slot=slot))
+            answers = prow.get("hard_negative_group_ids") or [None] * len(pool)
+            for j in sampler.pick_negatives(len(pool), k, seed=seed, step=plan.step, slot=slot):
+                negatives.append(pool[j])
+                negative_gids.append(sampler.stable_hash64(answers[j]) if answers[j] else NO_GROUP)
         gids.append(sampler.stable_hash64(g.group_id))
     return {
         "step": plan.step, "epoch": plan.epoch, "batch_type": plan.batch_type, "lang": plan.lang or "",
         "source": "train" if plan.source == MAIN else f"extra:{plan.source}",
         "queries": queries, "passages": passages, "negatives": negatives, "group_ids": gids,
+        "negative_group_ids": negative_gids,
         "query_langs": [it.query_lang for it in plan.items],
         "passage_langs": [it.passage_lang for it in plan.items],
     }
@@ -349,6 +376,8 @@ def _tokenise(
     sides = [("query", row["queries"], q_prefix, max_query), ("passage", row["passages"], p_prefix, max_passage)]
     if k_negatives:
         sides.append(("negative", row["negatives"], p_prefix, max_passage))
+    if k_negatives:
+        out["negative_group_ids"] = np.array([row["negative_group_ids"]], dtype=np.int64)
     for name, texts, prefix, max_len in sides:
         ids, mask = encode(tokenizer, texts, prefix, max_len)
         out[f"{name}_input_ids"], out[f"{name}_attention_mask"] = ids[None], mask[None]
@@ -392,10 +421,14 @@ def slice_step(row: dict[str, Any], *, rank: int, world_size: int) -> dict[str, 
         ids, mask = np.asarray(row["negative_input_ids"]), np.asarray(row["negative_attention_mask"])
         k = len(ids) // B
         out["negative_input_ids"], out["negative_attention_mask"] = _trim(ids[lo * k : hi * k], mask[lo * k : hi * k])
+        answers = np.asarray(row["negative_group_ids"], dtype=np.int64)
+        out["negative_group_ids"] = torch.from_numpy(answers[lo * k : hi * k].copy())
     return out
 
 
 _END = object()
+#: How long a stopped consumer waits for the reader thread (one Ray Data batch at most).
+_DRAIN_JOIN_TIMEOUT_S = 60.0
 
 
 def _drained(source) -> Iterator[dict[str, Any]]:
@@ -407,22 +440,44 @@ def _drained(source) -> Iterator[dict[str, Any]]:
     next to the training thread (measured: a 2-worker e5-small step went from 5 s to 15 s).
     Draining lets the executor finish and exit. The cost: this worker holds the tokenised
     stream of the run (about 75 KB per global step of 32 pairs at 48/96 tokens).
+
+    The thread lives exactly as long as the consumer: when the consumer stops early (an error,
+    a ``break``, the generator closed or collected), the thread closes Ray Data's iterator
+    (which shuts its executor down) and is joined before this generator returns. A thread
+    left pulling after its consumer is gone would go on calling into Ray after
+    ``ray.shutdown()``, where it auto-starts a second cluster or trips Ray's own checks and
+    kills the process (seen in the test suite: a process exit with no message).
     """
     rows: queue.Queue = queue.Queue()
+    stop = threading.Event()
 
     def pull() -> None:
+        batches = source.iter_batches(batch_size=1, batch_format="numpy", prefetch_batches=2)
         try:
-            for batch in source.iter_batches(batch_size=1, batch_format="numpy", prefetch_batches=2):
+            for batch in batches:
+                if stop.is_set():
+                    return
                 rows.put({k: v[0] for k, v in batch.items()})
             rows.put(_END)
         except BaseException as exc:  # handed to the consumer, which re-raises it
             rows.put(exc)
+        finally:
+            close = getattr(batches, "close", None)
+            if close is not None:
+                close()
 
-    threading.Thread(target=pull, name="hybridray-drain", daemon=True).start()
-    while (row := rows.get()) is not _END:
-        if isinstance(row, BaseException):
-            raise row
-        yield row
+    thread = threading.Thread(target=pull, name="hybridray-drain", daemon=True)
+    thread.start()
+    try:
+        while (row := rows.get()) is not _END:
+            if isinstance(row, BaseException):
+                raise row
+            yield row
+    finally:
+        stop.set()
+        thread.join(timeout=_DRAIN_JOIN_TIMEOUT_S)
+        if thread.is_alive():
+            warnings.warn(f"the batch stream's reader thread did not stop within {_DRAIN_JOIN_TIMEOUT_S} s")
 
 
 def _step_rows(source) -> Iterator[dict[str, Any]]:
@@ -433,25 +488,37 @@ def _step_rows(source) -> Iterator[dict[str, Any]]:
 
 
 def iter_worker_batches(
-    dataset_or_iterable, *, rank: int, world_size: int, start_step: int = 0
+    dataset_or_iterable, *, rank: int, world_size: int, start_step: int = 0,
+    stop_step: Optional[int] = None,
 ) -> Iterator[dict[str, Any]]:
     """This worker's slice of every global step from ``start_step`` on, in step order.
 
     Yields dicts of torch tensors: ``query_input_ids`` / ``query_attention_mask`` ``[B/W, Lq]``,
     ``passage_*`` ``[B/W, Lp]``, optional ``negative_*`` ``[B/W*k, Ln]``, ``group_ids`` int64
-    ``[B/W]``, ``query_langs`` / ``passage_langs`` (lists of str), ``batch_type``, ``lang``
-    (mono steps), ``source`` and ``step``. Raises if the stream skips or reorders a step: a
-    rank that silently fell out of step would hang the others at the next collective.
+    ``[B/W]``, optional ``negative_group_ids`` int64 ``[B/W*k]``, ``query_langs`` /
+    ``passage_langs`` (lists of str), ``batch_type``, ``lang`` (mono steps), ``source`` and
+    ``step``. Raises if the stream skips or reorders a step (a rank that silently fell out of
+    step would hang the others at the next collective), and, given ``stop_step``, if the
+    stream ends before it (a run must never end short of ``train.max_steps`` as if complete).
     """
     expected = start_step
-    for row in _step_rows(dataset_or_iterable):
-        step = int(row["step"])
-        if step < start_step:
-            continue
-        if step != expected:
-            raise RuntimeError(
-                f"rank {rank}: expected step {expected}, the stream gave step {step} "
-                "(is preserve_order off, or was the dataset built for another start_step?)"
-            )
-        expected += 1
-        yield slice_step(row, rank=rank, world_size=world_size)
+    rows = _step_rows(dataset_or_iterable)
+    try:
+        for row in rows:
+            step = int(row["step"])
+            if step < start_step:
+                continue
+            if step != expected:
+                raise RuntimeError(
+                    f"rank {rank}: expected step {expected}, the stream gave step {step} "
+                    "(is preserve_order off, or was the dataset built for another start_step?)"
+                )
+            expected += 1
+            yield slice_step(row, rank=rank, world_size=world_size)
+    finally:
+        rows.close()  # stops the reader thread now, not whenever the generator is collected
+    if stop_step is not None and expected < stop_step:
+        raise RuntimeError(
+            f"rank {rank}: the batch stream ended after step {expected - 1}, before step "
+            f"{stop_step - 1} (train.max_steps={stop_step}); no final checkpoint was written"
+        )

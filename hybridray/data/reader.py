@@ -15,22 +15,18 @@ and its row number there (a rejects report that says ``part-00003.parquet:812`` 
 Row numbers: 0-based row index for parquet (as ``pyarrow.Table.slice`` counts), 1-based line
 number for jsonl (as editors and ``sed -n`` count).
 
-S3: the endpoint comes from ``AWS_ENDPOINT_URL_S3`` or ``AWS_ENDPOINT_URL`` (for MinIO, moto,
-...), credentials from the usual AWS variables; timeouts and retries are short so that an
-unreachable endpoint is a clear error in seconds rather than a hang.
+Local paths and ``s3://`` go through ``hybridray.storage`` (endpoint, credentials, timeouts).
 """
 from __future__ import annotations
 
 import fnmatch
-import functools
 import io
 import json
 import os
 import re
 from collections import Counter
 from dataclasses import asdict, dataclass, field
-from typing import Iterable, Iterator, Optional, Sequence
-from urllib.parse import urlparse
+from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -39,9 +35,14 @@ import pyarrow.parquet as pq
 from hybridray.data.sampler import Group
 from hybridray.data.schema import RowError, row_problem
 from hybridray.errors import UserError
+from hybridray.storage import filesystem_for, uri_of
 
 SHARD_SUFFIXES = (".parquet", ".jsonl")
 _GLOB = re.compile(r"[*?\[]")
+
+#: ``(file, row) -> (name, row)`` as a rejects report should show them (an ``hf:`` source's
+#: cache files report their dataset's own rows; see ``hf_source``). Default: unchanged.
+Locate = Callable[[str, int], tuple[str, int]]
 
 #: The columns of the per-file index (pass 1).
 INDEX_SCHEMA = pa.schema(
@@ -57,32 +58,7 @@ INDEX_SCHEMA = pa.schema(
 )
 
 
-# ----------------------------------------------------------------------------- storage
-@functools.lru_cache(maxsize=8)
-def _s3(endpoint: str, region: str) -> pafs.S3FileSystem:
-    kwargs = dict(region=region, connect_timeout=5, request_timeout=30,
-                  retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=2))
-    if endpoint:
-        url = urlparse(endpoint if "://" in endpoint else f"https://{endpoint}")
-        kwargs.update(endpoint_override=url.netloc, scheme=url.scheme)
-    return pafs.S3FileSystem(**kwargs)
-
-
-def filesystem_for(path: str) -> tuple[pafs.FileSystem, str]:
-    """The pyarrow filesystem of ``path`` and the path inside it."""
-    if path.startswith("s3://"):
-        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or ""
-        region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
-        return _s3(endpoint, region), path[len("s3://"):].rstrip("/")
-    if "://" in path:
-        raise UserError(f"{path}: only local paths and s3:// are supported")
-    return pafs.LocalFileSystem(), os.path.abspath(path)
-
-
-def _uri(path: str, fs_path: str) -> str:
-    return f"s3://{fs_path}" if path.startswith("s3://") else fs_path
-
-
+# ----------------------------------------------------------------------------- files
 def _is_shard(name: str) -> bool:
     base = name.rsplit("/", 1)[-1]
     return base.endswith(SHARD_SUFFIXES) and not base.startswith((".", "_"))
@@ -115,7 +91,7 @@ def list_shard_files(path: str) -> list[str]:
     )
     if not files:
         raise UserError(f"{path}: no shard files (*.parquet, *.jsonl)")
-    return [_uri(path, f) for f in files]
+    return [uri_of(path, f) for f in files]
 
 
 # ----------------------------------------------------------------------------- rows
@@ -181,7 +157,8 @@ def index_file(
 
 
 def read_rows(path: str, rows: Iterable[int], columns: Sequence[str]) -> dict[int, dict]:
-    """The given rows of one file (``columns`` only); parquet reads only the row groups needed."""
+    """The given rows of one file (``columns`` only, None for a column the file does not
+    have); parquet reads only the row groups needed."""
     wanted = sorted(set(rows))
     if not wanted:
         return {}
@@ -200,10 +177,11 @@ def read_rows(path: str, rows: Iterable[int], columns: Sequence[str]) -> dict[in
         for r in wanted:
             g = max(i for i, s in enumerate(starts) if s <= r)
             by_group.setdefault(g, []).append(r)
+        present = [c for c in columns if c in parquet.schema_arrow.names]
         for g, rs in by_group.items():
-            table = parquet.read_row_group(g, columns=list(columns))
+            table = parquet.read_row_group(g, columns=present)
             records = table.take([r - starts[g] for r in rs]).to_pylist()
-            out.update(zip(rs, records))
+            out.update((r, {c: rec.get(c) for c in columns}) for r, rec in zip(rs, records))
     return out
 
 
@@ -235,6 +213,7 @@ def reason_kind(reason: str) -> str:
         ("missing field", "missing_field"), ("empty field", "empty_field"),
         ("unknown language", "unknown_language"), ("duplicate", "duplicate"),
         ("field 'hard_negatives'", "bad_hard_negatives"), ("a hard negative", "too_long"),
+        ("field 'hard_negative_group_ids'", "bad_hard_negatives"),
         ("unknown field", "unknown_field"), ("invalid JSON", "invalid_json"),
         ("not a JSON object", "invalid_json"),
     ):
@@ -247,12 +226,15 @@ def reason_kind(reason: str) -> str:
     return "other"
 
 
-def merge_index(path: str, files: list[str], tables: Iterable[pa.Table], *, strict: bool) -> ShardIndex:
+def merge_index(
+    path: str, files: list[str], tables: Iterable[pa.Table], *, strict: bool, locate: Optional[Locate] = None
+) -> ShardIndex:
     """Fold the per-file index tables (in file order) into groups, with global checks.
 
     ``strict`` raises UserError on the first bad row in data order, naming file:row.
     """
     index = ShardIndex(path, files)
+    locate = locate or (lambda file, row: (file, row))
     first_seen: dict[tuple[str, str], tuple[int, int]] = {}
     members: dict[str, list[tuple[str, int, int]]] = {}
     last_group: Optional[str] = None
@@ -261,9 +243,9 @@ def merge_index(path: str, files: list[str], tables: Iterable[pa.Table], *, stri
     min_neg: Optional[int] = None
 
     def reject(file_index: int, row: int, reason: str) -> None:
-        error = RowError(files[file_index], row, reason)
         if row < 0:
             raise UserError(f"{files[file_index]}: {reason}")
+        error = RowError(*locate(files[file_index], row), reason)
         if strict:
             raise UserError(str(error))
         index.rejects.append(error)
@@ -279,8 +261,8 @@ def merge_index(path: str, files: list[str], tables: Iterable[pa.Table], *, stri
                 continue
             key = (gid, lang)
             if key in first_seen:
-                f0, r0 = first_seen[key]
-                reject(fi, row, f"duplicate (group_id, lang) ({gid!r}, {lang!r}): first at {files[f0]}:{r0}")
+                first = "{}:{}".format(*locate(files[first_seen[key][0]], first_seen[key][1]))
+                reject(fi, row, f"duplicate (group_id, lang) ({gid!r}, {lang!r}): first at {first}")
                 continue
             first_seen[key] = (fi, row)
             if gid != last_group:
@@ -316,6 +298,7 @@ def index_shards(
     languages: Optional[Sequence[str]] = None,
     strict: bool = False,
     task_cpus: float = 0.25,
+    locate: Optional[Locate] = None,
 ) -> ShardIndex:
     """Pass 1 over a shard dataset on Ray Data (one task per file, results in file order)."""
     import ray.data
@@ -328,7 +311,7 @@ def index_shards(
         fn_kwargs={"max_text_chars": max_text_chars, "languages": languages},
     )
     ds.context.execution_options.preserve_order = True
-    return merge_index(path, files, ds.iter_batches(batch_size=None, batch_format="pyarrow"), strict=strict)
+    return merge_index(path, files, ds.iter_batches(batch_size=None, batch_format="pyarrow"), strict=strict, locate=locate)
 
 
 def write_rejects(path: str, rejects: Iterable[RowError]) -> int:

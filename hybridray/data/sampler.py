@@ -143,10 +143,16 @@ class Segment:
 
 
 # ----------------------------------------------------------------------------- hashing
+#: The group key of "no pair of the data" (a hard negative that answers nothing): the loss
+#: never masks it, and ``stable_hash64`` never returns it.
+NO_GROUP = 0
+
+
 def stable_hash64(text: str) -> int:
-    """A signed int64 of ``text`` that is the same in every process and run (unlike hash())."""
+    """A signed int64 of ``text`` that is the same in every process and run (unlike hash());
+    never ``NO_GROUP``."""
     digest = hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest()
-    return int.from_bytes(digest, "little", signed=True)
+    return int.from_bytes(digest, "little", signed=True) or 1
 
 
 def content_key(groups: Sequence[Group]) -> int:
@@ -304,6 +310,16 @@ def _check_sampler(cfg, pool: _Pool, window: int) -> None:
             f"window {window}: no language has sampler.batch_size ({cfg.batch_size}) groups, "
             "so no monolingual step can be formed: raise sampler.window_groups"
         )
+
+
+def short_languages(groups: Sequence[Group], batch_size: int) -> dict[str, int]:
+    """Languages of a window with fewer than ``batch_size`` groups, and their group counts:
+    they never get a monolingual step in this window (a mono batch needs distinct groups)."""
+    counts: dict[str, int] = {}
+    for g in groups:
+        for lang in g.langs:
+            counts[lang] = counts.get(lang, 0) + 1
+    return {lang: n for lang, n in sorted(counts.items()) if n < batch_size}
 
 
 def check_window(groups: Sequence[Group], cfg, window: int) -> None:

@@ -14,6 +14,10 @@ column             type          required  meaning
 ``passage``        string        yes       its positive passage (for LAReQA: the gold
                                            answer sentence)
 ``hard_negatives`` list<string>  no        passages that look relevant but are not
+``hard_negative_   list<string>  no        per hard negative, the ``group_id`` of the pair
+group_ids``                                it answers (it is that pair's passage or a
+                                           translation of it), or null / "" if none; lets
+                                           the loss mask it for that pair's queries
 ``context``        string        no        the passage's surrounding paragraph
 ``article_id``     string        no        the source document (train / held-out split key)
 ``source``         string        yes       the dataset the row came from (``mlqa-r``)
@@ -34,7 +38,7 @@ SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 
 REQUIRED_COLUMNS = ("group_id", "lang", "query", "passage", "source")
-OPTIONAL_COLUMNS = ("hard_negatives", "context", "article_id")
+OPTIONAL_COLUMNS = ("hard_negatives", "hard_negative_group_ids", "context", "article_id")
 
 ARROW_SCHEMA = pa.schema(
     [
@@ -43,6 +47,7 @@ ARROW_SCHEMA = pa.schema(
         ("query", pa.string()),
         ("passage", pa.string()),
         ("hard_negatives", pa.list_(pa.string())),
+        ("hard_negative_group_ids", pa.list_(pa.string())),
         ("context", pa.string()),
         ("article_id", pa.string()),
         ("source", pa.string()),
@@ -106,6 +111,15 @@ def row_problem(row: dict, *, max_text_chars: int) -> Optional[str]:
             return "field 'hard_negatives' must be a list of non-empty strings"
         if any(len(n) > max_text_chars for n in negatives):
             return f"a hard negative has more than {max_text_chars} characters"
+    negative_groups = row.get("hard_negative_group_ids")
+    if negative_groups is not None:
+        if not isinstance(negative_groups, (list, tuple)) or not all(
+            g is None or isinstance(g, str) for g in negative_groups
+        ):
+            return "field 'hard_negative_group_ids' must be a list of strings (or nulls)"
+        if len(negative_groups) != len(negatives or ()):
+            return (f"field 'hard_negative_group_ids' has {len(negative_groups)} entries but "
+                    f"'hard_negatives' has {len(negatives or ())}")
     unknown = set(row) - set(REQUIRED_COLUMNS) - set(OPTIONAL_COLUMNS)
     if unknown:
         return f"unknown field(s) {sorted(unknown)}"

@@ -6,7 +6,8 @@ out-of-memory error shows up on the first batch rather than the last.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+import contextlib
+from typing import Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -15,6 +16,20 @@ from tqdm.auto import tqdm
 
 from hybridray.device import use_bf16
 from hybridray.models.pooling import pool
+
+
+@contextlib.contextmanager
+def eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    """Eval mode (no dropout) for ``model`` and all its submodules, then each submodule back in
+    exactly the mode it had: ``model.train(was_training)`` alone would switch submodules that
+    were in eval mode (a frozen part, a freshly loaded HF model) to train mode."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
 
 
 def _last_hidden_state(output) -> torch.Tensor:
@@ -36,8 +51,8 @@ def encode_texts(
     """Encode ``texts`` (each prefixed with ``prefix``) into ``[len(texts), dim]`` float32
     unit vectors, in input order.
 
-    Runs under ``torch.inference_mode`` with the model in eval mode (its train/eval mode is
-    restored afterwards, so the trainer can call this mid-run), with bf16 autocast on GPUs
+    Runs under ``torch.inference_mode`` with the model in eval mode (``eval_mode``: every
+    submodule's mode is restored afterwards, so the trainer can call this mid-run), with bf16 autocast on GPUs
     only. ``device`` defaults to where the model's weights already are: the caller placed
     the model (with :func:`hybridray.device.default_device`), this function never moves it
     unless asked.
@@ -50,20 +65,16 @@ def encode_texts(
     features = tokenizer([prefix + t for t in texts], truncation=True, max_length=max_length)
     order = np.argsort([-len(ids) for ids in features["input_ids"]], kind="stable")
     out: Optional[np.ndarray] = None
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16(device)):
-            for start in tqdm(range(0, len(texts), batch_size), desc="encode", unit="batch", disable=not progress):
-                rows = order[start:start + batch_size]
-                batch = tokenizer.pad({key: [values[i] for i in rows] for key, values in features.items()},
-                                      return_tensors="pt")
-                batch = {key: value.to(device) for key, value in batch.items()}
-                hidden = _last_hidden_state(model(**batch))
-                vectors = F.normalize(pool(hidden, batch["attention_mask"], pooling).float(), dim=-1)
-                if out is None:
-                    out = np.empty((len(texts), vectors.shape[-1]), dtype=np.float32)
-                out[rows] = vectors.cpu().numpy()
-    finally:
-        model.train(was_training)
+    with eval_mode(model), torch.inference_mode(), \
+            torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16(device)):
+        for start in tqdm(range(0, len(texts), batch_size), desc="encode", unit="batch", disable=not progress):
+            rows = order[start:start + batch_size]
+            batch = tokenizer.pad({key: [values[i] for i in rows] for key, values in features.items()},
+                                  return_tensors="pt")
+            batch = {key: value.to(device) for key, value in batch.items()}
+            hidden = _last_hidden_state(model(**batch))
+            vectors = F.normalize(pool(hidden, batch["attention_mask"], pooling).float(), dim=-1)
+            if out is None:
+                out = np.empty((len(texts), vectors.shape[-1]), dtype=np.float32)
+            out[rows] = vectors.cpu().numpy()
     return out

@@ -1,27 +1,36 @@
 """Exact ranking metrics in numpy, vectorised: no per-query sort, no Python loop over queries.
 
+Ties
+====
+
+Every ranking here is a strict total order: candidate ``c`` ranks above candidate ``r`` when
+``score(c) > score(r)``, or when the scores are equal and ``key(c) > key(r)``, where ``key``
+is a fixed pseudo-random permutation of the candidate indices (``tiebreak_keys``, seed
+``TIEBREAK_SEED``). This is trec_eval's convention -- ties are broken by an arbitrary order
+of the documents that knows nothing of relevance (trec_eval uses the document ids) -- with a
+seeded order instead of the ids, because here the candidate index often correlates with
+relevance (Tatoeba's gold line is the query's own line number; LAReQA pools keep paragraph
+order). So a collapsed encoder (every embedding equal) produces one fixed random ranking and
+scores at chance level, never a perfect 1.0; breaking ties in the relevant item's favour
+would call it perfect, and a sweep would pick it. ``hybridray.evaluate.search`` applies the
+same rule to top-k lists.
+
 Two families:
 
-**Full-ranking metrics from rank counting** (LAReQA). A relevant candidate's *rank* is
+**Full-ranking metrics from rank counting** (LAReQA, Tatoeba). A relevant candidate's *rank* is
 
-    rank = 1 + #(candidates of the pool whose score is strictly higher)
+    rank = 1 + #(candidates of the pool ranked above it, by the order above)
 
-so no sort of the score row is needed: one comparison of the relevant score against it.
-Ranks are carried as an int array ``[n, m]`` (``m`` relevant slots per query), ``0`` marking
-an empty slot. Ties with non-relevant candidates go in the relevant item's favour. Relevant
-items tied *with each other* share a rank but not a position: AP and recall place them one
-after the other, i.e. they use the *position* of the i-th relevant item (ranks sorted
-ascending, ``i = 1..R``)
+so no sort of the score row is needed: one comparison of the relevant score against it (and
+a second, on the equal scores only, for the keys). Ranks are carried as an int array
+``[n, m]`` (``m`` relevant slots per query), ``0`` marking an empty slot. Two different
+candidates never share a rank, so the i-th relevant item in rank order sits at position
+``r_(i)`` (ranks sorted ascending, ``i = 1..R``). Then
 
-    p_i = r_(i) + #{j < i : r_(j) = r_(i)}
-
-which is its place in the full ranking with every tie broken in favour of relevant items
-(without ties, ``p_i = r_(i)``). Then
-
-- ``average_precision``: ``AP = (1/R) * sum_i  i / p_i`` — the textbook AP (mean of the
+- ``average_precision``: ``AP = (1/R) * sum_i  i / r_(i)`` -- the textbook AP (mean of the
   precision at each relevant item's position, full ranking, no cut-off);
-- ``recall_at_k``: ``#{i : p_i <= k} / R``, the fraction of the relevant set in the top k;
-- ``rank_distance``: ``max(r) - min(r)`` on ranks, the spread of one query's relevant items
+- ``recall_at_k``: ``#{i : r_(i) <= k} / R``, the fraction of the relevant set in the top k;
+- ``rank_distance``: ``max(r) - min(r)``, the spread of one query's relevant items
   (language bias); NaN for queries with fewer than two relevant items.
 
 **Top-k metrics** (BEIR layout) from the relevance grades of the retrieved hits, best first
@@ -31,9 +40,18 @@ which is its place in the full ranking with every tie broken in favour of releva
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
+
+#: Seed of the fixed candidate order that breaks score ties (see the module docstring).
+TIEBREAK_SEED = 0
+
+
+def tiebreak_keys(n_candidates: int) -> np.ndarray:
+    """The tie-break key of each candidate index: among equal scores, the higher key ranks
+    first. A fixed permutation, the same in every run and process."""
+    return np.random.default_rng(TIEBREAK_SEED).permutation(n_candidates)
 
 
 def rank_counts(
@@ -43,75 +61,84 @@ def rank_counts(
     pools: Sequence[tuple[int, int]],
     *,
     chunk_size: int = 256,
+    keys: Optional[np.ndarray] = None,
 ) -> np.ndarray:
-    """For every relevant candidate, how many candidates of each pool score strictly higher.
+    """For every relevant candidate, how many candidates of each pool rank above it.
 
     Args:
         queries: ``[n, d]`` query embeddings.
         candidates: ``[N, d]`` candidate embeddings, the pools laid out contiguously.
         relevant: ``[n, m]`` indices into ``candidates``, ``-1`` for an empty slot.
         pools: ``(start, end)`` row ranges of ``candidates``, one per pool.
-        chunk_size: queries scored at once (memory ~ ``chunk_size * (4 + m) * N`` bytes).
+        chunk_size: queries scored at once (memory ~ ``chunk_size * (4 + 2m) * N`` bytes).
+        keys: ``[N]`` tie-break keys (default ``tiebreak_keys(N)``).
 
     Returns:
         ``[n, m, len(pools)]`` int64 counts (0 for empty slots). The rank of a relevant item
         in pool ``p`` is ``1 + counts[..., p]``; in the union of all pools it is
         ``1 + counts.sum(-1)``. Scores come from one matmul per chunk and the relevant score is
-        read from the same row, so an item is never "higher" than itself.
+        read from the same row, so an item is never above itself.
 
     numpy on the CPU, also when training on a GPU: its vectorised boolean sums are ~10x
     faster than torch's on CPU, and a 20k-candidate pool scores in about two seconds.
     """
     candidates = np.asarray(candidates, dtype=np.float32)
     relevant = np.asarray(relevant, dtype=np.int64)
+    keys = tiebreak_keys(len(candidates)) if keys is None else np.asarray(keys)
     n, m = relevant.shape
     out = np.zeros((n, m, len(pools)), dtype=np.int64)
     for start in range(0, n, chunk_size):
         scores = np.asarray(queries[start:start + chunk_size], dtype=np.float32) @ candidates.T
         rel = relevant[start:start + chunk_size]
         rel_scores = np.take_along_axis(scores, np.maximum(rel, 0), axis=1)
-        rel_scores[rel < 0] = np.inf
+        rel_scores[rel < 0] = np.inf  # an empty slot: nothing is above or equal to it
+        rel_keys = keys[np.maximum(rel, 0)]
         for p, (lo, hi) in enumerate(pools):
-            out[start:start + len(scores), :, p] = (scores[:, None, lo:hi] > rel_scores[:, :, None]).sum(-1)
+            block = scores[:, None, lo:hi]
+            counts = (block > rel_scores[:, :, None]).sum(-1)
+            # Equal scores: the keys decide. The relevant item equals itself in its own pool;
+            # only (query, slot) pairs with another equal score need the key comparison.
+            equal = block == rel_scores[:, :, None]
+            own = (rel >= lo) & (rel < hi)
+            tied = np.nonzero(equal.sum(-1) > own)
+            if tied[0].size:
+                above = equal[tied] & (keys[lo:hi][None, :] > rel_keys[tied][:, None])
+                counts[tied] += above.sum(-1)
+            out[start:start + len(scores), :, p] = counts
     return out
 
 
-def _masked(ranks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _sorted_ranks(ranks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each query's relevant ranks ascending (inf for empty slots) and the set sizes."""
     ranks = np.asarray(ranks)
     valid = ranks > 0
-    return valid, np.where(valid, ranks, np.inf)
-
-
-def _positions(ranks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Sorted relevant positions ``p_i`` (inf for empty slots) and the relevant-set sizes."""
-    valid, r = _masked(ranks)
-    r = np.sort(r, axis=1)  # sorts the m relevant ranks of a query, not its score row
-    m = r.shape[1]
-    earlier = np.tril(np.ones((m, m), dtype=bool), k=-1)  # [i, j]: j < i
-    tied_before = ((r[:, :, None] == r[:, None, :]) & earlier).sum(-1)
-    return r + tied_before, valid.sum(1)
+    r = np.sort(np.where(valid, ranks, np.inf), axis=1)  # the m relevant ranks, not a score row
+    if (r[:, 1:] == r[:, :-1])[np.isfinite(r[:, 1:])].any():
+        raise ValueError("two relevant items share a rank: ranks must come from a total order")
+    return r, valid.sum(1)
 
 
 def average_precision(ranks: np.ndarray) -> np.ndarray:
     """AP per query from its relevant ranks ``[n, m]`` (0 = empty slot); NaN if none."""
-    positions, n_relevant = _positions(ranks)
-    i = np.arange(1, positions.shape[1] + 1)
+    r, n_relevant = _sorted_ranks(ranks)
+    i = np.arange(1, r.shape[1] + 1)
     with np.errstate(invalid="ignore", divide="ignore"):
-        return (i / positions).sum(1) / n_relevant
+        return (i / r).sum(1) / n_relevant
 
 
 def recall_at_k(ranks: np.ndarray, k: int) -> np.ndarray:
     """Fraction of each query's relevant set in the top ``k``; NaN if the set is empty."""
-    positions, n_relevant = _positions(ranks)
+    r, n_relevant = _sorted_ranks(ranks)
     with np.errstate(invalid="ignore", divide="ignore"):
-        return (positions <= k).sum(1) / n_relevant
+        return (r <= k).sum(1) / n_relevant
 
 
 def rank_distance(ranks: np.ndarray) -> np.ndarray:
     """Largest minus smallest relevant rank per query; NaN with fewer than two relevant items."""
-    valid, r = _masked(ranks)
-    hi = np.where(valid, r, -np.inf).max(1)
-    lo = r.min(1)
+    ranks = np.asarray(ranks)
+    valid = ranks > 0
+    hi = np.where(valid, ranks, -np.inf).max(1)
+    lo = np.where(valid, ranks, np.inf).min(1)
     return np.where(valid.sum(1) >= 2, hi - lo, np.nan)
 
 
