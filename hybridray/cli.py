@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from hybridray.errors import UserError
@@ -30,8 +31,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
         print(dump_config(config), end="")
         return 0
-    result = run_training(config, overwrite=args.overwrite)
-    print(json.dumps(result, indent=2))
+    run_training(config, overwrite=args.overwrite)  # prints the closing summary
     return 0
 
 
@@ -42,6 +42,25 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.overrides)
     best = run_sweep(config, sweep_path=args.sweep, num_samples=args.num_samples)
     print(json.dumps(best, indent=2))
+    return 0
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from hybridray.config import load_config
+    from hybridray.plan import format_grid, format_plan, parse_grid, plan, plan_grid
+
+    config = load_config(args.config, args.overrides)  # validates the config and overrides first
+    options = dict(gpu_memory_gib=args.gpu_memory, gpus_per_node=args.gpus_per_node, headroom=args.headroom)
+    if args.grid:
+        import yaml
+
+        tree = yaml.safe_load(open(args.config)) or {}
+        rows = plan_grid(tree, args.overrides, parse_grid(args.grid), **options)
+        print(json.dumps([{**s, **p.as_dict()} for s, p in rows], default=str, indent=2)
+              if args.json else format_grid(rows))
+        return 0
+    result = plan(config, **options)
+    print(json.dumps(result.as_dict(), default=str, indent=2) if args.json else format_plan(result, config))
     return 0
 
 
@@ -59,7 +78,18 @@ def _cmd_data_prepare(args: argparse.Namespace) -> int:
         args.source, args.out, heldout_fraction=args.heldout_fraction, seed=args.seed,
         langs=langs, overwrite=args.overwrite,
     )
-    print(json.dumps(summary, indent=2, ensure_ascii=False))
+    rows = {split: sum(counts.values()) for split, counts in summary["rows"].items()}
+    print(f"hybridray: prepared {args.out}: train {rows['train']} rows ({summary['articles']['train']} article "
+          f"clusters), held-out {rows['heldout']} rows ({summary['articles']['heldout']}), "
+          f"{len(summary['languages'])} languages, {sum(summary['rejected'].values())} rejected questions; "
+          f"details in prepare.json")
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from hybridray.run_report import compare_runs
+
+    print(compare_runs(args.runs, out=args.out))
     return 0
 
 
@@ -97,6 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--overwrite", action="store_true",
                        help="delete an existing run directory of this name first (without it, a run "
                             "with the same config resumes and one with another config is refused)")
+    train.add_argument("--verbose", action="store_true",
+                       help="show every library's logs and Ray Data's progress bars (or HYBRIDRAY_VERBOSE=1)")
     train.set_defaults(func=_cmd_train)
 
     tune = sub.add_parser("tune", help="search sampler.alpha and loss.temperature (Ray Tune)",
@@ -104,7 +136,26 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_arguments(tune)
     tune.add_argument("--sweep", default="tune/alpha_temperature.yaml", help="sweep definition YAML")
     tune.add_argument("--num-samples", type=int, default=None, help="override the sweep's sample count")
+    tune.add_argument("--verbose", action="store_true", help="show every library's logs (or HYBRIDRAY_VERBOSE=1)")
     tune.set_defaults(func=_cmd_tune)
+
+    plan = sub.add_parser(
+        "plan", help="per-GPU memory of a run: parameters, gradients, optimizer state, activations",
+        description="Print the per-GPU memory a run config needs (DeepSpeed's ZeRO estimators for "
+                    "model states; activations from batch, lengths, model shape and checkpointing) "
+                    "and whether it fits. Reads the model's config only, never its weights.",
+    )
+    _add_config_arguments(plan)
+    plan.add_argument("--gpu-memory", type=float, default=80.0, metavar="GIB",
+                      help="memory of one GPU in GiB (default 80)")
+    plan.add_argument("--gpus-per-node", type=int, default=None, metavar="N",
+                      help="GPUs per node (default: min(scaling.num_workers, 8))")
+    plan.add_argument("--headroom", type=float, default=0.1, metavar="FRACTION",
+                      help="share of GPU memory kept free for CUDA context, NCCL, fragmentation (default 0.1)")
+    plan.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
+                      help="plan every combination of these values (repeatable); prints a markdown table")
+    plan.add_argument("--json", action="store_true", help="print JSON instead of text")
+    plan.set_defaults(func=_cmd_plan)
 
     evaluate = sub.add_parser("eval", help="evaluate a retriever (LAReQA, Tatoeba, TyDi QA, AfriQA, BEIR; suites)",
                               description="Evaluate a model on one task (--data) or a suite of tasks "
@@ -122,8 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Convert {lang}.json LAReQA / SQuAD-style files into train and held-out "
                     "shards (split by article) plus a held-out LAReQA directory.",
     )
-    prepare.add_argument("--source", required=True, help="directory of {lang}.json files")
-    prepare.add_argument("--out", required=True, help="output directory")
+    prepare.add_argument("--source", required=True, help="directory (or s3:// prefix) of {lang}.json files")
+    prepare.add_argument("--out", required=True, help="output directory or s3:// prefix")
     prepare.add_argument("--heldout-fraction", type=float, default=0.3,
                          help="share of questions held out, by whole articles (default 0.3)")
     prepare.add_argument("--seed", type=int, default=0, help="split seed (default 0)")
@@ -146,6 +197,14 @@ def build_parser() -> argparse.ArgumentParser:
     from_squad.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     from_squad.set_defaults(func=_cmd_data_from_squad)
 
+    report = sub.add_parser("report", help="show a finished run's summary, or compare runs",
+                            description="One run directory: its closing summary (held-out before/after, "
+                                        "where the model, reports and plots are). Several: one table, a row "
+                                        "per run, and with --out a comparison plot.")
+    report.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories (local or s3://), e.g. runs/local-hybrid")
+    report.add_argument("--out", default=None, metavar="DIR", help="write comparison.png and comparison.txt here")
+    report.set_defaults(func=_cmd_report)
+
     model = sub.add_parser("model", help="build or locate an encoder",
                            description="Model commands.")
     model_sub = model.add_subparsers(dest="model_command", required=True, metavar="SUBCOMMAND")
@@ -155,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "any other name is printed unchanged.",
     )
     build.add_argument("name", nargs="?", default="builtin:multilingual-e5-small",
-                       help="builtin:multilingual-e5-small (default) or builtin:tiny")
+                       help="builtin:multilingual-e5-small (default), builtin:tiny or builtin:tiny-decoder")
     build.set_defaults(func=_cmd_model_build)
     return parser
 
@@ -163,6 +222,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if getattr(args, "verbose", False):
+        from hybridray.console import VERBOSE_ENV
+
+        os.environ[VERBOSE_ENV] = "1"  # this process, and the Ray workers it starts
     try:
         return args.func(args)
     except UserError as exc:

@@ -5,8 +5,9 @@ dotted name (``sampler.alpha``), never halfway through a run.
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -19,19 +20,59 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+class LoraSection(_Section):
+    """LoRA adapters through ``peft``: the base model is frozen, only the adapters train."""
+
+    #: Rank of each adapter's low-rank update.
+    r: int = Field(16, ge=1, le=1024)
+    #: Scaling numerator: the update is multiplied by ``alpha / r``.
+    alpha: float = Field(32.0, gt=0.0)
+    #: Dropout on the adapter input (0 keeps multi-worker runs bit-comparable to one worker).
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    #: Module names to adapt (suffixes, e.g. [q_proj, v_proj]) or ``all-linear``.
+    target_modules: Union[list[str], Literal["all-linear"]] = "all-linear"
+    #: Also export the adapter alone (``adapter/``, loadable with ``peft``) beside the merged model.
+    save_adapter: bool = True
+
+    @field_validator("target_modules")
+    @classmethod
+    def _some_modules(cls, value):
+        if isinstance(value, list) and not value:
+            raise ValueError("name at least one module, or use all-linear")
+        return value
+
+
 class ModelConfig(_Section):
     """The encoder: any HF id or local path, or a builtin (``builtin:multilingual-e5-small``,
-    rebuilt offline from PyPI packages; ``builtin:tiny``, random, for tests)."""
+    rebuilt offline from PyPI packages; ``builtin:tiny``, random, for tests;
+    ``builtin:tiny-decoder``, a random 2-layer Mistral-style decoder, for tests).
+
+    Decoder LLMs (any causal LM of transformers: Mistral, Llama, Qwen2, Gemma, ...) take
+    ``pooling: last``; see ``hybridray/models/decoder.py`` for their tokenizer recipe."""
 
     name_or_path: str = "builtin:multilingual-e5-small"
     pooling: Literal["mean", "cls", "last"] = "mean"
-    #: None = the model family's default (``query: `` / ``passage: `` for E5, empty otherwise).
+    #: None = the model family's default (``query: `` / ``passage: `` for E5, an instruction
+    #: prompt for decoder embedders, empty otherwise).
     query_prefix: Optional[str] = None
     passage_prefix: Optional[str] = None
     max_query_length: int = Field(48, ge=4, le=8192)
     max_passage_length: int = Field(96, ge=4, le=8192)
     #: Freeze the word-embedding table (most parameters of a small multilingual encoder).
     freeze_embeddings: bool = True
+    #: Append the EOS token to every text (last-token pooling then reads it); None = yes for
+    #: decoders, no for encoders. Texts that already end with EOS are left alone.
+    append_eos: Optional[bool] = None
+    #: Tokenizer padding side; None = the tokenizer's own. Pooling is right for either.
+    padding_side: Optional[Literal["left", "right"]] = None
+    #: Decoders only: bidirectional attention (transformers' ``config.is_causal = False``),
+    #: as LLM2Vec-style embedders use; off = the causal attention the model was trained with.
+    bidirectional: bool = False
+    #: Activation (gradient) checkpointing: keep only each layer's input and recompute the
+    #: rest in the backward pass (far less activation memory, about a third more compute).
+    activation_checkpointing: bool = False
+    #: LoRA adapters (``{r, alpha, dropout, target_modules}``); None = train the full model.
+    lora: Optional[LoraSection] = None
 
 
 class HFSourceConfig(_Section):
@@ -169,7 +210,17 @@ class TrainConfig(_Section):
 
 
 class DeepSpeedConfig(_Section):
+    """ZeRO stage and the memory levers (``hybridray plan`` shows what each one saves)."""
+
+    #: 0 = replicate everything; 1 = partition optimizer state; 2 = + gradients;
+    #: 3 = + parameters (each worker holds 1/N of the weights, gathered layer by layer).
     zero_stage: int = Field(0, ge=0, le=3)
+    #: Keep optimizer state (and its update step) in CPU memory (ZeRO-Offload; stages 1-3).
+    offload_optimizer: Literal["none", "cpu"] = "none"
+    #: Keep the partitioned parameters in CPU memory (ZeRO-Infinity; stage 3 only).
+    offload_param: Literal["none", "cpu"] = "none"
+    #: bf16 mixed precision; None = on GPUs that support it, off on CPU.
+    bf16: Optional[bool] = None
 
 
 class ScalingConfig(_Section):
@@ -177,11 +228,18 @@ class ScalingConfig(_Section):
     use_gpu: bool = False
     cpus_per_worker: float = Field(0.5, gt=0.0)
     gpus_per_worker: float = Field(1.0, gt=0.0)
+    #: Custom Ray resources each training worker reserves, e.g. ``{trainer_slot: 1}`` with one
+    #: slot per node to place one worker per node, or ``{"accelerator_type:A100": 0.001}``.
+    resources_per_worker: dict[str, float] = Field(default_factory=dict)
 
 
 class RunConfig(_Section):
     #: Local directory or ``s3://bucket/prefix`` for checkpoints and the exported model.
     storage_path: str = "runs"
+    #: S3-compatible endpoint (MinIO, ...) for every s3:// path of the run, on every node;
+    #: None = ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL`` or AWS itself. Never credentials:
+    #: those come from the environment or the node's role only.
+    s3_endpoint: Optional[str] = None
     checkpoints_to_keep: int = Field(2, ge=1)
     max_failures: int = Field(1, ge=-1)
 
@@ -242,8 +300,9 @@ class EvalSuiteConfig(_Section):
     batch_size: int = Field(64, ge=1)
     #: Max tokens per text (queries and passages); a task may set its own.
     max_length: int = Field(256, ge=4)
-    #: Token pooling of the model: mean (E5), cls (LaBSE) or last (decoder embedders).
-    pooling: Literal["mean", "cls", "last"] = "mean"
+    #: Token pooling: mean (E5), cls (LaBSE) or last (decoder embedders); None = the model's
+    #: own (its sentence-transformers files, else last for decoders, else mean).
+    pooling: Optional[Literal["mean", "cls", "last"]] = None
     #: Prefixes put before queries / passages; None = the model's own (E5: "query: ").
     query_prefix: Optional[str] = None
     passage_prefix: Optional[str] = None
@@ -282,6 +341,8 @@ def load_suite(path: str | Path) -> EvalSuiteConfig:
 class Config(_Section):
     """A whole run: see ``configs/local.yaml`` for a documented example."""
 
+    #: The run's directory under ``run.storage_path``: one plain path part (letters, digits,
+    #: ``.``, ``_``, ``-``), so that no run can write outside the storage path.
     name: str = "hybrid"
     seed: int = 0
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -294,6 +355,16 @@ class Config(_Section):
     scaling: ScalingConfig = Field(default_factory=ScalingConfig)
     run: RunConfig = Field(default_factory=RunConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @field_validator("name")
+    @classmethod
+    def _one_path_part(cls, value: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", value):
+            raise ValueError(
+                f"{value!r} is not a plain directory name (letters, digits, '.', '_', '-'; no '/' "
+                "and no leading '.'): a run's name must not point outside run.storage_path"
+            )
+        return value
 
     @model_validator(mode="after")
     def _consistent(self) -> "Config":
@@ -311,6 +382,11 @@ class Config(_Section):
                 f"sampler.batch_size ({self.sampler.batch_size}) must be a multiple of "
                 f"scaling.num_workers ({self.scaling.num_workers})"
             )
+        ds = self.deepspeed
+        if ds.offload_param != "none" and ds.zero_stage != 3:
+            raise ValueError("deepspeed.offload_param needs deepspeed.zero_stage=3")
+        if ds.offload_optimizer != "none" and ds.zero_stage == 0:
+            raise ValueError("deepspeed.offload_optimizer needs deepspeed.zero_stage 1, 2 or 3")
         return self
 
 
@@ -321,7 +397,8 @@ class Config(_Section):
 OPERATIONAL_KEYS = frozenset({
     "name", "run.storage_path", "run.checkpoints_to_keep", "run.max_failures",
     "train.log_every", "train.checkpoint_every", "train.eval_every", "train.eval_before",
-    "scaling.cpus_per_worker", "scaling.gpus_per_worker", "data.task_cpus", "data.strict",
+    "scaling.cpus_per_worker", "scaling.gpus_per_worker", "scaling.resources_per_worker",
+    "run.s3_endpoint", "data.task_cpus", "data.strict",
     "data.train", "eval.batch_size",
 })
 
@@ -341,7 +418,10 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
 def defining_values(config: "Config") -> dict[str, Any]:
     """The dotted keys and values that define what a run computes (``OPERATIONAL_KEYS`` left
     out): two configs that agree here train the same model and write the same reports."""
-    return {k: v for k, v in flatten(config.model_dump(mode="json")).items() if k not in OPERATIONAL_KEYS}
+    return {
+        k: v for k, v in flatten(config.model_dump(mode="json")).items()
+        if not any(k == op or k.startswith(op + ".") for op in OPERATIONAL_KEYS)
+    }
 
 
 def _set_dotted(tree: dict, key: str, value: Any) -> None:

@@ -5,6 +5,8 @@ another by accident.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
 
@@ -18,6 +20,12 @@ def use_bf16(device: torch.device | str) -> bool:
     worth the precision loss for evaluation)."""
     device = torch.device(device)
     return device.type == "cuda" and torch.cuda.is_bf16_supported()
+
+
+def tell_deepspeed() -> None:
+    """Name this device to DeepSpeed (``DS_ACCELERATOR``) before it is imported, instead of
+    letting it probe and warn "Setting accelerator to CPU" in every worker of a CPU run."""
+    os.environ.setdefault("DS_ACCELERATOR", default_device().type)
 
 
 def dist_backend(device: torch.device | str) -> str:

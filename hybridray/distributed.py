@@ -8,7 +8,6 @@ from __future__ import annotations
 import datetime
 import os
 import socket
-import warnings
 
 import torch
 import torch.distributed as dist
@@ -42,18 +41,15 @@ def all_gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
     produced them (see ``InfoNCELoss`` for why the local loss needs no extra scaling).
     Every rank must pass the same shape.
 
-    This is the one place that calls ``torch.distributed.nn.functional.all_gather``: it is
-    deprecated in torch 2.13 (in favour of functional collectives), but it is the variant
-    verified here to match a single process over gloo; its FutureWarning is silenced here
-    rather than printed on every step.
+    torch's functional ``all_gather_single`` (the non-deprecated collective of torch 2.13, with
+    autograd; ``torch.distributed.nn.functional.all_gather`` is deprecated), proven against a
+    single process over gloo by ``tests/test_distributed_equivalence.py``.
     """
     if world_size() == 1:
         return tensor
-    from torch.distributed.nn.functional import all_gather
+    from torch.distributed._functional_collectives import all_gather_single
 
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=FutureWarning, message=".*all_gather.*")
-        return torch.cat(all_gather(tensor.contiguous()), dim=0)
+    return all_gather_single(tensor.contiguous(), 0, dist.group.WORLD)
 
 
 def all_gather_no_grad(tensor: torch.Tensor) -> torch.Tensor:

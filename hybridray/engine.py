@@ -6,6 +6,7 @@ on machines where DeepSpeed's accelerator probing is unwanted.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from functools import partial
 from typing import Optional
@@ -14,7 +15,7 @@ import torch
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
-from hybridray.device import default_device, use_bf16
+from hybridray.device import default_device, dist_backend, tell_deepspeed, use_bf16
 from hybridray.distributed import init_standalone, is_distributed
 from hybridray.distributed import world_size as current_world_size
 from hybridray.errors import UserError
@@ -40,12 +41,10 @@ class TrainingModel(nn.Module):
 
     @classmethod
     def from_config(cls, config, model: Optional[nn.Module] = None) -> "TrainingModel":
-        """From ``config.model`` / ``config.loss``; ``model`` overrides ``model.name_or_path``."""
-        encoder = DualEncoder.from_pretrained(
-            model if model is not None else config.model.name_or_path,
-            pooling=config.model.pooling,
-            freeze_embeddings=config.model.freeze_embeddings,
-        )
+        """From ``config.model`` / ``config.loss``; ``model`` overrides ``model.name_or_path``.
+        Under ZeRO-3 a named model is loaded straight into partitions (``zero3_loading``)."""
+        with zero3_loading(config) if model is None else contextlib.nullcontext():
+            encoder = DualEncoder.from_config(config.model, model)
         return cls(encoder, InfoNCELoss.from_config(config.loss))
 
     def forward(
@@ -84,21 +83,73 @@ def deepspeed_config(config, world_size: int) -> dict:
     ``gradient_clipping`` is always written: DeepSpeed 0.19.8 clips at 1.0 when the key is
     absent, so ``optim.grad_clip: 0`` must become an explicit 0.0 (off). The optimizer is a
     torch one passed to ``deepspeed.initialize`` (no FusedAdam build on CPU), hence the two
-    ``zero_*`` switches. bf16 only where ``hybridray.device`` says so (GPU), fp32 on CPU.
+    ``zero_*`` switches. bf16 as ``deepspeed.bf16`` says (default: where ``hybridray.device``
+    says so, i.e. GPU; fp32 on CPU).
     """
     return {
         "train_batch_size": config.sampler.batch_size,
         "train_micro_batch_size_per_gpu": micro_batch_size(config, world_size),
         "gradient_accumulation_steps": 1,
         "gradient_clipping": float(config.optim.grad_clip),
-        "zero_optimization": {"stage": config.deepspeed.zero_stage},
-        "bf16": {"enabled": use_bf16(default_device())},
+        "zero_optimization": zero_optimization(config.deepspeed),
+        "bf16": {"enabled": bf16_enabled(config.deepspeed)},
         "fp16": {"enabled": False},
         "zero_force_ds_cpu_optimizer": False,
         "zero_allow_untested_optimizer": True,
         "steps_per_print": _NEVER,
         "wall_clock_breakdown": False,
     }
+
+
+def bf16_enabled(ds) -> bool:
+    """``deepspeed.bf16``, or by default bf16 on GPUs that support it."""
+    return use_bf16(default_device()) if ds.bf16 is None else ds.bf16
+
+
+def zero_optimization(ds) -> dict:
+    """The ``zero_optimization`` section: the stage and its CPU offloads (``ds`` is
+    ``Config.deepspeed``). Offloaded tensors are pinned only where there is a GPU to copy to."""
+    section: dict = {"stage": ds.zero_stage}
+    pin = default_device().type == "cuda"
+    for key in ("offload_optimizer", "offload_param"):
+        device = getattr(ds, key)
+        if device != "none":
+            section[key] = {"device": device, "pin_memory": pin}
+    return section
+
+
+@contextlib.contextmanager
+def zero3_loading(config):
+    """Under ZeRO-3, models built inside are created directly as partitions (DeepSpeed's
+    ``zero.Init`` through transformers' ``HfDeepSpeedConfig``): no worker ever holds the whole
+    model, which is what lets a 34B model load on 8 GPUs. Other stages: no effect."""
+    if config.deepspeed.zero_stage != 3:
+        yield
+        return
+    from transformers.integrations import HfDeepSpeedConfig
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    _init_deepspeed_comm()
+    hf_config = HfDeepSpeedConfig(deepspeed_config(config, current_world_size()))  # noqa: F841 (kept alive)
+    try:
+        yield
+    finally:
+        unset_hf_deepspeed_config()
+
+
+def _init_deepspeed_comm() -> None:
+    """DeepSpeed's communication layer on the process group that is already up (Ray Train
+    creates it) or, in a single process, on a new one of size 1."""
+    tell_deepspeed()
+    import deepspeed
+    import deepspeed.ops
+
+    # Without this, DeepSpeed builds its shared-memory comm op with g++ (~48 s) on a fresh
+    # machine; gloo is enough for the all-reduces of this model size.
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    if not is_distributed():
+        init_standalone()
+    deepspeed.init_distributed(dist_backend=dist_backend(default_device()))
 
 
 # ----------------------------------------------------------------------------- optimizer
@@ -161,13 +212,8 @@ def build_engine(model: nn.Module, config, world_size: Optional[int] = None, opt
     Evaluation switches to eval mode and back (``hybridray.evaluate.encode.eval_mode``).
     """
     import deepspeed
-    import deepspeed.ops
 
-    # Without this, DeepSpeed builds its shared-memory comm op with g++ (~48 s) on a fresh
-    # machine; gloo is enough for the all-reduces of this model size.
-    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    if not is_distributed():
-        init_standalone()
+    _init_deepspeed_comm()
     actual = current_world_size()
     if world_size is not None and world_size != actual:
         raise ValueError(f"world_size={world_size} but the process group has {actual} ranks")
@@ -193,17 +239,25 @@ def clamp_temperature(engine) -> None:
     module and in DeepSpeed's fp32 master copy (ZeRO-1/2/3 keep one; the next step would
     otherwise write the unclamped value back). Collective under ZeRO: every rank calls it.
     A fixed temperature is left alone."""
-    import deepspeed
-    from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
-
     loss = engine.module.loss
     param = loss.log_temperature
     if not isinstance(param, nn.Parameter):
         return
+    import deepspeed
+    from deepspeed.utils import (
+        safe_get_full_fp32_param,
+        safe_get_local_fp32_param,
+        safe_set_full_fp32_param,
+        safe_set_local_fp32_param,
+    )
+
     lo, hi = loss.log_temperature_bounds
-    master = safe_get_full_fp32_param(param)
-    if master is not None:
-        safe_set_full_fp32_param(param, master.clamp(lo, hi))
     zero3 = hasattr(param, "ds_id")
+    if zero3:  # each rank clamps its own partition (the full-value setter fails on a padded one)
+        safe_set_local_fp32_param(param, safe_get_local_fp32_param(param).clamp(lo, hi))
+    else:
+        master = safe_get_full_fp32_param(param)  # ZeRO-1/2; None under ZeRO-0 (no master copy)
+        if master is not None:
+            safe_set_full_fp32_param(param, master.clamp(lo, hi))
     with deepspeed.zero.GatheredParameters([param], modifier_rank=0, enabled=zero3):
         loss.clamp_temperature_()

@@ -31,7 +31,7 @@ class InfoNCELoss(nn.Module):
     translation of) this query's answer. Never removed: the query's own positive, and the
     query's own hard negatives (the data chose them as negatives for this very query). A hard
     negative's group id is the group of the pair it answers, or ``NO_GROUP`` (0) when it
-    answers none in the data; ``NO_GROUP`` never matches.
+    answers none in the data; a ``NO_GROUP`` hard negative is never masked.
 
     **Symmetric.** With ``symmetric``, the passage -> query term (local passages against the
     gathered queries, same labels and masking) is added and the two are averaged.
@@ -178,12 +178,16 @@ class InfoNCELoss(nn.Module):
         dtype = torch.promote_types(rows.dtype, torch.float32)  # never score in bf16/fp16
         scores = rows.to(dtype) @ torch.cat(columns).to(dtype).T / self.temperature
         if row_groups is not None:
-            mask = torch.cat([
-                (row_groups.reshape(-1, 1) == block_groups.reshape(1, -1)) & (block_groups.reshape(1, -1) != NO_GROUP)
-                if block_groups is not None  # no group ids: never masked
-                else torch.zeros(len(rows), len(block), dtype=torch.bool, device=rows.device)
-                for block, block_groups in zip(columns, column_groups)
-            ], dim=1)
+            blocks = []
+            for b, (block, block_groups) in enumerate(zip(columns, column_groups)):
+                if block_groups is None:  # no group ids: never masked
+                    blocks.append(torch.zeros(len(rows), len(block), dtype=torch.bool, device=rows.device))
+                    continue
+                same = row_groups.reshape(-1, 1) == block_groups.reshape(1, -1)
+                if b > 0:  # hard negatives: NO_GROUP answers no pair
+                    same &= block_groups.reshape(1, -1) != NO_GROUP
+                blocks.append(same)
+            mask = torch.cat(blocks, dim=1)
             mask[torch.arange(len(rows), device=rows.device)[:, None], spared] = False
             scores = scores.masked_fill(mask, float("-inf"))
         return F.cross_entropy(scores, labels)

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
+import posixpath
 from dataclasses import asdict, dataclass
 from typing import Any, Optional
 
@@ -60,7 +60,7 @@ class RunIdentity:
             for key in sorted(set(mine) | set(theirs)):
                 if mine.get(key, "<unset>") != theirs.get(key, "<unset>"):
                     if section == "data":
-                        out.append(f"{key} (shard files changed)")
+                        out.append(f"{key} (the data changed)")
                     else:
                         out.append(f"{key}: {theirs.get(key, '<unset>')!r} -> {mine.get(key, '<unset>')!r}")
         return out
@@ -68,17 +68,18 @@ class RunIdentity:
 
 def shards_fingerprint(path: str) -> str:
     """A cheap fingerprint of a shard dataset's content: every shard file's path relative to
-    the dataset and its size, and the manifest's text. Listing only, no file is read: moved
-    shards keep their fingerprint, rewritten ones almost always change it (a same-size edit of
-    a file is the blind spot)."""
-    from hybridray.data.reader import list_shard_files
+    the dataset and its size (one listing), and the manifest's text. No shard file is read:
+    moved shards keep their fingerprint, rewritten ones almost always change it (a same-size
+    edit of a file is the blind spot)."""
+    from hybridray.data.reader import list_shard_sizes
 
-    files = list_shard_files(path)
-    root = os.path.commonpath(files) if len(files) > 1 else os.path.dirname(files[0])
+    files = list_shard_sizes(path)
+    paths = [storage.filesystem_for(uri)[1] for uri, _ in files]  # bucket/key or /local/path
+    root = posixpath.dirname(paths[0]) if len(paths) == 1 else posixpath.commonpath(paths)
     digest = hashlib.sha256()
-    for name, size in zip(files, storage.file_sizes(files)):
-        digest.update(f"{name[len(root):]}\0{size}\n".encode())
-    manifest = storage.read_text(storage.join(root, "manifest.json"))
+    for fs_path, (_, size) in zip(paths, files):
+        digest.update(f"{fs_path[len(root):]}\0{size}\n".encode())
+    manifest = storage.read_text(storage.join(storage.uri_of(path, root), "manifest.json"))
     digest.update((manifest or "").encode())
     return digest.hexdigest()[:16]
 
@@ -108,21 +109,35 @@ def latest_checkpoint(directory: str) -> Optional[tuple[str, dict, dict]]:
     Ray Train would resume from (the latest in its run snapshot), or None if there is none."""
     from ray.train.v2._internal.constants import CHECKPOINT_MANAGER_SNAPSHOT_FILENAME
 
-    snapshot = storage.read_text(storage.join(directory, CHECKPOINT_MANAGER_SNAPSHOT_FILENAME))
+    path = storage.join(directory, CHECKPOINT_MANAGER_SNAPSHOT_FILENAME)
+    snapshot = storage.read_text(path)
     if snapshot is None:
         return None
-    result = json.loads(snapshot).get("latest_checkpoint_result") or {}
+    result = (_json(path, snapshot).get("latest_checkpoint_result") or {})
     latest = result.get("checkpoint_dir_name")
     if not latest:
         return None
     checkpoint = storage.join(directory, latest)
-    text = storage.read_text(storage.join(checkpoint, STATE_FILE))
+    state = storage.join(checkpoint, STATE_FILE)
+    text = storage.read_text(state)
     if text is None:
         raise UserError(
-            f"{checkpoint}: the latest checkpoint has no {STATE_FILE} (not written by this version "
-            "of hybridray?): pass --overwrite to start the run again, or choose another name="
+            f"{checkpoint}: the latest checkpoint of this run has no {STATE_FILE} (deleted, only "
+            "partly written, or not written by hybridray): pass --overwrite to start the run again, "
+            "or choose another name="
         )
-    return checkpoint, json.loads(text), result.get("metrics") or {}
+    return checkpoint, _json(state, text), result.get("metrics") or {}
+
+
+def _json(uri: str, text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{uri}: not valid JSON ({exc}): the run directory is damaged; pass "
+                        "--overwrite to start the run again, or choose another name=") from None
+    if not isinstance(value, dict):
+        raise UserError(f"{uri}: not a JSON object: the run directory is damaged")
+    return value
 
 
 @dataclass(frozen=True)

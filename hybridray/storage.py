@@ -1,20 +1,27 @@
 """Local paths and ``s3://`` URIs behind one small set of file operations (pyarrow.fs).
 
-Every place that reads or writes run data (shards, run directories, checkpoints' side files)
+Every place that reads or writes run data (shards, run directories, models, held-out sets)
 goes through here, so S3 settings live in one place: the endpoint comes from
-``AWS_ENDPOINT_URL_S3`` or ``AWS_ENDPOINT_URL`` (MinIO, moto, ...), the region from
-``AWS_REGION`` / ``AWS_DEFAULT_REGION``, credentials from the usual AWS variables. Timeouts
-and retries are short so that an unreachable endpoint is a clear error in seconds, not a hang.
+``AWS_ENDPOINT_URL_S3`` or ``AWS_ENDPOINT_URL`` (MinIO, moto, ...; ``run.s3_endpoint`` sets
+the first for a run), the region from ``AWS_REGION`` / ``AWS_DEFAULT_REGION``, credentials
+from the usual AWS variables or the instance's role -- never from a config file, so they never
+reach a saved config, a report or a checkpoint.
+
+Throttling (``SlowDown``), 5xx answers and dropped connections are retried around each whole
+operation here (``retried``: ``S3_ATTEMPTS`` attempts, jittered exponential backoff); the SDK
+itself makes one attempt per call, because Arrow's client does not recover from every
+throttled answer by itself (a throttled GetObject retried inside the SDK ends in "Failed to
+flush response stream"). A missing bucket, a denied request or an endpoint still dead after
+the last attempt ends in one ``UserError`` line naming the URI.
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import os
 import posixpath
-import tempfile
-from pathlib import Path
-from typing import Iterator, Optional
+import random
+import time
+from typing import Callable, Optional, TypeVar
 from urllib.parse import urlparse
 
 import pyarrow as pa
@@ -22,26 +29,61 @@ import pyarrow.fs as pafs
 
 from hybridray.errors import UserError
 
+T = TypeVar("T")
+
 
 def is_remote(uri: str) -> bool:
     return "://" in uri
 
 
+#: Attempts per S3 operation (the first and the retries).
+S3_ATTEMPTS = 5
+#: Read size when copying a file between filesystems.
+_CHUNK_BYTES = 8 << 20
+#: Words of transient S3 errors (AWS SDK error names and HTTP statuses): worth retrying.
+_TRANSIENT = ("SLOW_DOWN", "SLOWDOWN", "THROTTL", "SERVICE_UNAVAILABLE", "INTERNAL_FAILURE", "NETWORK_CONNECTION",
+              "REQUEST_TIMEOUT", "HTTP RESPONSE CODE: 5", " 500", " 502", " 503", " 504")
+
+
 @functools.lru_cache(maxsize=8)
 def _s3(endpoint: str, region: str) -> pafs.S3FileSystem:
-    kwargs = dict(region=region, connect_timeout=5, request_timeout=30,
-                  retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=2))
+    # One retry layer, ours (``retried``): the SDK makes a single attempt per call.
+    kwargs = dict(connect_timeout=5, request_timeout=30,
+                  retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=1))
+    if region:  # else the SDK finds it (config profile, instance metadata)
+        kwargs["region"] = region
     if endpoint:
         url = urlparse(endpoint if "://" in endpoint else f"https://{endpoint}")
         kwargs.update(endpoint_override=url.netloc, scheme=url.scheme)
     return pafs.S3FileSystem(**kwargs)
 
 
+def _error(uri: str, what: str, exc: Exception) -> UserError:
+    return UserError(f"{uri}: {what}: {' '.join(str(exc).split())}")
+
+
+def retried(uri: str, what: str, operation: Callable[[], T]) -> T:
+    """``operation()``, retried with jittered exponential backoff while it fails with a transient
+    S3 error; a lasting or non-transient failure is one ``UserError`` naming ``uri``. A missing
+    file (``FileNotFoundError``) is the caller's business and passes through."""
+    for attempt in range(S3_ATTEMPTS):
+        try:
+            return operation()
+        except FileNotFoundError:
+            raise
+        except (OSError, pa.ArrowException) as exc:
+            transient = is_remote(uri) and any(word in str(exc).upper() for word in _TRANSIENT)
+            if not transient or attempt == S3_ATTEMPTS - 1:
+                raise _error(uri, what, exc) from None
+            time.sleep(min(8.0, 0.25 * 2 ** attempt) * random.uniform(0.5, 1.0))
+    raise AssertionError("unreachable")
+
+
 def filesystem_for(uri: str) -> tuple[pafs.FileSystem, str]:
     """The pyarrow filesystem of ``uri`` and the path inside it."""
     if uri.startswith("s3://"):
         endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or ""
-        region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+        region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or ""
         return _s3(endpoint, region), uri[len("s3://"):].rstrip("/")
     if is_remote(uri):
         raise UserError(f"{uri}: only local paths and s3:// are supported")
@@ -49,8 +91,9 @@ def filesystem_for(uri: str) -> tuple[pafs.FileSystem, str]:
 
 
 def uri_of(like: str, fs_path: str) -> str:
-    """The URI of ``fs_path`` on the filesystem of ``like`` (inverse of ``filesystem_for``)."""
-    return f"s3://{fs_path}" if like.startswith("s3://") else fs_path
+    """The URI of ``fs_path`` on the filesystem of ``like`` (inverse of ``filesystem_for``);
+    a path that is a URI already is returned as it is."""
+    return f"s3://{fs_path}" if like.startswith("s3://") and not is_remote(fs_path) else fs_path
 
 
 def join(uri: str, *parts: str) -> str:
@@ -59,10 +102,7 @@ def join(uri: str, *parts: str) -> str:
 
 def _info(uri: str) -> pafs.FileInfo:
     fs, path = filesystem_for(uri)
-    try:
-        return fs.get_file_info(path)
-    except (OSError, pa.ArrowException) as exc:
-        raise UserError(f"{uri}: cannot read: {exc}") from None
+    return retried(uri, "cannot read", lambda: fs.get_file_info(path))
 
 
 def exists(uri: str) -> bool:
@@ -76,33 +116,38 @@ def is_dir(uri: str) -> bool:
 def read_text(uri: str) -> Optional[str]:
     """The file's text, or None if there is no such file."""
     fs, path = filesystem_for(uri)
-    try:
-        with fs.open_input_stream(path) as f:
-            return f.read().decode("utf-8")
-    except FileNotFoundError:
-        return None
-    except (OSError, pa.ArrowException) as exc:
-        if _info(uri).type == pafs.FileType.NotFound:
+
+    def read() -> Optional[str]:
+        try:
+            with fs.open_input_stream(path) as f:
+                return f.read().decode("utf-8")
+        except FileNotFoundError:
             return None
-        raise UserError(f"{uri}: cannot read: {exc}") from None
+
+    if is_remote(uri) and _info(uri).type == pafs.FileType.NotFound:
+        return None
+    return retried(uri, "cannot read", read)
 
 
 def write_text(uri: str, text: str) -> None:
     """Write a whole file: locally through a temporary file and a rename (never half a file);
     on S3 an object is replaced whole anyway."""
     fs, path = filesystem_for(uri)
-    try:
-        if is_remote(uri):
+    if is_remote(uri):
+        def put() -> None:
             with fs.open_output_stream(path) as f:
                 f.write(text.encode("utf-8"))
-            return
+
+        retried(uri, "cannot write", put)
+        return
+    try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         tmp = f"{path}.tmp-{os.getpid()}"
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(text)
         os.replace(tmp, path)
-    except (OSError, pa.ArrowException) as exc:
-        raise UserError(f"{uri}: cannot write: {exc}") from None
+    except OSError as exc:
+        raise _error(uri, "cannot write", exc) from None
 
 
 def delete_tree(uri: str) -> None:
@@ -110,10 +155,7 @@ def delete_tree(uri: str) -> None:
     fs, path = filesystem_for(uri)
     if _info(uri).type == pafs.FileType.NotFound:
         return
-    try:
-        fs.delete_dir(path)
-    except (OSError, pa.ArrowException) as exc:
-        raise UserError(f"{uri}: cannot delete: {exc}") from None
+    retried(uri, "cannot delete", lambda: fs.delete_dir(path))
 
 
 def file_sizes(uris: list[str]) -> list[int]:
@@ -121,35 +163,81 @@ def file_sizes(uris: list[str]) -> list[int]:
     return [_info(uri).size for uri in uris]
 
 
-@contextlib.contextmanager
-def local_dir(uri: str) -> Iterator[Path]:
-    """``uri`` as a local directory, for readers that want random access to a small layout
-    (evaluation sets: ``dev/sw.json``, ``qrels/test.tsv``): itself if local, else a temporary
-    copy of every file under the ``s3://`` prefix, removed on exit. UserError naming ``uri``
-    when it is missing, empty or unreachable."""
+def check_writable(uri: str) -> None:
+    """Write and delete a small object under ``uri``: a missing bucket, denied access or a dead
+    endpoint is one clear error before a run starts, not a failure at its first checkpoint."""
+    probe = join(uri, ".hybridray-write-check")
+    write_text(probe, "ok")
+    fs, path = filesystem_for(probe)
+    retried(uri, "cannot delete", lambda: fs.delete_file(path))
+
+
+def copy_tree(source: str, destination: str) -> None:
+    """Copy a directory tree between any two locations (local or ``s3://``), file by file, each
+    file retried on its own (a throttled file is sent again, not the whole tree).
+
+    Not ``pyarrow.fs.copy_files``: seen here, it drops an upload that fails while closing the
+    S3 stream ("Error ignored when destroying file ... SLOW_DOWN during UploadPart") and
+    returns as if it had copied the file. Closing the stream ourselves raises the error."""
+    src_fs, src = filesystem_for(source)
+    dst_fs, dst = filesystem_for(destination)
+    infos = retried(source, "cannot read", lambda: src_fs.get_file_info(pafs.FileSelector(src, recursive=True)))
+
+    def copy(source_path: str, target: str) -> None:
+        with src_fs.open_input_stream(source_path) as reader, dst_fs.open_output_stream(target) as writer:
+            while chunk := reader.read(_CHUNK_BYTES):
+                writer.write(chunk)
+
+    for info in infos:
+        if info.type != pafs.FileType.File:
+            continue
+        relative = info.path[len(src):].lstrip("/")
+        target = posixpath.join(dst, relative)
+        if not is_remote(destination):
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+        retried(destination if is_remote(destination) else source, f"cannot copy {source}/{relative} to {destination}",
+                lambda p=info.path, t=target: copy(p, t))
+
+
+def local_copy(uri: str) -> str:
+    """A local directory holding the tree at ``uri``: ``uri`` itself when it is local, else a
+    cached download under ``$HYBRIDRAY_CACHE/remote`` (re-fetched when the remote listing --
+    names, sizes, modification times -- has changed, so a model retrained in place is fetched
+    again; a file lock makes the workers of one node download once).
+    Models, held-out sets and other read-only inputs are read this way."""
     if not is_remote(uri):
-        local = Path(uri).expanduser()
-        if not local.is_dir():
-            raise UserError(f"{uri}: not a directory")
-        yield local
-        return
-    fs, base = filesystem_for(uri)
+        return uri
+    import fcntl
+    import hashlib
+    import json
+    import shutil
+    import tempfile
+
+    fs, path = filesystem_for(uri)
     try:
-        infos = [i for i in fs.get_file_info(pafs.FileSelector(base, recursive=True))
-                 if i.type == pafs.FileType.File]
-    except (OSError, pa.ArrowException) as exc:
-        raise UserError(f"{uri}: cannot read: {exc}") from None
-    if not infos:
-        raise UserError(f"{uri}: no files under this prefix")
-    with tempfile.TemporaryDirectory(prefix="hybridray-eval-") as tmp:
-        root = Path(tmp) / base.rstrip("/").rsplit("/", 1)[-1]
+        infos = retried(uri, "cannot read", lambda: fs.get_file_info(pafs.FileSelector(path, recursive=True)))
+    except FileNotFoundError:
+        infos = []
+    listing = sorted((i.path[len(path):], i.size, str(i.mtime)) for i in infos if i.type == pafs.FileType.File)
+    if not listing:
+        raise UserError(f"{uri}: no such directory (or it is empty)")
+    root = os.path.join(os.environ.get("HYBRIDRAY_CACHE") or os.path.expanduser("~/.cache/hybridray"), "remote")
+    key = hashlib.sha256(uri.encode()).hexdigest()[:16]
+    target, stamp_file = os.path.join(root, key), os.path.join(root, key, ".hybridray-listing.json")
+    stamp = json.dumps({"uri": uri, "files": listing})
+    os.makedirs(root, exist_ok=True)
+    with open(os.path.join(root, f".{key}.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if read_text(stamp_file) == stamp:
+            return target
+        tmp = tempfile.mkdtemp(prefix=f".{key}.partial-", dir=root)
         try:
-            for info in infos:
-                target = root / info.path[len(base):].lstrip("/")
-                target.parent.mkdir(parents=True, exist_ok=True)
-                with fs.open_input_stream(info.path) as source, open(target, "wb") as out:
-                    while chunk := source.read(1 << 20):
-                        out.write(chunk)
-        except (OSError, pa.ArrowException) as exc:
-            raise UserError(f"{uri}: cannot read: {exc}") from None
-        yield root
+            copy_tree(uri, tmp)
+            with open(os.path.join(tmp, ".hybridray-listing.json"), "w") as f:
+                f.write(stamp)
+            shutil.rmtree(target, ignore_errors=True)
+            os.replace(tmp, target)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return target

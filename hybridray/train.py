@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import asdict
-import shutil
 import sys
 import tempfile
 import time
@@ -90,6 +89,19 @@ def val_metrics(report: Optional[dict]) -> dict:
     }
 
 
+def worker_nodes() -> list[str]:
+    """The Ray node id of every rank, in rank order (collective)."""
+    import ray
+    import torch.distributed as dist
+
+    node = ray.get_runtime_context().get_node_id()
+    if not dist.is_initialized():
+        return [node]
+    nodes = [None] * dist.get_world_size()
+    dist.all_gather_object(nodes, node)
+    return nodes
+
+
 def train_func(loop_config: dict) -> None:
     """The per-worker training loop (Ray Train calls it on every worker)."""
     import contextlib
@@ -104,8 +116,14 @@ def train_func(loop_config: dict) -> None:
     from hybridray.engine import TrainingModel, build_engine, clamp_temperature
     from hybridray.evaluate.lareqa import load_lareqa
 
+    from hybridray.console import quiet_process
+
+    quiet_process(loop_config.get("verbose"))
     config = Config.model_validate(loop_config["config"])
     run = loop_config["run"]
+    board = loop_config.get("board") if rank() == 0 else None  # the driver's progress display
+    if config.run.s3_endpoint:
+        os.environ["AWS_ENDPOINT_URL_S3"] = config.run.s3_endpoint
     if not config.scaling.use_gpu:
         torch.set_num_threads(cpu_threads(config.scaling.cpus_per_worker))
     torch.manual_seed(config.seed)  # identical initial weights (e.g. a learned temperature) on every rank
@@ -113,6 +131,9 @@ def train_func(loop_config: dict) -> None:
     tokenizer = model.encoder.tokenizer
     engine = build_engine(model, config, world_size())  # in train mode, dropout on
     device = engine.device
+    nodes = worker_nodes()
+    if board is not None:
+        board.push.remote({"message": f"{world_size()} worker(s) on {len(set(nodes))} node(s): {', '.join(nodes)}"})
 
     start_step, saved = 0, {}
     checkpoint = ray.train.get_checkpoint()
@@ -127,6 +148,8 @@ def train_func(loop_config: dict) -> None:
 
     reports = dict(saved.get("reports", {}))
     if start_step == 0 and config.train.eval_before:
+        if board is not None and config.data.heldout:
+            board.push.remote({"message": "held-out evaluation before training ..."})
         reports["before"] = evaluate_now(engine, tokenizer, heldout, config, "before training")
 
     window = {"loss": 0.0, "n": 0, "samples": 0, "tokens": 0, "mono": 0, "cross": 0, "x-x": 0}
@@ -149,7 +172,8 @@ def train_func(loop_config: dict) -> None:
             engine.step()
             clamp_temperature(engine)
 
-            window["loss"] += float(all_reduce_mean(loss))
+            step_loss = float(all_reduce_mean(loss))
+            window["loss"] += step_loss
             window["n"] += 1
             window[batch["batch_type"]] += 1
             window["samples"] += config.sampler.batch_size
@@ -160,12 +184,17 @@ def train_func(loop_config: dict) -> None:
             log_now = (step + 1) % config.train.log_every == 0 or done
             save_now = done or (config.train.checkpoint_every and (step + 1) % config.train.checkpoint_every == 0)
             eval_now = done or (config.train.eval_every and (step + 1) % config.train.eval_every == 0)
+            record = {"step": step + 1, "time": time.time(), "loss": step_loss, "lr": engine.get_lr()[0],
+                      "samples": config.sampler.batch_size, "batch_type": batch["batch_type"]}
             if not (log_now or save_now or eval_now):
+                if board is not None:
+                    board.push.remote(record)  # fire and forget: no wait, no barrier
                 continue
 
             elapsed = time.perf_counter() - window_start
             metrics = {
                 "step": step + 1,
+                "worker_nodes": ",".join(nodes),
                 "loss": window["loss"] / max(1, window["n"]),
                 "lr": engine.get_lr()[0],
                 "temperature": float(engine.module.loss.temperature),
@@ -174,13 +203,16 @@ def train_func(loop_config: dict) -> None:
                 "mono_batches": window["mono"], "cross_batches": window["cross"], "xx_batches": window["x-x"],
             }
             if eval_now:
+                if board is not None and config.data.heldout:
+                    board.push.remote({"message": f"held-out evaluation at step {step + 1} ..."})
                 report = evaluate_now(engine, tokenizer, heldout, config, f"step {step + 1}")
                 metrics.update(val_metrics(report))
                 if done:
                     reports["after"] = report
             metrics.update({f"before_{k}": v for k, v in val_metrics(reports.get("before")).items()})
-            if rank() == 0:
-                print(_progress_line(metrics, config.train.max_steps), flush=True)
+            if board is not None:
+                record.update({k: v for k, v in metrics.items() if k.startswith("val_") or k == "temperature"})
+                board.push.remote(record)
 
             if save_now:
                 with tempfile.TemporaryDirectory() as directory:
@@ -195,23 +227,10 @@ def train_func(loop_config: dict) -> None:
             window_start = time.perf_counter()
 
 
-def _progress_line(metrics: dict, max_steps: int) -> str:
-    line = (
-        f"[hybridray] step {metrics['step']}/{max_steps} loss {metrics['loss']:.4f} "
-        f"lr {metrics['lr']:.2e} {metrics['samples_per_s']:.1f} samples/s "
-        f"mono/cross {metrics['mono_batches']}/{metrics['cross_batches']}"
-    )
-    if "val_map" in metrics:
-        line += (
-            f" | val mAP multi {metrics['val_map']:.3f} mono {metrics['val_map_mono']:.3f} "
-            f"cross {metrics['val_map_cross']:.3f} rank-dist {metrics['val_rank_distance']:.1f}"
-        )
-    return line
-
-
 def _export_final(engine, tokenizer, directory: Path, config: Config, reports: dict) -> None:
-    """The final model (HF + sentence-transformers directory) and the held-out reports go
-    into the last checkpoint, so they reach the run's storage (local or ``s3://``)."""
+    """The final model (HF + sentence-transformers directory; LoRA merged, the adapter alone
+    in ``adapter/``) and the held-out reports go into the last checkpoint, so they reach the
+    run's storage (local or ``s3://``)."""
     from hybridray.data.tokenize import prefixes
     from hybridray.distributed import rank
     from hybridray.evaluate.report import write_report
@@ -219,9 +238,11 @@ def _export_final(engine, tokenizer, directory: Path, config: Config, reports: d
     with full_weights(engine, config):
         if rank() == 0:
             query_prefix, passage_prefix = prefixes(config.model)
+            lora = config.model.lora
             engine.module.encoder.save_pretrained(
                 directory / "model", tokenizer,
                 prompts={"query": query_prefix, "passage": passage_prefix},
+                adapter_directory=directory / "adapter" if lora and lora.save_adapter else None,
             )
             for name, report in reports.items():
                 if report is not None:
@@ -259,14 +280,29 @@ def resolve_paths(config: Config) -> Config:
     return update
 
 
+def use_s3_endpoint(config: Config) -> Optional[dict]:
+    """Apply ``run.s3_endpoint`` to this process, and return the runtime env that gives it to
+    every Ray worker of the job (Ray Data tasks included); None when it is not set."""
+    from hybridray import storage
+
+    if not config.run.s3_endpoint:
+        return None
+    os.environ["AWS_ENDPOINT_URL_S3"] = config.run.s3_endpoint
+    storage._s3.cache_clear()
+    return {"env_vars": {"AWS_ENDPOINT_URL_S3": config.run.s3_endpoint}}
+
+
 def init_ray(**kwargs) -> None:
     """Join the cluster named by ``RAY_ADDRESS`` (``ray job submit`` sets it), else start a
     private local one on loopback (``address="local"`` never joins a stale cluster by
     accident; the dashboard stays up because Ray Train's state queries go through it)."""
     import ray
 
+    from hybridray.console import ray_logging_config
+
     if ray.is_initialized():
         return
+    kwargs.setdefault("logging_config", ray_logging_config())
     if os.environ.get("RAY_ADDRESS"):
         ray.init(**kwargs)
     else:
@@ -283,43 +319,52 @@ def build_trainer(
     inject_fault: Optional[tuple[int, str]] = None,
     start_step: int = 0,
     identity=None,
+    board=None,
 ):
     """The ``TorchTrainer`` of a run: workers, resources, storage, retention and failures
     from the config; the hybrid-batch stream from ``start_step`` on, given whole to every
     worker; the run's identity (``hybridray.runs.run_identity``, computed if not given) saved
     with every checkpoint.
 
+    ``board`` (``hybridray.console.new_board``) receives rank 0's per-step progress records.
     ``inject_fault=(step, marker_path)`` makes rank 0 crash once at ``step`` (for testing
     recovery through ``run.max_failures``); never set by the CLI."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from hybridray import storage
+    from hybridray.console import is_verbose, train_logging_config
     from hybridray.data.pipeline import build_train_dataset, ray_data_config
     from hybridray.device import dist_backend
     from hybridray.runs import run_identity
 
     name = run_dir_name or config.name
     identity = identity or run_identity(config)
-    rejects = Path(config.run.storage_path if "://" not in config.run.storage_path else "runs") / name / "rejects.jsonl"
-    rejects.parent.mkdir(parents=True, exist_ok=True)
-    dataset, info = build_train_dataset(config, rejects_path=str(rejects), start_step=start_step)
+    rejects = storage.join(config.run.storage_path, name, "rejects.jsonl")
+    dataset, info = build_train_dataset(config, rejects_path=rejects, start_step=start_step)
+    # Ray Train writes checkpoints through the same filesystem as hybridray (S3 endpoint,
+    # retries); for a local path it is the local filesystem.
+    filesystem, storage_path = storage.filesystem_for(config.run.storage_path)
     scaling = config.scaling
-    resources = {"CPU": scaling.cpus_per_worker}
+    resources = {"CPU": scaling.cpus_per_worker, **scaling.resources_per_worker}
     if scaling.use_gpu:
         resources["GPU"] = scaling.gpus_per_worker
     trainer = TorchTrainer(
         train_func,
-        train_loop_config={"config": config.model_dump(), "run": identity.as_dict(), "fault": inject_fault},
+        train_loop_config={"config": config.model_dump(), "run": identity.as_dict(), "fault": inject_fault,
+                           "board": board, "verbose": is_verbose()},
         torch_config=TorchConfig(backend=dist_backend("cuda" if scaling.use_gpu else "cpu")),
         scaling_config=ScalingConfig(
             num_workers=scaling.num_workers, use_gpu=scaling.use_gpu, resources_per_worker=resources
         ),
         run_config=RunConfig(
             name=name,
-            storage_path=config.run.storage_path,
+            storage_path=storage_path,
+            storage_filesystem=filesystem,
             checkpoint_config=CheckpointConfig(num_to_keep=config.run.checkpoints_to_keep),
             failure_config=FailureConfig(max_failures=config.run.max_failures),
             callbacks=callbacks,
+            logging_config=train_logging_config(),
         ),
         datasets={"train": dataset},
         dataset_config=ray_data_config(),
@@ -334,17 +379,24 @@ def _say(message: str) -> None:
 def run_training(
     config: Config, *, overwrite: bool = False, inject_fault: Optional[tuple[int, str]] = None
 ) -> dict:
-    """Train (or resume, or recognise a finished run: ``hybridray.runs``), then collect the
-    final model and before/after reports from the last checkpoint into
-    ``<storage_path>/<name>/`` (``model/``, ``eval/before``, ``eval/after``, ``summary.json``).
+    """Train (or resume, or recognise a finished run: ``hybridray.runs``) with a live progress
+    display, then collect the final model and before/after reports from the last checkpoint
+    into ``<storage_path>/<name>/`` (``model/``, ``eval/before``, ``eval/after``,
+    ``summary.json``; plus ``metrics.jsonl``, ``plots/`` and ``tensorboard/``, see
+    ``hybridray.run_report``) and print the closing summary.
 
     ``overwrite`` deletes an existing run directory first; without it a directory that holds
     another run is refused."""
     from hybridray import storage
+    from hybridray.console import ProgressDisplay, failure_callback, new_board, quiet_process
     from hybridray.models import resolve_model_path
+    from hybridray.run_report import RunLog, closing_summary
     from hybridray.runs import plan_run, run_dir, run_identity
 
+    started = time.perf_counter()
+    quiet_process()
     config = resolve_paths(config)
+    runtime_env = use_s3_endpoint(config)
     identity = run_identity(config)
     plan = plan_run(config, identity, overwrite=overwrite)
     directory = run_dir(config)
@@ -356,68 +408,82 @@ def run_training(
             return json.loads(written)
         # the driver died after training but before collecting: collect now
         summary = {"name": config.name, "metrics": plan.metrics, "checkpoint": plan.checkpoint, "data": None}
-        return _collect_outputs(config, plan.checkpoint, summary, print_reports=False)
+        summary = _collect_outputs(config, plan.checkpoint, summary)
+        RunLog(directory, plan.start_step).close()  # the plots, from what the run logged
+        print("\n" + closing_summary(directory, summary), flush=True)
+        return summary
     if plan.start_step:
         _say(f"resuming run {config.name!r} from step {plan.start_step}/{config.train.max_steps} "
              f"({plan.checkpoint})")
     resolve_model_path(config.model.name_or_path)  # build a builtin once, before the workers start
-    init_ray()
-    trainer, info = build_trainer(config, inject_fault=inject_fault, start_step=plan.start_step, identity=identity)
+    storage.check_writable(directory)  # a missing bucket or denied access: one line, now
+    init_ray(runtime_env=runtime_env)
+    board = new_board()
+    trainer, info = build_trainer(config, inject_fault=inject_fault, start_step=plan.start_step,
+                                  identity=identity, board=board, callbacks=[failure_callback(board)])
     for note in info.notes:
         _say(f"note: {note}")
-    result = trainer.fit()
+    log = RunLog(directory, plan.start_step)  # metrics.jsonl and TensorBoard, written as they come
+    with ProgressDisplay(board, config.train.max_steps, plan.start_step, every=config.train.log_every,
+                         on_record=log.add) as display:
+        result = trainer.fit()
     if result.error is not None:
+        log.close()
         raise result.error
     summary = {
         "name": config.name,
         "metrics": result.metrics,
         "checkpoint": result.checkpoint.path if result.checkpoint else None,
         "data": asdict(info),
+        "start_step": plan.start_step,
+        "wall_seconds": time.perf_counter() - started,
+        "samples_per_s": display.samples_per_s(),
     }
     summary = _collect_outputs(config, summary["checkpoint"], summary)
-    if config.train.final_eval_suite and summary["checkpoint"]:
-        summary["final_eval_suite"] = run_final_suite(config, summary["checkpoint"])
-        if "://" not in config.run.storage_path:  # summary.json gains the suite's place
-            (Path(config.run.storage_path) / config.name / "summary.json").write_text(
-                json.dumps(summary, indent=2, default=str) + "\n")
+    log.close()
+    print("\n" + closing_summary(directory, summary), flush=True)
+    if config.train.final_eval_suite and summary.get("model"):
+        summary["final_eval_suite"] = run_final_suite(config, summary["model"])
+        storage.write_text(storage.join(directory, "summary.json"), json.dumps(summary, indent=2, default=str) + "\n")
     return summary
 
 
-def _collect_outputs(config: Config, checkpoint: Optional[str], summary: dict, print_reports: bool = True) -> dict:
-    """Copy ``model/`` and ``eval/`` out of the final checkpoint into the run directory and
-    write ``summary.json`` there (local storage; see issue notes for ``s3://``)."""
-    if checkpoint is None or "://" in config.run.storage_path:
+def _collect_outputs(config: Config, checkpoint: Optional[str], summary: dict) -> dict:
+    """Copy ``model/`` and ``eval/`` out of the final checkpoint into the run directory (local
+    or ``s3://``) and write ``summary.json`` there."""
+    from hybridray import storage
+    from hybridray.runs import run_dir
+
+    if checkpoint is None:
         return summary
-    run_dir = Path(config.run.storage_path) / config.name
-    for part in ("model", "eval"):
-        source = Path(checkpoint) / part
-        if source.exists():
-            shutil.copytree(source, run_dir / part, dirs_exist_ok=True)
-    summary["model"] = str(run_dir / "model")
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
-    if print_reports:
-        for name in ("before", "after"):
-            table = run_dir / "eval" / name / "report.md"
-            if table.exists():
-                print(f"\n## Held-out evaluation {name} training\n\n{table.read_text()}")
+    directory = run_dir(config)
+    checkpoint = storage.uri_of(config.run.storage_path, checkpoint)  # Ray gives paths inside its filesystem
+    summary["checkpoint"] = checkpoint
+    for part in ("model", "adapter", "eval"):
+        if storage.exists(storage.join(checkpoint, part)):
+            storage.copy_tree(storage.join(checkpoint, part), storage.join(directory, part))
+    summary["model"] = storage.join(directory, "model")
+    storage.write_text(storage.join(directory, "summary.json"), json.dumps(summary, indent=2, default=str) + "\n")
     return summary
 
 
-def run_final_suite(config: Config, checkpoint: str) -> str:
-    """``train.final_eval_suite`` on the exported model of the final checkpoint, on the driver
-    after training; the report goes to ``<run>/eval/suite/`` (local storage) or
-    ``runs/<name>/eval/suite/`` (``s3://`` storage). Returns that directory."""
+def run_final_suite(config: Config, model: str) -> str:
+    """``train.final_eval_suite`` on the exported model (``<run>/model``, local or ``s3://``),
+    on the driver after training; the report goes to ``<run>/eval/suite/``. Returns its URI."""
+
     from hybridray import storage
     from hybridray.config import load_suite
     from hybridray.evaluate.suite import run_suite
+    from hybridray.runs import run_dir
 
-    local = Path(config.run.storage_path if "://" not in config.run.storage_path else "runs") / config.name
-    out = local / "eval" / "suite"
+    out = storage.join(run_dir(config), "eval", "suite")
     suite = load_suite(config.train.final_eval_suite)
-    exported = str(local / "model") if (local / "model").is_dir() else storage.join(checkpoint, "model")
-    with storage.local_dir(exported) as model_dir:
-        run_suite(suite, str(model_dir), out, suite_path=config.train.final_eval_suite,
+    with tempfile.TemporaryDirectory(prefix="hybridray-suite-") as tmp:
+        local_out = Path(tmp) if storage.is_remote(out) else Path(out)
+        run_suite(suite, model, local_out, suite_path=config.train.final_eval_suite,
                   overrides={"pooling": config.model.pooling},
                   label=f"Run `{config.name}` after {config.train.max_steps} steps")
-    print("\n" + (out / "report.md").read_text(encoding="utf-8").split("\n---\n")[0])
-    return str(out)
+        if storage.is_remote(out):
+            storage.copy_tree(str(local_out), out)
+        print("\n" + (local_out / "report.md").read_text(encoding="utf-8").split("\n---\n")[0])
+    return out

@@ -18,6 +18,7 @@ Each trial is a function trainable that builds the run's ``TorchTrainer`` (Train
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Optional
 
@@ -74,13 +75,38 @@ def load_sweep(path: str | Path, base: Config) -> dict:
     }
 
 
+def _trial_line_callback(total: int, metric: str):
+    """A Tune callback printing one line per finished trial (Tune's own tables are off)."""
+    from ray import tune
+
+    class TrialLine(tune.Callback):
+        def __init__(self):
+            self.done = 0
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            self.done += 1
+            params = " ".join(f"{k}={v}" for k, v in (trial.config or {}).items())
+            value = (trial.last_result or {}).get(metric)
+            shown = f"{value:.4f}" if isinstance(value, float) else value
+            print(f"[hybridray] trial {self.done}/{total} {params}: {metric} {shown}", flush=True)
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            self.done += 1
+            params = " ".join(f"{k}={v}" for k, v in (trial.config or {}).items())
+            print(f"[hybridray] trial {self.done}/{total} {params}: FAILED (see {trial.error_file})", flush=True)
+
+    return TrialLine()
+
+
 def _trial(params: dict, base: dict, overrides: list[str]) -> None:
     """One Tune trial: the base run with this trial's values, trained by its own TorchTrainer."""
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
+    from hybridray.console import quiet_process
     from hybridray.train import build_trainer
 
+    quiet_process()  # this trial's actor builds its own dataset
     config = build_config(base, overrides + [f"{k}={v}" for k, v in params.items()])
     trial = tune.get_context().get_trial_id()
     trainer, _ = build_trainer(config, run_dir_name=f"{config.name}-{trial}", callbacks=[TuneReportCallback()])
@@ -91,23 +117,33 @@ def run_sweep(config: Config, sweep_path: str | Path, num_samples: Optional[int]
     """Run the sweep; returns the best trial's parameters and final metrics."""
     from ray import tune
 
+    from hybridray import storage
+    from hybridray.console import is_verbose, quiet_process
     from hybridray.models import resolve_model_path
-    from hybridray.train import init_ray, resolve_paths
+    from hybridray.train import init_ray, resolve_paths, use_s3_endpoint
 
     sweep = load_sweep(sweep_path, config)
     config = resolve_paths(config)
+    runtime_env = use_s3_endpoint(config)
     resolve_model_path(config.model.name_or_path)
-    init_ray()
+    storage.check_writable(storage.join(config.run.storage_path, f"{config.name}-sweep"))
+    init_ray(runtime_env=runtime_env)
+    quiet_process()
     trainable = tune.with_parameters(_trial, base=config.model_dump(), overrides=sweep["overrides"])
+    n_samples = num_samples or sweep["num_samples"]
+    n_trials = n_samples * math.prod(len(spec["grid"]) for spec in sweep["search_space"].values() if "grid" in spec)
+    filesystem, storage_path = storage.filesystem_for(config.run.storage_path)
     tuner = tune.Tuner(
         tune.with_resources(trainable, {"CPU": 0.1}),
         param_space={k: _domain(k, v) for k, v in sweep["search_space"].items()},
         tune_config=tune.TuneConfig(
             metric=sweep["metric"], mode=sweep["mode"],
-            num_samples=num_samples or sweep["num_samples"],
+            num_samples=n_samples,
             max_concurrent_trials=sweep["max_concurrent_trials"],
         ),
-        run_config=tune.RunConfig(name=f"{config.name}-sweep", storage_path=config.run.storage_path),
+        run_config=tune.RunConfig(name=f"{config.name}-sweep", storage_path=storage_path,
+                                  storage_filesystem=filesystem, verbose=2 if is_verbose() else 0,
+                                  callbacks=[_trial_line_callback(n_trials, sweep["metric"])]),
     )
     results = tuner.fit()
     best = results.get_best_result()

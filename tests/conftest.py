@@ -39,10 +39,13 @@ def s3_server():
     real cluster where endpoint and credentials are in the environment before ``ray start``.
     Tests create their own buckets.
     """
+    import logging
+
     from moto.server import ThreadedMotoServer
 
     from hybridray import storage
 
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # not one log line per request
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
     server.start()
     host, port = server.get_host_and_port()

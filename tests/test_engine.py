@@ -161,20 +161,22 @@ def _reference_run(bert, cfg, batches):
     return {n: p.detach().clone() for n, p in model.named_parameters()}, norms
 
 
-def _temperature_run(bert, stage):
+def _temperature_run(bert, stage, rank, world):
     """4 AdamW steps at a large LR on a batch whose passages equal its queries (the positive
     is the best match, so the loss pulls the temperature down): the learned log-temperature
-    after each step, in the module and in DeepSpeed's fp32 master copy."""
+    after each step, in the module and in DeepSpeed's fp32 master copy (rank ``rank`` of
+    ``world``)."""
     import deepspeed
     from deepspeed.utils import safe_get_full_fp32_param
 
     from hybridray.engine import build_engine, clamp_temperature
 
-    cfg = config(deepspeed={"zero_stage": stage}, model={"freeze_embeddings": True},
+    cfg = config(deepspeed={"zero_stage": stage}, model={"freeze_embeddings": True}, scaling={"num_workers": world},
                  loss={"temperature": TAU0, "learn_temperature": True},
                  optim={"lr": 0.5, "warmup_steps": 0, "schedule": "constant", "grad_clip": 0.0})
-    engine = build_engine(TrainingModel.from_config(cfg, copy.deepcopy(bert)), cfg, 1)
-    b = batch(0)
+    engine = build_engine(TrainingModel.from_config(cfg, copy.deepcopy(bert)), cfg, world)
+    half = slice(rank * PAIRS // world, (rank + 1) * PAIRS // world)
+    b = {k: v[half] for k, v in batch(0).items()}
     b["passage_input_ids"], b["passage_attention_mask"] = b["query_input_ids"], b["query_attention_mask"]
     param = engine.module.loss.log_temperature
     values, masters = [], []
@@ -185,7 +187,7 @@ def _temperature_run(bert, stage):
         with deepspeed.zero.GatheredParameters([param], enabled=stage == 3):
             values.append(param.item())
         master = safe_get_full_fp32_param(param)
-        masters.append(master.item() if master is not None else None)
+        masters.append(master.flatten()[0].item() if master is not None else None)
     return {"values": values, "masters": masters}
 
 
@@ -234,6 +236,8 @@ def _worker(index, ports, outputs):
                          optim={"lr": 2e-3, "warmup_steps": 2, "schedule": schedule})
             engine = build_engine(TrainingModel.from_config(cfg, copy.deepcopy(bert)), cfg, 2)
             results[stage] = _train(stage, engine, local)
+        # clamped on 2 ranks: under ZeRO-1/2/3 the fp32 master copy is partitioned across them
+        results["temperature"] = {stage: _temperature_run(bert, stage, rank, 2) for stage in ALL_STAGES}
     else:
         batches = [batch(seed) for seed in range(3)]
         for stage in CLIP_STAGES:
@@ -250,7 +254,6 @@ def _worker(index, ports, outputs):
                 got = {n: p.detach().clone() for n, p in engine.module.named_parameters()}
                 want, norms = _reference_run(bert, cfg, batches)
                 results[(stage, clip)] = {"got": got, "want": want, "norms": norms}
-        results["temperature"] = {stage: _temperature_run(bert, stage) for stage in ALL_STAGES}
         results["modes"] = _modes_after_build(outputs[1].parent)
     if rank == 0:
         torch.save(results, outputs[world])
@@ -289,7 +292,7 @@ def test_learned_temperature_is_clamped_as_a_parameter(runs, stage):
     """The bound holds for the parameter and DeepSpeed's master copy after every step; clamping
     only the forward value let Adam carry the parameter past the bound, where its gradient
     is zero (it then needs as many steps to come back)."""
-    result = runs[0]["temperature"][stage]
+    result = runs[1]["temperature"][stage]
     bound = math.log(TAU_MIN)
     assert all(v >= bound - 1e-6 for v in result["values"]), result
     assert result["values"][0] == pytest.approx(bound, abs=1e-6)  # it was pulled down: the clamp acted

@@ -171,8 +171,10 @@ def s3_bucket(s3_server, small):
     bucket.delete()
 
 
-def test_suite_reads_s3(tmp_path, s3_bucket, small):
+def test_suite_reads_s3(tmp_path, s3_bucket, small, monkeypatch):
     from hybridray.evaluate.suite import run_suite
+
+    monkeypatch.setenv("HYBRIDRAY_CACHE", str(tmp_path / "cache"))  # s3 data is cached there
 
     suite = build_suite([{"name": "tydi", "kind": "tydi", "path": f"{s3_bucket}/tydi"},
                          {"name": "local", "kind": "tydi", "path": str(small / "tydi")}])
@@ -180,7 +182,8 @@ def test_suite_reads_s3(tmp_path, s3_bucket, small):
     remote, local = report["tasks"]["tydi"], report["tasks"]["local"]
     assert remote["data"]["path"] == f"{s3_bucket}/tydi"
     assert remote["per_language"] == local["per_language"]  # the same files, the same numbers
-    with pytest.raises(UserError, match="s3://eval-data/missing: (cannot read|no files)"):
+    assert list((tmp_path / "cache" / "remote").iterdir())  # read through the cache
+    with pytest.raises(UserError, match="s3://eval-data/missing: no such directory"):
         run_suite(build_suite([{"name": "x", "kind": "tydi", "path": "s3://eval-data/missing"}]), "builtin:tiny", tmp_path / "o")
 
 
@@ -200,11 +203,12 @@ def test_final_eval_suite_runs_on_the_exported_model(tmp_path, small):
         {"name": "tydi", "kind": "tydi", "path": str(small / "tydi"), "langs": ["sw"]}]}))
     tree = {"name": "hook", "data": {"heldout": ""}, "run": {"storage_path": str(tmp_path / "runs")},
             "model": {"name_or_path": "builtin:tiny"}, "train": {"final_eval_suite": str(suite), "max_steps": 3}}
-    checkpoint_dir = tmp_path / "checkpoint"
+    checkpoint_dir = tmp_path / "checkpoint"  # stands for <run>/model after _collect_outputs
     shutil.copytree(resolve_model_path("builtin:tiny"), checkpoint_dir / "model")
-    out = run_final_suite(build_config(tree), str(checkpoint_dir))
+    out = run_final_suite(build_config(tree), str(checkpoint_dir / "model"))
     report = json.loads((tmp_path / "runs" / "hook" / "eval" / "suite" / "report.json").read_text())
     assert out.endswith("runs/hook/eval/suite") and report["label"] == "Run `hook` after 3 steps"
+    assert report["model"] == str(checkpoint_dir / "model")
     assert list(report["tasks"]["tydi"]["per_language"]) == ["sw"]
     # a bad suite fails before training starts, naming the file and the key
     suite.write_text(yaml.safe_dump({"tasks": [{"name": "t", "kind": "tydy", "path": "x"}]}))

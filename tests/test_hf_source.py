@@ -84,14 +84,8 @@ def sources(mlqa_prepared, tmp_path_factory) -> dict:
 
 
 @pytest.fixture(scope="module")
-def ray_cluster():
-    import ray
-
-    from hybridray.train import init_ray
-
-    init_ray(num_cpus=2)
-    yield
-    ray.shutdown()
+def ray_cluster(ray_session):
+    """The session's Ray (started once per test session, see conftest.py)."""
 
 
 def config(sources, **overrides):

@@ -208,7 +208,7 @@ def test_rejects_report_and_info(full_run):
     assert info.rejects["unknown_language"] == 2
     # zh exists for one group only: said once, with the counts, instead of silently no zh steps
     assert [n for n in info.notes if "monolingual" in n] == [
-        "no monolingual steps in 'zh' in 1 of 3 window(s): it has 1 groups there, fewer than "
+        "no monolingual steps in 'zh' in 1 of 3 window(s): it has 1 group(s) there, fewer than "
         "sampler.batch_size (8)"
     ]
 

@@ -105,16 +105,21 @@ def assert_same_model(got, want):
     assert got["metrics"]["loss"] == pytest.approx(want["metrics"]["loss"], rel=1e-5)
 
 
-def test_resume_after_worker_crash_matches_uninterrupted_run(ray_session, straight, tmp_path, mlqa_prepared, small_heldout):
+def test_resume_after_worker_crash_matches_uninterrupted_run(ray_session, straight, tmp_path, mlqa_prepared, small_heldout,
+                                                             capfd):
     from hybridray.train import run_training
 
     marker = tmp_path / "crashed-once"
-    resumed = run_training(
-        tiny_config(tmp_path, mlqa_prepared, small_heldout, **RESUME, **{"run.max_failures": 1}),
-        inject_fault=(4, str(marker)),
-    )
+    config = tiny_config(tmp_path, mlqa_prepared, small_heldout, **RESUME, **{"run.max_failures": 1})
+    resumed = run_training(config, inject_fault=(4, str(marker)))
     assert marker.exists(), "the injected crash did not happen"
     assert_same_model(resumed, straight[1])
+    # the quiet console still says what happened, and the run's log has each step once
+    err = capfd.readouterr().err
+    assert "[hybridray] worker rank 0 failed: " in err and "injected fault at step 4" in err
+    assert "[hybridray] restarted: training again from step 4" in err
+    history = [json.loads(line) for line in (tmp_path / "runs" / config.name / "metrics.jsonl").read_text().splitlines()]
+    assert [h["step"] for h in history] == [1, 2, 3, 4, 5, 6]
 
 
 def test_rerun_of_a_failed_run_resumes_from_its_checkpoint(ray_session, straight, tmp_path, mlqa_prepared, small_heldout):
@@ -142,7 +147,7 @@ def test_rerunning_a_run_never_reuses_it_for_another_config(straight, tmp_path):
     again = run_cli("train", str(path))
     assert again.returncode == 0, again.stderr
     assert f"run {config.name!r} is already complete (6/6 steps)" in again.stderr
-    assert json.loads(again.stdout)["metrics"]["step"] == 6
+    assert json.loads((Path(run_dir(config)) / "summary.json").read_text())["metrics"]["step"] == 6
     changed = run_cli("train", str(path), "sampler.alpha=1.0", "loss.temperature=0.02")
     assert changed.returncode == 2
     assert "was trained with a different config (loss.temperature: 0.05 -> 0.02; sampler.alpha: 0.5 -> 1.0)" in changed.stderr

@@ -87,8 +87,11 @@ def _question_problem(qa: dict, paragraph: dict) -> Optional[str]:
 
 
 def read_lareqa(source_dir: str | Path, langs: Optional[Iterable[str]] = None) -> LareqaSource:
-    """Read and validate every question of every language file."""
-    files = find_language_files(source_dir, langs)
+    """Read and validate every question of every language file (``source_dir`` local or
+    ``s3://``, fetched once into the cache)."""
+    from hybridray.storage import local_copy
+
+    files = find_language_files(local_copy(str(source_dir)), langs)
     source = LareqaSource(files=files, raw={})
     for lang, path in files.items():
         try:

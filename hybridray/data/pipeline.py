@@ -40,7 +40,6 @@ from __future__ import annotations
 import functools
 import queue
 import threading
-import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterator, Optional, Sequence
 
@@ -204,7 +203,10 @@ def build_train_dataset(config, *, rejects_path: Optional[str], start_step: int 
         main_refs=main_refs, extra_refs=extra_refs, extra_meta=extra_meta, k_negatives=k,
     )
     tokenise = functools.partial(
-        _tokenise, tokenizer=tokenizer_spec(cfg.model.name_or_path, put=True), q_prefix=q_prefix, p_prefix=p_prefix,
+        _tokenise, tokenizer=tokenizer_spec(
+            cfg.model.name_or_path, put=True,
+            append_eos=cfg.model.append_eos, padding_side=cfg.model.padding_side,
+        ), q_prefix=q_prefix, p_prefix=p_prefix,
         max_query=cfg.model.max_query_length, max_passage=cfg.model.max_passage_length, k_negatives=k,
     )
     ds = (
@@ -263,7 +265,7 @@ def _no_mono_notes(groups, windows, batch_size: int) -> list[str]:
         lo, hi = min(counts), max(counts)
         notes.append(
             f"no monolingual steps in {lang!r} in {len(counts)} of {len(windows)} window(s): it has "
-            f"{lo if lo == hi else f'{lo}-{hi}'} groups there, fewer than sampler.batch_size ({batch_size})"
+            f"{lo if lo == hi else f'{lo}-{hi}'} group(s) there, fewer than sampler.batch_size ({batch_size})"
         )
     return notes
 
@@ -477,7 +479,10 @@ def _drained(source) -> Iterator[dict[str, Any]]:
         stop.set()
         thread.join(timeout=_DRAIN_JOIN_TIMEOUT_S)
         if thread.is_alive():
-            warnings.warn(f"the batch stream's reader thread did not stop within {_DRAIN_JOIN_TIMEOUT_S} s")
+            raise RuntimeError(
+                f"the batch stream's reader thread did not stop within {_DRAIN_JOIN_TIMEOUT_S:.0f} s "
+                "of its consumer: it would go on calling into Ray"
+            )
 
 
 def _step_rows(source) -> Iterator[dict[str, Any]]:

@@ -8,6 +8,11 @@ Output layout (``OUT``)::
                           (the candidate pool is every sentence of those articles)
     OUT/rejects.jsonl     every source question that failed validation, with file and reason
     OUT/prepare.json      what was done: source, seed, fraction, counts per split and language
+
+``SOURCE`` and ``OUT`` may be ``s3://`` URIs. A local ``OUT`` is built beside itself and
+swapped in, so a failure never leaves half an output or damages an old one. An ``s3://``
+``OUT`` is built in a local temporary directory first -- every data error happens before S3
+is touched -- then uploaded (an old output is deleted just before, with ``--overwrite``).
 """
 from __future__ import annotations
 
@@ -19,6 +24,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Iterable, Optional
 
+from hybridray import storage
 from hybridray.data.lareqa import (
     article_clusters,
     filter_lareqa,
@@ -43,13 +49,26 @@ def prepare_lareqa(
     """Convert, validate and split; returns the summary also written to ``prepare.json``."""
     if not 0.0 <= heldout_fraction < 1.0:
         raise UserError(f"--heldout-fraction: {heldout_fraction} is not in [0, 1)")
+    if storage.is_remote(str(out_dir)):
+        out = str(out_dir).rstrip("/")
+        if storage.exists(out) and not overwrite:
+            raise UserError(f"{out}: already exists (pass --overwrite to replace it)")
+        storage.check_writable(out)  # a missing bucket or denied access, before the work
+        with tempfile.TemporaryDirectory(prefix="hybridray-prepare-") as local:
+            summary = prepare_lareqa(source_dir, Path(local) / "out", heldout_fraction=heldout_fraction,
+                                     seed=seed, langs=langs, source_name=source_name)
+            storage.delete_tree(out)
+            storage.copy_tree(str(Path(local) / "out"), out)
+        return summary
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise UserError(f"{out_dir}: already exists (pass --overwrite to replace it)")
     source = read_lareqa(source_dir, langs)
     if not source.questions:
         raise UserError(f"{source_dir}: no valid questions ({len(source.rejects)} rejected)")
-    source_name = source_name or Path(source_dir).resolve().name
+    remote_source = storage.is_remote(str(source_dir))
+    source_name = source_name or (str(source_dir).rstrip("/").rsplit("/", 1)[-1] if remote_source
+                                  else Path(source_dir).resolve().name)
     cluster_of = article_clusters(source.questions)
     heldout_keys = split_by_article(source.questions, heldout_fraction, seed)
     heldout = [q for q in source.questions if cluster_of[(q.lang, q.article)] in heldout_keys]
@@ -73,7 +92,7 @@ def prepare_lareqa(
             for reject in source.rejects:
                 f.write(json.dumps(asdict(reject), ensure_ascii=False) + "\n")
         summary = {
-            "source": str(Path(source_dir).resolve()),
+            "source": str(source_dir) if remote_source else str(Path(source_dir).resolve()),
             "source_name": source_name,
             "seed": seed,
             "heldout_fraction": heldout_fraction,

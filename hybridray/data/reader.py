@@ -22,7 +22,6 @@ from __future__ import annotations
 import fnmatch
 import io
 import json
-import os
 import re
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -35,6 +34,7 @@ import pyarrow.parquet as pq
 from hybridray.data.sampler import Group
 from hybridray.data.schema import RowError, row_problem
 from hybridray.errors import UserError
+from hybridray import storage
 from hybridray.storage import filesystem_for, uri_of
 
 SHARD_SUFFIXES = (".parquet", ".jsonl")
@@ -69,6 +69,11 @@ def list_shard_files(path: str) -> list[str]:
 
     Raises UserError naming ``path`` when the storage is unreachable or holds no shard file.
     """
+    return [uri for uri, _ in list_shard_sizes(path)]
+
+
+def list_shard_sizes(path: str) -> list[tuple[str, int]]:
+    """``list_shard_files`` with each file's size in bytes (from the same listing)."""
     fs, fs_path = filesystem_for(path)
     match = _GLOB.search(fs_path)
     base = fs_path[: match.start()].rsplit("/", 1)[0] if match else fs_path
@@ -83,15 +88,15 @@ def list_shard_files(path: str) -> list[str]:
     except UserError:
         raise
     except (OSError, pa.ArrowException) as exc:
-        raise UserError(f"{path}: cannot read: {exc}") from None
+        raise UserError(f"{path}: cannot read: {' '.join(str(exc).split())}") from None
     files = sorted(
-        i.path for i in candidates
+        (i.path, i.size) for i in candidates
         if i.type == pafs.FileType.File and _is_shard(i.path)
         and (not match or fnmatch.fnmatchcase(i.path, fs_path))
     )
     if not files:
         raise UserError(f"{path}: no shard files (*.parquet, *.jsonl)")
-    return [uri_of(path, f) for f in files]
+    return [(uri_of(path, f), size) for f, size in files]
 
 
 # ----------------------------------------------------------------------------- rows
@@ -132,14 +137,15 @@ def index_file(
     Rows in a language outside ``languages`` are marked ``filtered`` (a selection, not an
     error: they are neither trained on nor reported as rejects).
     """
-    out = {name: [] for name in INDEX_SCHEMA.names}
     wanted = set(languages) if languages else None
 
-    def add(row, group_id=None, lang=None, n_neg=0, filtered=False, reason=None):
-        for name, value in zip(INDEX_SCHEMA.names, (file_index, row, group_id, lang, n_neg, filtered, reason)):
-            out[name].append(value)
+    def build() -> dict[str, list]:
+        out: dict[str, list] = {name: [] for name in INDEX_SCHEMA.names}
 
-    try:
+        def add(row, group_id=None, lang=None, n_neg=0, filtered=False, reason=None):
+            for name, value in zip(INDEX_SCHEMA.names, (file_index, row, group_id, lang, n_neg, filtered, reason)):
+                out[name].append(value)
+
         for row, record in iter_file_rows(path):
             if isinstance(record, str):
                 add(row, reason=record)
@@ -151,8 +157,15 @@ def index_file(
             negatives = record.get("hard_negatives") or ()
             add(row, record["group_id"], record["lang"], len(negatives),
                 filtered=wanted is not None and record["lang"] not in wanted)
-    except (OSError, pa.ArrowException, UnicodeDecodeError) as exc:
-        add(-1, reason=f"cannot read file: {exc}")
+        return out
+
+    try:
+        out = storage.retried(path, "cannot read file", build)  # a throttled read: the file again
+    except (UserError, OSError, pa.ArrowException, UnicodeDecodeError) as exc:
+        message = str(exc).removeprefix(f"{path}: ")
+        out = {name: [value] for name, value in zip(INDEX_SCHEMA.names, (file_index, -1, None, None, 0, False,
+                                                                          message if isinstance(exc, UserError)
+                                                                          else f"cannot read file: {exc}"))}
     return pa.Table.from_pydict(out, schema=INDEX_SCHEMA)
 
 
@@ -162,6 +175,10 @@ def read_rows(path: str, rows: Iterable[int], columns: Sequence[str]) -> dict[in
     wanted = sorted(set(rows))
     if not wanted:
         return {}
+    return storage.retried(path, "cannot read", lambda: _read_rows(path, wanted, columns))
+
+
+def _read_rows(path: str, wanted: list[int], columns: Sequence[str]) -> dict[int, dict]:
     if not path.endswith(".parquet"):
         targets = set(wanted)
         return {r: rec for r, rec in iter_file_rows(path, columns) if r in targets}
@@ -315,11 +332,9 @@ def index_shards(
 
 
 def write_rejects(path: str, rejects: Iterable[RowError]) -> int:
-    """The rejects report: one JSON object per line, ``{"file", "row", "reason"}``."""
-    n = 0
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        for r in rejects:
-            f.write(json.dumps(asdict(r), ensure_ascii=False) + "\n")
-            n += 1
-    return n
+    """The rejects report (local or ``s3://``): one JSON object per line, ``{"file", "row", "reason"}``."""
+    from hybridray import storage
+
+    lines = [json.dumps(asdict(r), ensure_ascii=False) + "\n" for r in rejects]
+    storage.write_text(path, "".join(lines))
+    return len(lines)

@@ -23,13 +23,12 @@ def prefixes(model_cfg) -> tuple[str, str]:
 
 
 @functools.lru_cache(maxsize=4)
-def load_tokenizer(name_or_path: str):
-    """The model's Hugging Face tokenizer (driver side; tasks use ``TokenizerSpec``)."""
-    from transformers import AutoTokenizer
+def load_tokenizer(name_or_path: str, append_eos: bool | None = None, padding_side: str | None = None):
+    """The model's Hugging Face tokenizer with the decoder recipe applied (driver side;
+    tasks use ``TokenizerSpec``)."""
+    from hybridray.models import load_tokenizer as load
 
-    from hybridray.models import resolve_model_path
-
-    return AutoTokenizer.from_pretrained(resolve_model_path(name_or_path))
+    return load(name_or_path, append_eos=append_eos, padding_side=padding_side)
 
 
 @dataclass(frozen=True)
@@ -47,9 +46,12 @@ class TokenizerSpec:
     pad_left: bool = False
 
 
-def tokenizer_spec(name_or_path: str, *, put: bool = False) -> TokenizerSpec:
-    """Load the tokenizer once on the driver and describe it for the pipeline's tasks."""
-    tok = load_tokenizer(name_or_path)
+def tokenizer_spec(
+    name_or_path: str, *, put: bool = False, append_eos: bool | None = None, padding_side: str | None = None
+) -> TokenizerSpec:
+    """Load the tokenizer once on the driver and describe it for the pipeline's tasks
+    (``append_eos`` / ``padding_side``: the ``model.*`` keys of the decoder recipe)."""
+    tok = load_tokenizer(name_or_path, append_eos, padding_side)
     backend = getattr(tok, "backend_tokenizer", None)
     if backend is None:
         raise ValueError(f"{name_or_path}: the pipeline needs a fast (tokenizers-backed) tokenizer")

@@ -7,6 +7,7 @@ out-of-memory error shows up on the first batch rather than the last.
 from __future__ import annotations
 
 import contextlib
+import sys
 from typing import Iterator, Optional, Sequence
 
 import numpy as np
@@ -15,6 +16,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from hybridray.device import use_bf16
+from hybridray.models.decoder import position_inputs
 from hybridray.models.pooling import pool
 
 
@@ -67,12 +69,14 @@ def encode_texts(
     out: Optional[np.ndarray] = None
     with eval_mode(model), torch.inference_mode(), \
             torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16(device)):
-        for start in tqdm(range(0, len(texts), batch_size), desc="encode", unit="batch", disable=not progress):
+        # a bar on a terminal only: piped into a log, its carriage returns are debris
+        for start in tqdm(range(0, len(texts), batch_size), desc="encode", unit="batch",
+                          disable=not (progress and sys.stderr.isatty())):
             rows = order[start:start + batch_size]
             batch = tokenizer.pad({key: [values[i] for i in rows] for key, values in features.items()},
                                   return_tensors="pt")
             batch = {key: value.to(device) for key, value in batch.items()}
-            hidden = _last_hidden_state(model(**batch))
+            hidden = _last_hidden_state(model(**batch, **position_inputs(model, batch["attention_mask"])))
             vectors = F.normalize(pool(hidden, batch["attention_mask"], pooling).float(), dim=-1)
             if out is None:
                 out = np.empty((len(texts), vectors.shape[-1]), dtype=np.float32)

@@ -17,7 +17,7 @@ same rule to top-k lists.
 
 Two families:
 
-**Full-ranking metrics from rank counting** (LAReQA, Tatoeba). A relevant candidate's *rank* is
+**Full-ranking metrics from rank counting** (LAReQA). A relevant candidate's *rank* is
 
     rank = 1 + #(candidates of the pool ranked above it, by the order above)
 

@@ -15,7 +15,7 @@ from hybridray.errors import UserError
 
 DATA_KINDS = ("lareqa", "beir", "tatoeba", "tydi", "afriqa")
 #: Encoding defaults of a single ``--data`` task (a suite has its own, in its file).
-DEFAULTS = {"batch_size": 64, "max_length": 256, "pooling": "mean"}
+DEFAULTS = {"batch_size": 64, "max_length": 256}
 #: Options that only apply to one --data task, not to a suite.
 TASK_ONLY = ("langs", "split", "with_context", "no_distractors", "afriqa_corpus")
 
@@ -31,7 +31,8 @@ def parse_data_spec(value: str) -> tuple[str, str]:
 
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, metavar="PATH",
-                        help="builtin:multilingual-e5-small, builtin:tiny, a local HF directory or hub id")
+                        help="builtin:multilingual-e5-small, builtin:tiny, a local or s3:// HF directory "
+                             "(e.g. a run's model/), or a hub id")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--data", type=parse_data_spec, metavar="KIND:DIR",
                         help="one task: lareqa:DIR ({lang}.json, XQuAD-R/MLQA-R), beir:DIR (corpus.jsonl, "
@@ -58,7 +59,9 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
                         help="afriqa: passages of every file of the pivot language (default) or of the file")
     parser.add_argument("--batch-size", type=int, default=None, help="encoding batch size (default 64)")
     parser.add_argument("--max-length", type=int, default=None, help="max tokens per text (default 256)")
-    parser.add_argument("--pooling", default=None, help="mean (E5, default), cls (LaBSE) or last")
+    parser.add_argument("--pooling", default=None,
+                        help="mean (E5), cls (LaBSE) or last (decoder LLMs); default: the model's "
+                             "(its sentence-transformers pooling, else last for decoders, else mean)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("--out", required=True, metavar="DIR",
                         help="output directory for report.json, report.md and plots")
@@ -109,19 +112,18 @@ def _run_one(args: argparse.Namespace, overrides: dict) -> int:
     from hybridray.config import EvalSuiteConfig
     from hybridray.device import default_device
     from hybridray.evaluate.report import write_report
-    from hybridray.evaluate.suite import evaluate_task, load_task, resolve_settings
+    from hybridray.evaluate.suite import evaluate_task, load_task, local_data, model_location, resolve_settings
     from hybridray.models import load_encoder
-    from hybridray.storage import local_dir
 
     started = time.perf_counter()
     task = _task_from_args(args)
-    settings = resolve_settings(EvalSuiteConfig(tasks=[task], **DEFAULTS), args.model, overrides,
+    data = load_task(task, local_data(task.path))  # before the model: data errors fail fast
+    model_path = model_location(args.model)
+    settings = resolve_settings(EvalSuiteConfig(tasks=[task], **DEFAULTS), model_path, overrides,
                                 progress=not args.no_progress)
-    with local_dir(task.path) as directory:
-        data = load_task(task, directory)  # before the model: data errors fail fast
-        model, tokenizer = load_encoder(args.model)
-        model.to(default_device())
-        report = evaluate_task(model, tokenizer, task, data, settings)
+    model, tokenizer = load_encoder(model_path)
+    model.to(default_device())
+    report = evaluate_task(model, tokenizer, task, data, settings)
     report = {"model": args.model, **report, "data": {**report["data"], "path": task.path}}
     report["timing"]["total_seconds"] = time.perf_counter() - started
     print(write_report(report, args.out))

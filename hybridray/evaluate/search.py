@@ -43,7 +43,7 @@ def search(queries: np.ndarray, corpus: np.ndarray, k: int) -> tuple[np.ndarray,
     scores, indices = np.take_along_axis(scores, order, 1), np.take_along_axis(indices, order, 1)
     if depth > k:
         for i in np.flatnonzero(scores[:, k - 1] == scores[:, k]):
-            row = corpus @ queries[i]  # faiss's scores for this query, recomputed exactly
+            row = corpus @ queries[i]  # this query's scores against every row, one consistent set
             best = np.lexsort((-keys, -row))[:k]
             scores[i, :k], indices[i, :k] = row[best], best
     return scores[:, :k], indices[:, :k]

@@ -13,11 +13,11 @@ writes to ``--out``:
 - ``low_resource.png``: the headline metric of every low-resource language, one panel per task.
 
 All data is read (and checked) before the model is loaded, so a bad path fails in seconds,
-not after an hour of encoding. Resource groups: :mod:`hybridray.evaluate.languages`.
+not after an hour of encoding; ``s3://`` data and models are read through a cached local copy
+(:func:`hybridray.storage.local_copy`). Resource groups: :mod:`hybridray.evaluate.languages`.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import time
 from dataclasses import asdict, dataclass
@@ -213,17 +213,38 @@ def suite_markdown(result: dict, task_markdown: list[str]) -> str:
 
 
 # ----------------------------------------------------------------------------- driver
-def resolve_settings(suite: EvalSuiteConfig, model_name: str, overrides: Optional[dict] = None,
+def local_data(location: str) -> Path:
+    """A task's data as a local directory: itself, or a cached copy of an ``s3://`` prefix."""
+    from hybridray.errors import UserError
+    from hybridray.storage import local_copy
+
+    directory = Path(local_copy(location))
+    if not directory.is_dir():
+        raise UserError(f"{location}: not a directory")
+    return directory
+
+
+def model_location(name_or_path: str) -> str:
+    """Where the model is read from: a cached local copy of an ``s3://`` model directory,
+    anything else as given (builtins and hub ids resolve when loaded)."""
+    from hybridray.models import resolve_model_path
+    from hybridray.storage import is_remote
+
+    return resolve_model_path(name_or_path) if is_remote(name_or_path) else name_or_path
+
+
+def resolve_settings(suite: EvalSuiteConfig, model_path: str, overrides: Optional[dict] = None,
                      progress: bool = False) -> EncodeSettings:
     """Encoding settings: ``overrides`` (CLI flags, the training config) over the suite file
-    over the model's own prefixes."""
-    from hybridray.models import default_prefixes
+    over the model's own prefixes and pooling."""
+    from hybridray.models import default_pooling, default_prefixes
 
-    query_default, passage_default = default_prefixes(model_name)
+    query_default, passage_default = default_prefixes(model_path)
     values = {
         "query_prefix": query_default if suite.query_prefix is None else suite.query_prefix,
         "passage_prefix": passage_default if suite.passage_prefix is None else suite.passage_prefix,
-        "pooling": suite.pooling, "max_length": suite.max_length, "batch_size": suite.batch_size,
+        "pooling": suite.pooling or default_pooling(model_path), "max_length": suite.max_length,
+        "batch_size": suite.batch_size,
     }
     values.update({k: v for k, v in (overrides or {}).items() if v is not None})
     return EncodeSettings(**values, progress=progress)
@@ -247,28 +268,27 @@ def run_suite(
     from hybridray.device import default_device
     from hybridray.evaluate.report import MARKDOWN, _strict_json
     from hybridray.models import load_encoder
-    from hybridray.storage import local_dir
 
     started = time.perf_counter()
-    settings = resolve_settings(suite, model_name, overrides, progress)
     groups = dict(suite.resource_groups)
-    with contextlib.ExitStack() as stack:
-        data = {task.name: load_task(task, stack.enter_context(local_dir(task.path))) for task in suite.tasks}
-        model, tokenizer = load_encoder(model_name)
-        model.to(default_device())
-        reports, rows, panels, seconds, markdown = {}, [], {}, {}, []
-        for task in suite.tasks:
-            task_started = time.perf_counter()
-            report = evaluate_task(model, tokenizer, task, data[task.name], settings, groups)
-            report = {"model": model_name, **report, "data": {**report["data"], "path": task.path}}
-            seconds[task.name] = time.perf_counter() - task_started
-            report["timing"]["total_seconds"] = seconds[task.name]
-            reports[task.name] = report
-            rows.extend(summary_rows(task, report, seconds[task.name], groups))
-            low = low_resource_values(task, report, groups)
-            if low:
-                panels[task.name] = low
-            markdown.append(f"---\n\n*Task `{task.name}`*\n\n" + MARKDOWN[task.kind](report))
+    data = {task.name: load_task(task, local_data(task.path)) for task in suite.tasks}
+    model_path = model_location(model_name)
+    settings = resolve_settings(suite, model_path, overrides, progress)
+    model, tokenizer = load_encoder(model_path)
+    model.to(default_device())
+    reports, rows, panels, seconds, markdown = {}, [], {}, {}, []
+    for task in suite.tasks:
+        task_started = time.perf_counter()
+        report = evaluate_task(model, tokenizer, task, data[task.name], settings, groups)
+        report = {"model": model_name, **report, "data": {**report["data"], "path": task.path}}
+        seconds[task.name] = time.perf_counter() - task_started
+        report["timing"]["total_seconds"] = seconds[task.name]
+        reports[task.name] = report
+        rows.extend(summary_rows(task, report, seconds[task.name], groups))
+        low = low_resource_values(task, report, groups)
+        if low:
+            panels[task.name] = low
+        markdown.append(f"---\n\n*Task `{task.name}`*\n\n" + MARKDOWN[task.kind](report))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     chart = plot_low_resource(panels, {t.name: HEADLINE[t.kind] for t in suite.tasks}, out_dir / "low_resource.png")

@@ -13,9 +13,24 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hybridray.errors import UserError
+from hybridray.models.decoder import position_inputs
+from hybridray.models.lora import apply_lora, export_lora, is_lora
 from hybridray.models.pooling import POOLING_MODES, pool
 from hybridray.models.st_format import write_sentence_transformers_files
 
+
+def enable_activation_checkpointing(model: nn.Module) -> None:
+    """Recompute every layer in the backward pass (transformers' own checkpointing: its
+    ``activation_checkpointing_enable``, ``gradient_checkpointing_enable`` before 5.x).
+    Non-reentrant, which is right with frozen inputs (LoRA) and ZeRO-3's parameter hooks."""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise UserError(f"model.activation_checkpointing: {type(model).__name__} does not support it")
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 class DualEncoder(nn.Module):
@@ -47,20 +62,45 @@ class DualEncoder(nn.Module):
         name_or_path: Union[str, Path, nn.Module],
         pooling: str = "mean",
         freeze_embeddings: bool = False,
+        **load_options,
     ) -> "DualEncoder":
         """From a built module, or anything ``hybridray.models.load_encoder`` loads (builtin
-        names, hub ids, local directories); the tokenizer is kept as ``.tokenizer``."""
+        names, hub ids, local directories; ``load_options`` are its keyword options); the
+        tokenizer is kept as ``.tokenizer``."""
         if isinstance(name_or_path, nn.Module):
             return cls(name_or_path, pooling, freeze_embeddings)
         from hybridray.models import load_encoder
 
-        model, tokenizer = load_encoder(str(name_or_path))
+        model, tokenizer = load_encoder(str(name_or_path), **load_options)
         encoder = cls(model, pooling, freeze_embeddings)
         encoder.tokenizer = tokenizer
         return encoder
 
+    @classmethod
+    def from_config(cls, model_cfg, model: Optional[nn.Module] = None) -> "DualEncoder":
+        """The training encoder of ``model_cfg`` (``hybridray.config.ModelConfig``): loaded with
+        the decoder recipe, then activation checkpointing and LoRA if configured. ``model``
+        (a built module) replaces ``model_cfg.name_or_path``."""
+        if model is None:
+            from hybridray.models import load_encoder
+
+            model, tokenizer = load_encoder(
+                model_cfg.name_or_path, append_eos=model_cfg.append_eos,
+                padding_side=model_cfg.padding_side, bidirectional=model_cfg.bidirectional,
+            )
+        else:
+            tokenizer = None
+        if model_cfg.activation_checkpointing:
+            enable_activation_checkpointing(model)
+        if model_cfg.lora is not None:
+            model = apply_lora(model, model_cfg.lora)
+        encoder = cls(model, model_cfg.pooling, model_cfg.freeze_embeddings and model_cfg.lora is None)
+        encoder.tokenizer = tokenizer
+        return encoder
+
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        positions = position_inputs(self.model, attention_mask)  # decoders: padding-side proof
+        hidden = self.model(input_ids=input_ids, attention_mask=attention_mask, **positions).last_hidden_state
         return F.normalize(pool(hidden, attention_mask, self.pooling), dim=-1)
 
     forward = encode
@@ -71,22 +111,30 @@ class DualEncoder(nn.Module):
         tokenizer=None,
         prompts: Optional[dict[str, str]] = None,
         max_seq_length: Optional[int] = None,
+        adapter_directory: Optional[Union[str, Path]] = None,
     ) -> Path:
         """Write an HF model directory that ``SentenceTransformer(directory)`` also loads
         (Transformer -> Pooling in this encoder's mode -> Normalize).
 
         ``prompts`` (e.g. ``{"query": "query: ", "passage": "passage: "}``) are recorded for
         sentence-transformers' ``prompt_name=``; ``max_seq_length`` defaults to the model's
-        position limit; ``tokenizer`` defaults to the one ``from_pretrained`` loaded.
+        position limit; ``tokenizer`` defaults to the one ``from_pretrained`` loaded. A LoRA
+        model is written with its adapters merged into the base weights; ``adapter_directory``
+        then also receives the adapter alone.
         """
         tokenizer = tokenizer if tokenizer is not None else self.tokenizer
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        self.model.save_pretrained(directory)
+        model = self.model
+        if is_lora(model):
+            model = export_lora(model, adapter_directory)
+        elif adapter_directory is not None:
+            raise ValueError("adapter_directory: this encoder has no LoRA adapter")
+        model.save_pretrained(directory)
         if tokenizer is not None:
             tokenizer.save_pretrained(directory)
-        config = self.model.config
-        no_pooler = getattr(self.model, "pooler", "n/a") is None  # BERT-family loaded without one
+        config = model.config
+        no_pooler = getattr(model, "pooler", "n/a") is None  # BERT-family loaded without one
         write_sentence_transformers_files(
             directory,
             dim=config.hidden_size,

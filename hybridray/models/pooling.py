@@ -14,8 +14,8 @@ def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, mode: str) -> torch
 
     - ``mean``: average of the non-padding tokens (E5, XLM-R, most sentence encoders);
     - ``cls``: the first token (LaBSE, BERT-style [CLS] models);
-    - ``last``: the last non-padding token, for decoder LLM embedders; works with left or
-      right padding.
+    - ``last``: the last non-padding token (the EOS the decoder recipe appends), for decoder
+      LLM embedders; the same row for left and right padding, since it is found from the mask.
     """
     if mode == "mean":
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
@@ -23,9 +23,7 @@ def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, mode: str) -> torch
     if mode == "cls":
         return hidden[:, 0]
     if mode == "last":
-        left_padded = bool((attention_mask[:, -1] == 1).all())
-        if left_padded:
-            return hidden[:, -1]
-        last = attention_mask.sum(1) - 1
+        positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+        last = (attention_mask.long() * positions).argmax(1)  # index of each row's last real token
         return hidden[torch.arange(hidden.size(0), device=hidden.device), last]
     raise ValueError(f"unknown pooling {mode!r}; expected one of {POOLING_MODES}")

@@ -60,3 +60,13 @@ def read_prompts(directory: str | Path) -> Optional[tuple[str, str]]:
     if "query" not in prompts and "passage" not in prompts:
         return None
     return prompts.get("query", ""), prompts.get("passage", "")
+
+
+def read_pooling(directory: str | Path) -> Optional[str]:
+    """The pooling mode recorded in a local model directory's ``1_Pooling/config.json``."""
+    path = Path(directory) / "1_Pooling" / "config.json"
+    if not path.is_file():
+        return None
+    flags = json.loads(path.read_text(encoding="utf-8"))
+    modes = [mode for mode, flag in POOLING_FLAGS.items() if flags.get(flag)]
+    return modes[0] if len(modes) == 1 else None

@@ -1,0 +1,135 @@
+"""What ``hybridray train`` decides for an existing run directory (``hybridray.runs``), on
+hand-made run directories laid out as Ray Train and hybridray leave them, local and on S3.
+No training here: the end-to-end re-run cases are in ``test_train.py``."""
+from __future__ import annotations
+
+import json
+import uuid
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from hybridray import storage
+from hybridray.checkpointing import rng_state, set_rng_state
+from hybridray.config import OPERATIONAL_KEYS, build_config
+from hybridray.errors import UserError
+from hybridray.runs import plan_run, run_dir, run_identity
+
+
+def shards(directory: Path, rows: int = 4) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    table = pa.table({"group_id": [f"g{i}" for i in range(rows)], "lang": ["en"] * rows,
+                      "query": ["q"] * rows, "passage": ["p"] * rows, "source": ["t"] * rows})
+    pq.write_table(table, directory / "part-00000.parquet")
+    (directory / "manifest.json").write_text(json.dumps({"schema_version": 1, "rows": rows}))
+    return directory
+
+
+def config(storage_path: str, train: str, **overrides):
+    tree = {"name": "r1", "data": {"train": train, "heldout": ""}, "run": {"storage_path": storage_path},
+            "train": {"max_steps": 10}}
+    return build_config(tree, [f"{k}={v}" for k, v in overrides.items()])
+
+
+def leave_checkpoint(config, step: int, identity=None) -> str:
+    """What a run leaves after a checkpoint at ``step``: Ray Train's snapshot naming it, and
+    the checkpoint's trainer state with the run's identity."""
+    directory = run_dir(config)
+    identity = identity or run_identity(config)
+    storage.write_text(storage.join(directory, "checkpoint_manager_snapshot.json"), json.dumps(
+        {"latest_checkpoint_result": {"checkpoint_dir_name": f"checkpoint_{step}", "metrics": {"step": step}}}))
+    storage.write_text(storage.join(directory, f"checkpoint_{step}", "trainer_state.json"),
+                       json.dumps({"step": step, "run": identity.as_dict(), "reports": {}}))
+    return directory
+
+
+@pytest.fixture(params=["local", "s3"])
+def where(request, tmp_path):
+    """(storage path, shard dataset) on local disk or in a bucket of the session's S3 server."""
+    local = shards(tmp_path / "shards")
+    if request.param == "local":
+        return str(tmp_path / "runs"), str(local)
+    import boto3
+
+    endpoint = request.getfixturevalue("s3_server")
+    bucket = f"runs-{uuid.uuid4().hex[:8]}"
+    boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket=bucket)
+    storage.copy_tree(str(local), f"s3://{bucket}/shards")
+    return f"s3://{bucket}/runs", f"s3://{bucket}/shards"
+
+
+def test_new_resumed_and_complete(where):
+    runs, train = where
+    cfg = config(runs, train)
+    assert plan_run(cfg, run_identity(cfg), overwrite=False).start_step == 0  # nothing there: new
+    leave_checkpoint(cfg, 4)
+    plan = plan_run(cfg, run_identity(cfg), overwrite=False)
+    assert (plan.start_step, plan.complete) == (4, False)
+    leave_checkpoint(cfg, 10)
+    assert plan_run(cfg, run_identity(cfg), overwrite=False).complete
+
+
+def test_operational_keys_may_change_across_a_resume(where):
+    runs, train = where
+    cfg = config(runs, train)
+    leave_checkpoint(cfg, 4)
+    changed = config(runs, train, **{"train.log_every": 1, "train.checkpoint_every": 2, "run.max_failures": 3,
+                                     "scaling.cpus_per_worker": 1.0, "scaling.resources_per_worker": "{slot: 1}",
+                                     "data.task_cpus": 0.5, "eval.batch_size": 8})
+    assert plan_run(changed, run_identity(changed), overwrite=False).start_step == 4
+
+
+def test_changed_shards_or_config_are_refused(where, tmp_path):
+    runs, train = where
+    cfg = config(runs, train)
+    leave_checkpoint(cfg, 4)
+    other = config(runs, train, **{"sampler.alpha": 0.25})
+    with pytest.raises(UserError, match=r"different config \(sampler.alpha: 0.5 -> 0.25\)"):
+        plan_run(other, run_identity(other), overwrite=False)
+    storage.copy_tree(str(shards(tmp_path / "bigger", rows=6)), train)  # the shards rewritten
+    with pytest.raises(UserError, match=r"data.train \(the data changed\)"):
+        plan_run(cfg, run_identity(cfg), overwrite=False)
+
+
+def test_outputs_without_a_checkpoint_are_refused_and_overwrite_deletes(where):
+    runs, train = where
+    cfg = config(runs, train)
+    storage.write_text(storage.join(run_dir(cfg), "summary.json"), "{}")
+    with pytest.raises(UserError, match=r"holds outputs of an earlier run \(summary.json\)"):
+        plan_run(cfg, run_identity(cfg), overwrite=False)
+    assert plan_run(cfg, run_identity(cfg), overwrite=True).start_step == 0
+    assert not storage.exists(storage.join(run_dir(cfg), "summary.json"))
+
+
+def test_a_damaged_run_directory_is_one_clear_error(tmp_path):
+    cfg = config(str(tmp_path / "runs"), str(shards(tmp_path / "shards")))
+    directory = leave_checkpoint(cfg, 4)
+    Path(directory, "checkpoint_4", "trainer_state.json").unlink()
+    with pytest.raises(UserError, match="has no trainer_state.json .deleted, only partly written"):
+        plan_run(cfg, run_identity(cfg), overwrite=False)
+    Path(directory, "checkpoint_manager_snapshot.json").write_text('{"latest_checkpoint_result": ')
+    with pytest.raises(UserError, match="not valid JSON"):
+        plan_run(cfg, run_identity(cfg), overwrite=False)
+
+
+def test_every_operational_key_is_a_real_key():
+    for key in OPERATIONAL_KEYS:
+        node = build_config({})
+        for part in key.split("."):
+            assert hasattr(node, part), key
+            node = getattr(node, part)
+
+
+def test_cuda_rng_state_is_saved_and_restored(monkeypatch):
+    """GPU resumes are exact too: every visible device's generator goes into the checkpoint."""
+    calls = {}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: ["state-gpu0", "state-gpu1"])
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda states: calls.setdefault("set", states))
+    state = rng_state()
+    assert state["cuda"] == ["state-gpu0", "state-gpu1"]
+    set_rng_state(state)
+    assert calls["set"] == ["state-gpu0", "state-gpu1"]
