@@ -7,7 +7,7 @@ DATA    ?= ../shared/data
 PY      := $(VENV)/bin/python
 TORCH   ?= torch==2.13.0
 
-.PHONY: setup demo test prepare
+.PHONY: setup demo test prepare tydi-train
 setup: $(VENV)/.installed
 
 # torch first: an unpinned torch pulled in by a dependency would be a multi-GB CUDA build.
@@ -22,6 +22,12 @@ data/mlqa-r/prepare.json: $(VENV)/.installed
 	$(VENV)/bin/hybridray data prepare --source $(DATA)/mlqa-r --out data/mlqa-r --overwrite
 
 prepare: data/mlqa-r/prepare.json
+
+# TyDi QA GoldP train questions as one shard dataset (data.extra_mono in configs/tydi-extra-mono.yaml).
+data/tydi-train/manifest.json: $(VENV)/.installed
+	$(VENV)/bin/hybridray data from-squad --source $(DATA)/tydiqa-goldp/train --out data/tydi-train --overwrite
+
+tydi-train: data/tydi-train/manifest.json
 
 demo: prepare
 	$(VENV)/bin/hybridray train configs/local.yaml

@@ -93,6 +93,18 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_data_from_squad(args: argparse.Namespace) -> int:
+    from hybridray.data.squad import squad_to_shards
+
+    langs = args.langs.split(",") if args.langs else None
+    summary = squad_to_shards(
+        args.source, args.out, langs=langs, source_name=args.source_name,
+        max_text_chars=args.max_text_chars, overwrite=args.overwrite,
+    )
+    print(json.dumps(summary, indent=2, ensure_ascii=False))
+    return 0
+
+
 def _cmd_model_build(args: argparse.Namespace) -> int:
     from hybridray.models import resolve_model_path
 
@@ -145,8 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--json", action="store_true", help="print JSON instead of text")
     plan.set_defaults(func=_cmd_plan)
 
-    evaluate = sub.add_parser("eval", help="evaluate a retriever (LAReQA, BEIR layout, Tatoeba)",
-                              description="Evaluate a model and write report.json, report.md and plots.")
+    evaluate = sub.add_parser("eval", help="evaluate a retriever (LAReQA, Tatoeba, TyDi QA, AfriQA, BEIR; suites)",
+                              description="Evaluate a model on one task (--data) or a suite of tasks "
+                                          "(--suite) and write report.json, report.md and plots.")
     from hybridray.evaluate.run import add_eval_arguments
 
     add_eval_arguments(evaluate)
@@ -168,6 +181,21 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("--langs", default=None, help="comma-separated languages (default: all)")
     prepare.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     prepare.set_defaults(func=_cmd_data_prepare)
+    from_squad = data_sub.add_parser(
+        "from-squad", help="convert SQuAD-layout {lang}.json files (TyDi QA GoldP) into one shard dataset",
+        description="Pair every answerable question of SQuAD v1.1 {lang}.json files with its whole "
+                    "paragraph and write one shard dataset (e.g. for data.extra_mono); rejected "
+                    "questions go to OUT/_rejects.jsonl.",
+    )
+    from_squad.add_argument("--source", required=True, help="directory of {lang}.json files")
+    from_squad.add_argument("--out", required=True, help="output shard directory")
+    from_squad.add_argument("--langs", default=None, help="comma-separated languages (default: all)")
+    from_squad.add_argument("--source-name", default=None,
+                            help="the rows' source field (default: <parent>/<dir> of --source)")
+    from_squad.add_argument("--max-text-chars", type=int, default=4000,
+                            help="reject longer passages, as data.max_text_chars does (default 4000)")
+    from_squad.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    from_squad.set_defaults(func=_cmd_data_from_squad)
 
     report = sub.add_parser("report", help="show a finished run's summary, or compare runs",
                             description="One run directory: its closing summary (held-out before/after, "

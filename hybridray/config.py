@@ -113,6 +113,9 @@ class ExtraMonoConfig(_Section):
     #: A shard dataset (directory, glob or ``s3://`` prefix) or ``hf:NAME_OR_PATH``.
     path: str
     weight: float = Field(0.1, ge=0.0, le=1.0)
+    #: Also draw mono steps in this set's languages that data.train lacks (e.g. TyDi sw, ko
+    #: next to MLQA-R); false = only data.train's languages (see data/sampler.py).
+    new_languages: bool = False
     #: Column mapping of an ``hf:`` path (None = the dataset's columns are the shard's).
     hf: Optional[HFSourceConfig] = None
 
@@ -201,6 +204,9 @@ class TrainConfig(_Section):
     eval_before: bool = True
     checkpoint_every: int = Field(50, ge=0)
     log_every: int = Field(10, ge=1)
+    #: Evaluation suite YAML (e.g. configs/eval/suite.yaml) run on the exported model after
+    #: training, report in <run>/eval/suite/; None = no suite.
+    final_eval_suite: Optional[str] = None
 
 
 class DeepSpeedConfig(_Section):
@@ -243,6 +249,93 @@ class EvalConfig(_Section):
     batch_size: int = Field(64, ge=1)
     max_length: int = Field(128, ge=4)
     with_context: bool = False
+
+
+#: Task options that only mean something for some kinds.
+KIND_OPTIONS = {
+    "split": ("beir", "tydi", "afriqa"), "with_context": ("lareqa",), "distractors": ("tydi",),
+    "corpus": ("afriqa",), "lang": ("beir",),
+}
+
+
+class EvalTaskConfig(_Section):
+    """One task of an evaluation suite; options a kind does not use are errors."""
+
+    #: Label of the task in the report (unique within the suite).
+    name: str = Field(min_length=1)
+    #: lareqa, tatoeba, tydi, afriqa or beir (as in ``hybridray eval --data KIND:DIR``).
+    kind: Literal["lareqa", "tatoeba", "tydi", "afriqa", "beir"]
+    #: Directory or s3:// prefix; relative paths are relative to the working directory.
+    path: str = Field(min_length=1)
+    #: Languages (lareqa, tydi: ISO 639-1 file names; tatoeba, afriqa: the files' ISO 639-3
+    #: codes; beir: dataset sub-directories); None = every one found.
+    langs: Optional[list[str]] = None
+    #: beir: qrels split (default test); tydi: question split (dev); afriqa: file split (test).
+    split: Optional[str] = None
+    #: Max tokens per text for this task; None = the suite's max_length.
+    max_length: Optional[int] = Field(None, ge=4)
+    #: lareqa: encode candidates as sentence + paragraph (default false).
+    with_context: Optional[bool] = None
+    #: tydi: add each language's train/ passages to its corpus as distractors (default true).
+    distractors: Optional[bool] = None
+    #: afriqa: corpus = contexts of every file of the pivot language ("pivot", default) or of
+    #: the question's own file ("file").
+    corpus: Optional[Literal["pivot", "file"]] = None
+    #: beir: language of the dataset(s) for the low/mid/high grouping; None = the
+    #: sub-directory names (MIRACL-style per-language datasets).
+    lang: Optional[str] = None
+
+    @model_validator(mode="after")
+    def _options_fit_kind(self) -> "EvalTaskConfig":
+        for option, kinds in KIND_OPTIONS.items():
+            if getattr(self, option) is not None and self.kind not in kinds:
+                raise ValueError(f"{option} applies to kind {' / '.join(kinds)}, not {self.kind} (task {self.name!r})")
+        return self
+
+
+class EvalSuiteConfig(_Section):
+    """Evaluation tasks run by one command: ``hybridray eval --suite FILE --model M --out DIR``."""
+
+    #: Encoding batch size.
+    batch_size: int = Field(64, ge=1)
+    #: Max tokens per text (queries and passages); a task may set its own.
+    max_length: int = Field(256, ge=4)
+    #: Token pooling: mean (E5), cls (LaBSE) or last (decoder embedders); None = the model's
+    #: own (its sentence-transformers files, else last for decoders, else mean).
+    pooling: Optional[Literal["mean", "cls", "last"]] = None
+    #: Prefixes put before queries / passages; None = the model's own (E5: "query: ").
+    query_prefix: Optional[str] = None
+    passage_prefix: Optional[str] = None
+    #: Resource group of languages missing from (or placed differently than) Joshi et al.
+    #: 2020's taxonomy, e.g. {"xx": "low"} (see hybridray/evaluate/languages.py).
+    resource_groups: dict[str, Literal["low", "mid", "high"]] = Field(default_factory=dict)
+    #: The tasks, run in this order.
+    tasks: list[EvalTaskConfig] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> "EvalSuiteConfig":
+        names = [t.name for t in self.tasks]
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise ValueError(f"tasks: duplicate task name(s) {repeated}")
+        return self
+
+
+def load_suite(path: str | Path) -> EvalSuiteConfig:
+    """Load and validate an evaluation suite YAML; errors name the file and the key."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: suite file not found")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise UserError(f"{path}: invalid YAML: {exc}") from None
+    if not isinstance(tree, dict):
+        raise UserError(f"{path}: top level must be a mapping with a 'tasks' list")
+    try:
+        return EvalSuiteConfig.model_validate(tree)
+    except ValidationError as exc:
+        raise UserError(f"{path}: {_describe(exc)}") from None
 
 
 class Config(_Section):

@@ -277,6 +277,11 @@ def resolve_paths(config: Config) -> Config:
     update.run.storage_path = _absolute(config.run.storage_path)
     for extra in update.data.extra_mono:
         extra.path = _absolute(extra.path)
+    if config.train.final_eval_suite:
+        from hybridray.config import load_suite
+
+        update.train.final_eval_suite = _absolute(config.train.final_eval_suite)
+        load_suite(update.train.final_eval_suite)  # a bad suite fails now, not after training
     if config.data.heldout and "://" not in config.data.heldout and not Path(update.data.heldout).is_dir():
         raise UserError(f"data.heldout: {config.data.heldout} is not a directory "
                         "(run `hybridray data prepare` first, or set data.heldout='' to skip)")
@@ -447,6 +452,9 @@ def run_training(
     summary = _collect_outputs(config, summary["checkpoint"], summary)
     log.close()
     print("\n" + closing_summary(directory, summary), flush=True)
+    if config.train.final_eval_suite and summary.get("model"):
+        summary["final_eval_suite"] = run_final_suite(config, summary["model"])
+        storage.write_text(storage.join(directory, "summary.json"), json.dumps(summary, indent=2, default=str) + "\n")
     return summary
 
 
@@ -467,3 +475,25 @@ def _collect_outputs(config: Config, checkpoint: Optional[str], summary: dict) -
     summary["model"] = storage.join(directory, "model")
     storage.write_text(storage.join(directory, "summary.json"), json.dumps(summary, indent=2, default=str) + "\n")
     return summary
+
+
+def run_final_suite(config: Config, model: str) -> str:
+    """``train.final_eval_suite`` on the exported model (``<run>/model``, local or ``s3://``),
+    on the driver after training; the report goes to ``<run>/eval/suite/``. Returns its URI."""
+
+    from hybridray import storage
+    from hybridray.config import load_suite
+    from hybridray.evaluate.suite import run_suite
+    from hybridray.runs import run_dir
+
+    out = storage.join(run_dir(config), "eval", "suite")
+    suite = load_suite(config.train.final_eval_suite)
+    with tempfile.TemporaryDirectory(prefix="hybridray-suite-") as tmp:
+        local_out = Path(tmp) if storage.is_remote(out) else Path(out)
+        run_suite(suite, model, local_out, suite_path=config.train.final_eval_suite,
+                  overrides={"pooling": config.model.pooling},
+                  label=f"Run `{config.name}` after {config.train.max_steps} steps")
+        if storage.is_remote(out):
+            storage.copy_tree(str(local_out), out)
+        print("\n" + (local_out / "report.md").read_text(encoding="utf-8").split("\n---\n")[0])
+    return out

@@ -18,7 +18,8 @@ def run(*args, cwd=REPO):
 
 
 @pytest.mark.parametrize(
-    "command", [["train"], ["eval"], ["tune"], ["plan"], ["data"], ["data", "prepare"], ["model"], ["model", "build"]]
+    "command", [["train"], ["eval"], ["tune"], ["plan"], ["data"], ["data", "prepare"], ["data", "from-squad"],
+                ["model"], ["model", "build"]]
 )
 def test_every_subcommand_has_help(command):
     result = run(*command, "--help")

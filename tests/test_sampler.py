@@ -166,6 +166,31 @@ def test_extra_mono_share_in_mono_batches():
         assert all(pool[it.group].langs == ("en",) or p.source == MAIN for it in p.items)
 
 
+def test_extra_mono_new_languages():
+    """TyDi-style extra data: sw and ko are nowhere in the main groups, en is."""
+    extra = [Group(f"t{lang}{i}", (lang,), ((0, i),)) for lang in ("en", "ko", "sw") for i in range(150)]
+    c = cfg(alpha=1.0)
+    without = plan_global_batches(GROUPS, c, seed=0, steps=400, extra=[ExtraSource(extra, 0.5)])
+    assert {p.lang for p in without} == set(LANGS)  # default: an extra set never adds a language
+    plans = plan_global_batches(GROUPS, c, seed=0, steps=3000, extra=[ExtraSource(extra, 0.5, new_languages=True)])
+    by_lang = Counter(p.lang for p in plans)
+    assert set(by_lang) == {*LANGS, "ko", "sw"}
+    sigma = math.sqrt(3000 * (1 / 9) * (8 / 9))  # uniform over 9 languages
+    assert all(abs(n - 3000 / 9) < 4 * sigma for n in by_lang.values()), by_lang
+    for p in plans:
+        if p.lang in ("ko", "sw"):  # only the extra set can serve them
+            assert p.source == 0 and all(extra[it.group].langs == (p.lang,) for it in p.items)
+    en = [p for p in plans if p.lang == "en"]  # a main language keeps its weighted mix
+    assert abs(sum(p.source == 0 for p in en) - 0.5 * len(en)) < 4 * math.sqrt(len(en) * 0.25)
+    # two extra sets with the new language: by weight (3:1); a later run replays the same plan
+    other = [Group(f"o{i}", ("sw",), ((0, i),)) for i in range(100)]
+    sources = [ExtraSource(extra, 0.3, new_languages=True), ExtraSource(other, 0.1, new_languages=True)]
+    two = plan_global_batches(GROUPS, c, seed=1, steps=3000, extra=sources)
+    sw = [p.source for p in two if p.lang == "sw"]
+    assert abs(sw.count(0) - 0.75 * len(sw)) < 4 * math.sqrt(len(sw) * 0.75 * 0.25)
+    assert plan_global_batches(GROUPS, c, seed=1, steps=3000, start_step=2990, extra=sources) == two[2990:]
+
+
 def test_impossible_batches_fail_with_a_clear_error():
     only_en = [Group(f"e{i}", ("en",)) for i in range(64)]
     with pytest.raises(UserError, match="cross-lingual"):

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import SHARED_DATA
 from hybridray.config import build_config
 
 pytestmark = pytest.mark.ray
@@ -60,9 +61,16 @@ def test_run_evaluates_before_and_after_and_exports(ray_session, tmp_path, mlqa_
 
     from hybridray.train import run_training
 
-    config = tiny_config(tmp_path, mlqa_prepared, small_heldout)
+    suite = tmp_path / "suite.yaml"  # train.final_eval_suite: one small TyDi task after training
+    suite.write_text(json.dumps({"max_length": 32, "tasks": [{"name": "tydi-sw", "kind": "tydi", "langs": ["sw"],
+                                 "path": str(SHARED_DATA / "tydiqa-goldp"), "distractors": False}]}))
+    config = tiny_config(tmp_path, mlqa_prepared, small_heldout, **{"train.final_eval_suite": str(suite)})
     summary = run_training(config)
     run_dir = tmp_path / "runs" / config.name
+    suite_report = json.loads((run_dir / "eval" / "suite" / "report.json").read_text())
+    assert summary["final_eval_suite"] == str(run_dir / "eval" / "suite")
+    assert suite_report["model"] == str(run_dir / "model")
+    assert suite_report["tasks"]["tydi-sw"]["per_language"]["sw"]["n_queries"] == 499
     metrics = summary["metrics"]
     assert metrics["step"] == 6
     for key in ("val_map", "val_map_mono", "val_map_cross", "val_rank_distance", "before_val_map",

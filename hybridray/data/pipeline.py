@@ -48,7 +48,7 @@ import pyarrow as pa
 
 from hybridray.data import hf_source, reader, sampler
 from hybridray.data.sampler import MAIN, NO_GROUP, ExtraSource, Group, Segment
-from hybridray.data.tokenize import TokenizerSpec, encode, prefixes, tokenizer_spec
+from hybridray.data.tokenize import TokenizerSpec, encode, load_tokenizer, prefixes, tokenizer_spec
 from hybridray.errors import UserError
 
 #: Steps per block out of the materialise stage (small: the stream starts flowing at once).
@@ -131,6 +131,16 @@ def _index(path: str, config, strict: bool, hf=None, key: str = "data.hf"):
     return reader.index_shards(path, **kwargs)
 
 
+def check_lengths(model_cfg) -> None:
+    """UserError when a configured length exceeds what the model can take (its position
+    table): caught on the driver, not as a tensor-size error on every worker."""
+    limit = load_tokenizer(model_cfg.name_or_path).model_max_length
+    for key in ("max_query_length", "max_passage_length"):
+        value = getattr(model_cfg, key)
+        if value > limit:
+            raise UserError(f"model.{key} ({value}) is more than {model_cfg.name_or_path} takes ({limit} tokens)")
+
+
 def _check_negatives(index: reader.ShardIndex, k: int) -> None:
     if k and index.groups and index.min_negatives == 0:
         raise UserError(
@@ -152,6 +162,7 @@ def build_train_dataset(config, *, rejects_path: Optional[str], start_step: int 
     cfg, scfg = config, config.sampler
     if not 0 <= start_step <= cfg.train.max_steps:
         raise UserError(f"start_step {start_step} is outside [0, train.max_steps={cfg.train.max_steps}]")
+    check_lengths(cfg.model)
     main = _index(cfg.data.train, cfg, cfg.data.strict, cfg.data.hf, "data.hf")
     extras = [_index(e.path, cfg, cfg.data.strict, e.hf, f"data.extra_mono.{i}.hf")
               for i, e in enumerate(cfg.data.extra_mono)]
@@ -170,12 +181,13 @@ def build_train_dataset(config, *, rejects_path: Optional[str], start_step: int 
     for w, (a, b) in enumerate(windows):
         sampler.check_window(main.groups[a:b], scfg, w)
     extra_meta = [
-        ExtraSource((), e.weight, sampler.extra_windows(len(x.groups), scfg))
+        ExtraSource((), e.weight, sampler.extra_windows(len(x.groups), scfg), e.new_languages)
         for e, x in zip(cfg.data.extra_mono, extras)
     ]
     notes = []
     if extras and (scfg.mode == "x-x" or scfg.alpha == 0.0):
         notes.append("data.extra_mono is only used by monolingual steps; this run has none")
+    notes.extend(unused_extra_languages(cfg.data.extra_mono, extras, main.rows_per_language, scfg.batch_size))
     if main.scattered_groups:
         notes.append(f"{main.scattered_groups} group(s) have rows that are not adjacent; they were gathered")
     if scfg.mode == "hybrid" and scfg.alpha > 0:
@@ -220,6 +232,26 @@ def build_train_dataset(config, *, rejects_path: Optional[str], start_step: int 
         notes=notes,
     )
     return ds, info
+
+
+def unused_extra_languages(extra_configs, extras, main_rows: dict[str, int], batch_size: int) -> list[str]:
+    """Notes on extra-set languages no mono step will ever use; UserError when that is all of
+    a set's languages (it would be read, indexed and never trained on)."""
+    notes = []
+    for k, (e, x) in enumerate(zip(extra_configs, extras)):
+        usable = {lang for lang, n in x.rows_per_language.items() if n >= batch_size}
+        if not e.new_languages:
+            usable &= set(main_rows)
+        unused = sorted(set(x.rows_per_language) - usable)
+        if not unused:
+            continue
+        why = ("has fewer than sampler.batch_size rows" if e.new_languages else
+               "is not in data.train (set new_languages: true to train on it)")
+        if not usable:
+            raise UserError(f"data.extra_mono[{k}] ({e.path}): no language a mono step can use: "
+                            f"each of {unused} {why}")
+        notes.append(f"data.extra_mono[{k}] ({e.path}): {', '.join(unused)} never used: each {why}")
+    return notes
 
 
 def _no_mono_notes(groups, windows, batch_size: int) -> list[str]:

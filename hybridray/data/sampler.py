@@ -38,6 +38,13 @@ the translated shards. With one English extra set of weight w and uniform langua
 languages, a share ``alpha * w / n`` of all steps are extra-English steps. A whole step
 (rather than a few items) keeps its in-batch negatives in one domain and one source.
 
+By default an extra set only serves languages the translated shards have. With
+``new_languages`` (``data.extra_mono[k].new_languages``) its other languages -- those with a
+full batch in its current window -- join the languages a mono step is drawn from (uniformly
+or in proportion to their rows, like the rest), and their steps come from the extra sets
+that have them and allow it, chosen by weight (uniformly when the weights are all 0). This
+is how native Swahili or Korean QA (TyDi) trains next to translated data that lacks them.
+
 Windows (streaming at scale)
 ============================
 
@@ -62,7 +69,7 @@ Example::
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Iterator, Optional, Sequence
 
 import numpy as np
@@ -117,6 +124,7 @@ class ExtraSource:
     groups: Sequence[Group]
     weight: float
     windows: tuple[tuple[int, int], ...] = ()  # [start, stop) into groups
+    new_languages: bool = False  # also serve languages the main data lacks
 
 
 @dataclass(frozen=True)
@@ -345,8 +353,18 @@ def plan_window(
 
     n_steps = len(groups) // B
     mono_flags = rng.random(n_steps) < cfg.alpha
-    langs_all = pool.mono_langs()
-    lang_weights = np.asarray([len(pool.by_lang[lang]) for lang in langs_all], dtype=float)
+    main_langs = pool.mono_langs()
+    # Languages only extra sets with new_languages have: which sets may serve each.
+    servers: dict[str, list[int]] = {}
+    for k, (src, ep) in enumerate(zip(extra, extra_pools)):
+        if src.new_languages:
+            for lang in ep.mono_langs():
+                if lang not in main_langs:
+                    servers.setdefault(lang, []).append(k)
+    langs_all = main_langs + sorted(servers)
+    lang_weights = np.asarray([len(pool.by_lang[lang]) for lang in main_langs] + [
+        sum(len(extra_pools[k].by_lang[lang]) for k in servers[lang]) for lang in sorted(servers)
+    ], dtype=float)
     plans = []
     for i in range(n_steps):
         step = segment.first_step + i
@@ -363,12 +381,15 @@ def plan_window(
             else:
                 lang = langs_all[int(rng.choice(len(langs_all), p=lang_weights / lang_weights.sum()))]
             source, u, acc = MAIN, rng.random(), 0.0
-            for k, (src, ep) in enumerate(zip(extra, extra_pools)):
-                if lang in ep.mono_langs():
-                    acc += src.weight
-                    if u < acc:
-                        source = k
-                        break
+            if lang in servers:
+                source = _pick_server(servers[lang], extra, u)
+            else:
+                for k, (src, ep) in enumerate(zip(extra, extra_pools)):
+                    if lang in ep.mono_langs():
+                        acc += src.weight
+                        if u < acc:
+                            source = k
+                            break
             take_from = pool if source == MAIN else extra_pools[source]
             items = tuple(Item(g, lang, lang) for g in take_from.take(lang, B))
             plans.append(GlobalBatchPlan(step, segment.epoch, segment.window, "mono", lang, source, items))
@@ -382,6 +403,16 @@ def plan_window(
                 items.append(Item(g, langs[x], langs[y]))
             plans.append(GlobalBatchPlan(step, segment.epoch, segment.window, "cross", None, MAIN, tuple(items)))
     return plans
+
+
+def _pick_server(candidates: list[int], extra: Sequence[ExtraSource], u: float) -> int:
+    """The extra set that serves a step in a language only extra sets have: by weight, with
+    the same uniform draw ``u`` the main-language case uses (uniformly if all weights are 0)."""
+    weights = np.asarray([extra[k].weight for k in candidates], dtype=float)
+    if weights.sum() <= 0:
+        weights = np.ones(len(candidates))
+    position = int(np.searchsorted(np.cumsum(weights) / weights.sum(), u, side="right"))
+    return candidates[min(position, len(candidates) - 1)]
 
 
 def plan_global_batches(
@@ -402,7 +433,7 @@ def plan_global_batches(
     B = sampler_cfg.batch_size
     windows = make_windows(len(groups_index), sampler_cfg.window_groups, B)
     extra = [
-        src if src.windows else ExtraSource(src.groups, src.weight, extra_windows(len(src.groups), sampler_cfg))
+        src if src.windows else replace(src, windows=extra_windows(len(src.groups), sampler_cfg))
         for src in extra
     ]
     out: list[GlobalBatchPlan] = []

@@ -16,6 +16,13 @@ Key paths of ``report.json`` (every task has ``task``, ``model``, ``data``, ``se
   ``per_dataset.<name>.{ndcg@10, recall@100, mrr@10, n_queries, n_corpus}``.
 - Tatoeba: ``summary.accuracy.{high,low,all}.{xxx_to_eng, eng_to_xxx, mean, n_languages}``,
   ``per_language.<xxx>.{n, xxx_to_eng, eng_to_xxx, mean, group}``.
+- TyDi QA GoldP (``task == "tydi"``, mode ``mono``) and AfriQA (``task == "afriqa"``, modes
+  ``cross`` and ``translated``): ``summary.<mode>.{low,mid,high,all}.{ndcg@10, recall@100,
+  mrr@10, answer@1, answer@5, answer@20, n_languages}`` (macro over languages);
+  ``per_language.<L>.{group, corpus, n_queries, n_corpus}`` and
+  ``per_language.<L>.<mode>.{ndcg@10, recall@100, mrr@10, answer@1, answer@5, answer@20,
+  answer_in_gold}``; ``timing.{encode_seconds, score_seconds}``. Groups: Joshi et al. 2020
+  classes (:mod:`hybridray.evaluate.languages`).
 """
 from __future__ import annotations
 
@@ -89,7 +96,40 @@ def tatoeba_markdown(report: dict) -> str:
             f"{summary}\n\n### Per language\n\n{per_language}\n")
 
 
-MARKDOWN = {"lareqa": lareqa_markdown, "beir": beir_markdown, "tatoeba": tatoeba_markdown}
+QA_TITLES = {
+    "tydi": "TyDi QA gold-passage retrieval",
+    "afriqa": "AfriQA cross-lingual gold-passage retrieval",
+}
+QA_MODES = {
+    "mono": "question and passages in one language",
+    "cross": "question in the African language -> English / French passages",
+    "translated": "the question's English / French translation -> the same passages (monolingual reference)",
+}
+QA_COLUMNS = ("ndcg@10", "recall@100", "mrr@10", "answer@1", "answer@5", "answer@20")
+QA_HEADER = ["nDCG@10", "R@100", "MRR@10", "Ans@1", "Ans@5", "Ans@20"]
+
+
+def qa_markdown(report: dict) -> str:
+    """TyDi / AfriQA: per mode, the low / mid / high / all macro table, then per language."""
+    data = report["data"]
+    parts = [f"## {QA_TITLES.get(report['task'], report['task'])}: `{data['path']}` ({data['split']})\n\n"
+             f"Model `{report.get('model', '?')}`. Groups: Joshi et al. 2020 classes (low 0-2, mid 3, "
+             f"high 4-5); Ans@k = a top-k passage contains a gold answer (SQuAD normalisation).\n"]
+    for mode in data["modes"]:
+        summary = report["summary"][mode]
+        parts.append(f"### {mode}: {QA_MODES.get(mode, mode)}\n\n" + _table(
+            ["group", "languages", *QA_HEADER],
+            [[g, str(summary[g]["n_languages"]), *(_f(summary[g][m]) for m in QA_COLUMNS)]
+             for g in ("low", "mid", "high", "all")]) + "\n")
+        rows = [[lang, r["group"], r["corpus"], str(r["n_queries"]), str(r["n_corpus"]),
+                 *(_f(r[mode][m]) for m in QA_COLUMNS), _f(r[mode]["answer_in_gold"])]
+                for lang, r in sorted(report["per_language"].items(), key=lambda item: (item[1]["group"], item[0]))]
+        parts.append(_table(["lang", "group", "corpus", "queries", "passages", *QA_HEADER, "answer in gold"], rows) + "\n")
+    return "\n".join(parts)
+
+
+MARKDOWN = {"lareqa": lareqa_markdown, "beir": beir_markdown, "tatoeba": tatoeba_markdown,
+            "tydi": qa_markdown, "afriqa": qa_markdown}
 
 
 def plot_lareqa(report: dict, out_dir: Path) -> list[Path]:
