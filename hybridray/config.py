@@ -5,6 +5,7 @@ dotted name (``sampler.alpha``), never halfway through a run.
 """
 from __future__ import annotations
 
+import copy
 import re
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
@@ -17,7 +18,34 @@ from hybridray.errors import UserError
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # No infinite or NaN numbers (``cpus_per_worker: .inf`` would pass ``gt=0``).
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_boolean_numbers(cls, value, info):
+        # YAML's ``yes`` / ``true`` is a boolean; pydantic would read it as 1 for a number field
+        # (``sampler.alpha: yes`` -> 1.0). Only fields that take a boolean take one.
+        if isinstance(value, bool) and not _takes_bool(cls.model_fields[info.field_name].annotation):
+            raise ValueError(f"expected a {_kind(cls.model_fields[info.field_name].annotation)}, got a boolean ({value})")
+        return value
+
+
+def _takes_bool(annotation) -> bool:
+    import typing
+
+    if annotation is bool or annotation is Any:
+        return True
+    return any(_takes_bool(a) for a in typing.get_args(annotation) if a is not type(None))
+
+
+def _kind(annotation) -> str:
+    import typing
+
+    if typing.get_origin(annotation) is Literal:
+        return "one of " + ", ".join(map(str, typing.get_args(annotation)))
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    return " or ".join(_kind(a) for a in args) if args else getattr(annotation, "__name__", str(annotation))
 
 
 class LoraSection(_Section):
@@ -321,15 +349,30 @@ class EvalSuiteConfig(_Section):
         return self
 
 
+def read_yaml(path: str | Path, what: str) -> Any:
+    """The value of a YAML file; a missing file, bytes that are not UTF-8 or text that is not
+    YAML is one UserError line naming the file (and the line, when YAML says)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: {what} not found")
+    try:
+        return yaml.safe_load(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path}: not UTF-8 (byte {exc.start})") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}: " if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise UserError(f"{path}: invalid YAML: {where}{' '.join(str(problem).split())}") from None
+    except RecursionError:
+        raise UserError(f"{path}: invalid YAML: nested too deeply") from None
+
+
 def load_suite(path: str | Path) -> EvalSuiteConfig:
     """Load and validate an evaluation suite YAML; errors name the file and the key."""
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: suite file not found")
-    try:
-        tree = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise UserError(f"{path}: invalid YAML: {exc}") from None
+    tree = read_yaml(path, "suite file")
+    tree = {} if tree is None else tree
     if not isinstance(tree, dict):
         raise UserError(f"{path}: top level must be a mapping with a 'tasks' list")
     try:
@@ -445,7 +488,10 @@ def parse_override(text: str) -> tuple[str, Any]:
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as exc:
-        raise UserError(f"{key}: cannot parse value {raw!r}: {exc}") from None
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise UserError(f"{key}: cannot parse value {raw!r}: {' '.join(str(problem).split())}") from None
+    except RecursionError:
+        raise UserError(f"{key}: cannot parse value {raw[:40]!r}...: nested too deeply") from None
     return key, value
 
 
@@ -462,7 +508,7 @@ def _describe(error: ValidationError) -> str:
 
 def build_config(tree: dict, overrides: list[str] = ()) -> Config:
     """Validate a config tree with dotted overrides applied; errors name the key."""
-    tree = dict(tree or {})
+    tree = copy.deepcopy(tree or {})  # the caller's tree is never changed
     for text in overrides:
         key, value = parse_override(text)
         _set_dotted(tree, key, value)
@@ -475,12 +521,8 @@ def build_config(tree: dict, overrides: list[str] = ()) -> Config:
 def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
     """Load a YAML run config and apply ``KEY=VALUE`` overrides."""
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: config file not found")
-    try:
-        tree = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise UserError(f"{path}: invalid YAML: {exc}") from None
+    tree = read_yaml(path, "config file")
+    tree = {} if tree is None else tree
     if not isinstance(tree, dict):
         raise UserError(f"{path}: top level must be a mapping of sections")
     return build_config(tree, overrides)

@@ -18,11 +18,10 @@ Each trial is a function trainable that builds the run's ``TorchTrainer`` (Train
 """
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Any, Optional
-
-import yaml
 
 from hybridray.config import Config, build_config
 from hybridray.errors import UserError
@@ -30,7 +29,12 @@ from hybridray.errors import UserError
 _DISTRIBUTIONS = ("grid", "choice", "uniform", "loguniform")
 
 
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def _domain(key: str, spec: Any):
+    """The Ray Tune domain of one search-space entry (checked first: a UserError naming it)."""
     from ray import tune
 
     if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in _DISTRIBUTIONS:
@@ -38,38 +42,70 @@ def _domain(key: str, spec: Any):
     kind, values = next(iter(spec.items()))
     if not isinstance(values, list) or not values:
         raise UserError(f"search_space.{key}.{kind}: expected a non-empty list")
-    if kind in ("uniform", "loguniform") and len(values) != 2:
-        raise UserError(f"search_space.{key}.{kind}: expected [low, high]")
+    if kind in ("uniform", "loguniform"):
+        if len(values) != 2 or not all(_number(v) for v in values) or not values[0] < values[1]:
+            raise UserError(f"search_space.{key}.{kind}: expected [low, high], two numbers with low < high")
+        if kind == "loguniform" and values[0] <= 0:
+            raise UserError(f"search_space.{key}.loguniform: the bounds must be positive")
     return {"grid": tune.grid_search, "choice": tune.choice}.get(kind, lambda v: getattr(tune, kind)(*v))(values)
 
 
+def override(key: str, value: Any) -> str:
+    """``KEY=VALUE`` with the value written as JSON (a YAML subset), so that it reads back as
+    exactly this value: ``str(value)`` would turn the string ``"a: b"`` into a mapping."""
+    return f"{key}={json.dumps(value)}"
+
+
+#: Keys of a sweep file, each with the check its value must pass.
+_SWEEP_KEYS = {
+    "metric": (lambda v: isinstance(v, str) and v.strip() != "", "a metric name"),
+    "mode": (lambda v: v in ("max", "min"), "max or min"),
+    "num_samples": (lambda v: type(v) is int and v >= 1, "a positive integer"),
+    "max_concurrent_trials": (lambda v: type(v) is int and v >= 1, "a positive integer"),
+    "overrides": (lambda v: isinstance(v, dict) and all(isinstance(k, str) for k in v), "a mapping of config keys"),
+    "search_space": (lambda v: isinstance(v, dict) and bool(v) and all(isinstance(k, str) for k in v),
+                     "a non-empty mapping of config keys"),
+}
+
+
 def load_sweep(path: str | Path, base: Config) -> dict:
-    """Read and check a sweep file: every key and every bound must make a valid run config."""
+    """Read and check a sweep file: every key and every bound must make a valid run config.
+    Any problem is one UserError naming the file and the key."""
+    from hybridray.config import read_yaml
+
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: sweep file not found")
-    sweep = yaml.safe_load(path.read_text()) or {}
-    unknown = set(sweep) - {"metric", "mode", "num_samples", "max_concurrent_trials", "overrides", "search_space"}
+    sweep = read_yaml(path, "sweep file")
+    if not isinstance(sweep, dict):
+        raise UserError(f"{path}: top level must be a mapping ({', '.join(_SWEEP_KEYS)})")
+    unknown = sorted(map(str, set(sweep) - set(_SWEEP_KEYS)))
     if unknown:
-        raise UserError(f"{path}: unknown key(s) {sorted(unknown)}")
-    if sweep.get("mode", "max") not in ("max", "min"):
-        raise UserError(f"{path}: mode must be max or min")
-    space = sweep.get("search_space") or {}
-    if not space:
-        raise UserError(f"{path}: search_space is empty")
-    overrides = [f"{k}={v}" for k, v in (sweep.get("overrides") or {}).items()]
+        raise UserError(f"{path}: unknown key(s) {unknown}")
+    for key, (check, what) in _SWEEP_KEYS.items():
+        if key in sweep and not (key == "overrides" and sweep[key] is None) and not check(sweep[key]):
+            raise UserError(f"{path}: {key}: expected {what}, got {sweep[key]!r:.60}")
+    if "search_space" not in sweep:
+        raise UserError(f"{path}: search_space: missing (the config keys to search)")
+    overrides = [override(k, v) for k, v in (sweep.get("overrides") or {}).items()]
+    try:
+        build_config(base.model_dump(), overrides)
+    except UserError as exc:
+        raise UserError(f"{path}: overrides: {exc}") from None
+    space = sweep["search_space"]
     for key, spec in space.items():
-        _domain(key, spec)
+        try:
+            _domain(key, spec)
+        except UserError as exc:
+            raise UserError(f"{path}: {exc}") from None
         for value in next(iter(spec.values())):
             try:
-                build_config(base.model_dump(), overrides + [f"{key}={value}"])
+                build_config(base.model_dump(), overrides + [override(key, value)])
             except UserError as exc:
                 raise UserError(f"{path}: search_space.{key}: {exc}") from None
     return {
         "metric": sweep.get("metric", "val_map"),
         "mode": sweep.get("mode", "max"),
-        "num_samples": int(sweep.get("num_samples", 1)),
-        "max_concurrent_trials": int(sweep.get("max_concurrent_trials", 1)),
+        "num_samples": sweep.get("num_samples", 1),
+        "max_concurrent_trials": sweep.get("max_concurrent_trials", 1),
         "overrides": overrides,
         "search_space": space,
     }
@@ -107,7 +143,7 @@ def _trial(params: dict, base: dict, overrides: list[str]) -> None:
     from hybridray.train import build_trainer
 
     quiet_process()  # this trial's actor builds its own dataset
-    config = build_config(base, overrides + [f"{k}={v}" for k, v in params.items()])
+    config = build_config(base, overrides + [override(k, v) for k, v in params.items()])
     trial = tune.get_context().get_trial_id()
     trainer, _ = build_trainer(config, run_dir_name=f"{config.name}-{trial}", callbacks=[TuneReportCallback()])
     trainer.fit()
