@@ -270,6 +270,10 @@ class RunConfig(_Section):
     s3_endpoint: Optional[str] = None
     checkpoints_to_keep: int = Field(2, ge=1)
     max_failures: int = Field(1, ge=-1)
+    #: Seconds a worker may make no progress -- a collective a peer never joins, a health check
+    #: that gets no answer -- before it is taken as failed (then retried as run.max_failures
+    #: allows). Above the longest held-out evaluation, which the other ranks wait for.
+    hang_timeout_s: int = Field(1800, ge=5)
 
 
 class EvalConfig(_Section):
@@ -438,7 +442,7 @@ class Config(_Section):
 #: ``data.train`` is a location; the shards' content is fingerprinted separately
 #: (``hybridray.runs``), so moved shards still resume and changed shards do not.
 OPERATIONAL_KEYS = frozenset({
-    "name", "run.storage_path", "run.checkpoints_to_keep", "run.max_failures",
+    "name", "run.storage_path", "run.checkpoints_to_keep", "run.max_failures", "run.hang_timeout_s",
     "train.log_every", "train.checkpoint_every", "train.eval_every", "train.eval_before",
     "scaling.cpus_per_worker", "scaling.gpus_per_worker", "scaling.resources_per_worker",
     "run.s3_endpoint", "data.task_cpus", "data.strict",

@@ -128,3 +128,19 @@ def init_standalone() -> None:
     """
     if not is_distributed():
         init_process_group(0, 1, free_port())
+
+
+def groups_digest(group_ids: torch.Tensor) -> str:
+    """A digest of the group ids every rank trained in one step (collective): each rank hashes
+    its rank and its slice; the sum over ranks identifies the step's whole global batch. Two
+    runs trained the same pairs at a step iff their digests agree (up to 48-bit collisions)."""
+    import hashlib
+
+    import numpy as np
+
+    ids = np.ascontiguousarray(group_ids.cpu().numpy(), dtype="<i8")
+    own = hashlib.sha256(rank().to_bytes(4, "little") + ids.tobytes()).digest()
+    total = torch.tensor([int.from_bytes(own[:6], "little")], dtype=torch.int64)
+    if is_distributed():
+        dist.all_reduce(total)
+    return f"{int(total.item()) & ((1 << 48) - 1):012x}"

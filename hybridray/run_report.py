@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -219,7 +220,12 @@ class RunLog:
                 self._writer.add_scalar(f"{section}/{key}", record[key], record["step"])
         self._writer.flush()
         if self.remote and time.monotonic() - self._uploaded > UPLOAD_EVERY_S:
-            self._upload()
+            try:
+                self._upload()
+            except UserError as exc:  # storage out for longer than its retries: sent again later
+                self._uploaded = time.monotonic()
+                print(f"hybridray: warning: metrics not uploaded yet ({exc}); trying again in "
+                      f"{UPLOAD_EVERY_S:.0f} s", file=sys.stderr, flush=True)
 
     def _upload(self) -> None:
         storage.copy_tree(str(self.local), self.run_dir)

@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import posixpath
+import sys
 from dataclasses import asdict, dataclass
 from typing import Any, Optional
 
@@ -106,27 +107,70 @@ def run_dir(config: Config) -> str:
 
 def latest_checkpoint(directory: str) -> Optional[tuple[str, dict, dict]]:
     """``(checkpoint URI, its trainer state, the metrics reported with it)`` of the checkpoint
-    Ray Train would resume from (the latest in its run snapshot), or None if there is none."""
+    a resume starts from, or None if the run has none.
+
+    That is the latest checkpoint of Ray Train's run snapshot when it is intact
+    (``checkpointing.checkpoint_problem``: every rank's seal there, every file its size and
+    checksum). A damaged one (a truncated upload, a lost or corrupted file) is passed over for
+    the newest intact one before it, with a warning naming both; the snapshot is rewritten
+    without it, so that Ray Train resumes from the same checkpoint the driver planned from
+    (and the data stream is built for). No intact checkpoint at all is a UserError."""
     from ray.train.v2._internal.constants import CHECKPOINT_MANAGER_SNAPSHOT_FILENAME
 
+    from hybridray.checkpointing import checkpoint_problem
+
     path = storage.join(directory, CHECKPOINT_MANAGER_SNAPSHOT_FILENAME)
-    snapshot = storage.read_text(path)
-    if snapshot is None:
-        return None
-    result = (_json(path, snapshot).get("latest_checkpoint_result") or {})
-    latest = result.get("checkpoint_dir_name")
-    if not latest:
-        return None
-    checkpoint = storage.join(directory, latest)
-    state = storage.join(checkpoint, STATE_FILE)
-    text = storage.read_text(state)
+    text = storage.read_text(path)
     if text is None:
-        raise UserError(
-            f"{checkpoint}: the latest checkpoint of this run has no {STATE_FILE} (deleted, only "
-            "partly written, or not written by hybridray): pass --overwrite to start the run again, "
-            "or choose another name="
-        )
-    return checkpoint, _json(state, text), result.get("metrics") or {}
+        return None
+    snapshot = _json(path, text)
+    latest = snapshot.get("latest_checkpoint_result") or {}
+    if not latest.get("checkpoint_dir_name"):
+        return None
+    older = [r for r in reversed(snapshot.get("checkpoint_results") or [])
+             if r.get("checkpoint_dir_name") not in (None, latest["checkpoint_dir_name"])]
+    damaged: list[tuple[str, str]] = []
+    for result in [latest, *older]:
+        checkpoint = storage.join(directory, result["checkpoint_dir_name"])
+        problem = checkpoint_problem(checkpoint)
+        if problem is None:
+            break
+        damaged.append((checkpoint, problem))
+    else:
+        found = "; ".join(f"{c}: {p}" for c, p in damaged)
+        raise UserError(f"{directory}: no intact checkpoint to resume from ({found}): pass --overwrite to start "
+                        "the run again, or choose another name=")
+    state = _json(storage.join(checkpoint, STATE_FILE), storage.read_text(storage.join(checkpoint, STATE_FILE)))
+    if damaged:
+        for bad, problem in damaged:
+            print(f"hybridray: warning: checkpoint {bad} is damaged ({problem}); resuming from the previous "
+                  f"checkpoint {checkpoint} (step {state.get('step')}) instead. The damaged one is left in place "
+                  "and no longer used.", file=sys.stderr, flush=True)
+        storage.write_text(path, json.dumps(_without(snapshot, {posixpath.basename(c.rstrip('/')) for c, _ in damaged},
+                                                     result)))
+    return checkpoint, state, result.get("metrics") or {}
+
+
+def _without(snapshot: dict, names: set[str], latest: dict) -> dict:
+    """Ray Train's run snapshot with the checkpoints ``names`` forgotten and ``latest`` the
+    checkpoint to resume from."""
+    snapshot = dict(snapshot)
+    pairs = [(r, i) for r, i in zip(snapshot.get("checkpoint_results") or [],
+                                    snapshot.get("checkpoint_report_indices") or [])
+             if r.get("checkpoint_dir_name") not in names]
+    snapshot["checkpoint_results"] = [r for r, _ in pairs]
+    snapshot["checkpoint_report_indices"] = [i for _, i in pairs]
+    snapshot["latest_checkpoint_result"] = latest
+    pending = [(r, v) for r, v in zip(snapshot.get("pending_training_results") or [],
+                                      snapshot.get("pending_validation_specs") or [])
+               if r.get("checkpoint_dir_name") not in names]
+    snapshot["pending_training_results"] = [r for r, _ in pending]
+    snapshot["pending_validation_specs"] = [v for _, v in pending]
+    for key in ("validated_checkpoint_dir_names", "timed_out_validation_checkpoint_dir_names",
+                "failed_validation_checkpoint_dir_names"):
+        if key in snapshot:
+            snapshot[key] = [n for n in snapshot[key] if n not in names]
+    return snapshot
 
 
 def _json(uri: str, text: str) -> dict:

@@ -21,7 +21,7 @@ import os
 import posixpath
 import random
 import time
-from typing import Callable, Optional, TypeVar
+from typing import Callable, Optional, Sequence, TypeVar
 from urllib.parse import urlparse
 
 import pyarrow as pa
@@ -172,9 +172,32 @@ def check_writable(uri: str) -> None:
     retried(uri, "cannot delete", lambda: fs.delete_file(path))
 
 
-def copy_tree(source: str, destination: str) -> None:
+def file_sha256(uri: str) -> Optional[tuple[int, str]]:
+    """``(size, SHA-256 hex)`` of a file, read in chunks (retried as a whole), or None if absent."""
+    import hashlib
+
+    fs, path = filesystem_for(uri)
+
+    def digest() -> Optional[tuple[int, str]]:
+        h, size = hashlib.sha256(), 0
+        try:
+            with fs.open_input_stream(path) as f:
+                while chunk := f.read(_CHUNK_BYTES):
+                    h.update(chunk)
+                    size += len(chunk)
+        except FileNotFoundError:
+            return None
+        return size, h.hexdigest()
+
+    if _info(uri).type != pafs.FileType.File:
+        return None
+    return retried(uri, "cannot read", digest)
+
+
+def copy_tree(source: str, destination: str, last: Sequence[str] = ()) -> None:
     """Copy a directory tree between any two locations (local or ``s3://``), file by file, each
-    file retried on its own (a throttled file is sent again, not the whole tree).
+    file retried on its own (a throttled file is sent again, not the whole tree). Files named
+    in ``last`` (relative paths) are copied after all the others.
 
     Not ``pyarrow.fs.copy_files``: seen here, it drops an upload that fails while closing the
     S3 stream ("Error ignored when destroying file ... SLOW_DOWN during UploadPart") and
@@ -188,9 +211,9 @@ def copy_tree(source: str, destination: str) -> None:
             while chunk := reader.read(_CHUNK_BYTES):
                 writer.write(chunk)
 
-    for info in infos:
-        if info.type != pafs.FileType.File:
-            continue
+    files = [i for i in infos if i.type == pafs.FileType.File]
+    files.sort(key=lambda i: i.path[len(src):].lstrip("/") in last)
+    for info in files:
         relative = info.path[len(src):].lstrip("/")
         target = posixpath.join(dst, relative)
         if not is_remote(destination):
@@ -241,3 +264,123 @@ def local_copy(uri: str) -> str:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
     return target
+
+
+class _RetryingHandler(pafs.FileSystemHandler):
+    """An S3 filesystem whose every operation is ``retried`` (for Ray Train, which calls it
+    itself: the run snapshot, checkpoint deletions, downloads at a resume). A file being
+    written is kept in a local spool file and sent whole, retried, when it is closed -- so a
+    write is never half done and a failure is raised at ``close``, never dropped."""
+
+    def __init__(self, s3: pafs.S3FileSystem):
+        self.s3 = s3
+
+    def _do(self, path: str, what: str, operation: Callable[[], T]) -> T:
+        return retried(f"s3://{path}", what, operation)
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, _RetryingHandler) and self.s3.equals(other.s3)
+
+    def get_type_name(self) -> str:
+        return "hybridray-retrying-s3"
+
+    def normalize_path(self, path):
+        return self.s3.normalize_path(path)
+
+    def get_file_info(self, paths):
+        return [self._do(p, "cannot read", lambda p=p: self.s3.get_file_info(p)) for p in paths]
+
+    def get_file_info_selector(self, selector):
+        return self._do(selector.base_dir, "cannot list", lambda: self.s3.get_file_info(selector))
+
+    def create_dir(self, path, recursive):
+        self._do(path, "cannot create", lambda: self.s3.create_dir(path, recursive=recursive))
+
+    def delete_dir(self, path):
+        self._do(path, "cannot delete", lambda: self.s3.delete_dir(path))
+
+    def delete_dir_contents(self, path, missing_dir_ok=False):
+        self._do(path, "cannot delete", lambda: self.s3.delete_dir_contents(path, missing_dir_ok=missing_dir_ok))
+
+    def delete_root_dir_contents(self):
+        raise OSError("refusing to delete the contents of every bucket")
+
+    def delete_file(self, path):
+        self._do(path, "cannot delete", lambda: self.s3.delete_file(path))
+
+    def move(self, src, dest):
+        self._do(src, "cannot move", lambda: self.s3.move(src, dest))
+
+    def copy_file(self, src, dest):
+        self._do(src, "cannot copy", lambda: self.s3.copy_file(src, dest))
+
+    def open_input_stream(self, path):
+        data = self._do(path, "cannot read", lambda: self._read(path))
+        return pa.BufferReader(data)
+
+    def open_input_file(self, path):
+        return self.open_input_stream(path)
+
+    def _read(self, path):
+        with self.s3.open_input_stream(path) as f:
+            return f.read_buffer()
+
+    def open_output_stream(self, path, metadata):
+        return pa.PythonFile(_Upload(self, path), mode="w")
+
+    def open_append_stream(self, path, metadata):
+        raise OSError("append is not supported on S3")
+
+
+class _Upload:
+    """A file object for ``_RetryingHandler.open_output_stream``: spooled, sent at ``close``."""
+
+    def __init__(self, handler: _RetryingHandler, path: str):
+        import tempfile
+
+        self.handler, self.path = handler, path
+        self.spool = tempfile.SpooledTemporaryFile(max_size=64 << 20)
+        self.closed = False
+
+    def write(self, data) -> int:
+        return self.spool.write(data)
+
+    def flush(self) -> None:
+        pass
+
+    def tell(self) -> int:
+        return self.spool.tell()
+
+    def writable(self) -> bool:
+        return True
+
+    def readable(self) -> bool:
+        return False
+
+    def seekable(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+
+        def send() -> None:
+            self.spool.seek(0)
+            with self.handler.s3.open_output_stream(self.path) as out:
+                while chunk := self.spool.read(_CHUNK_BYTES):
+                    out.write(chunk)
+
+        try:
+            self.handler._do(self.path, "cannot write", send)
+        finally:
+            self.spool.close()
+
+
+def train_filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
+    """``filesystem_for`` for Ray Train's ``RunConfig(storage_filesystem=...)``: on S3 every
+    operation Ray Train makes itself is retried like hybridray's own (``_RetryingHandler``)."""
+    fs, path = filesystem_for(uri)
+    if isinstance(fs, pafs.S3FileSystem):
+        return pafs.PyFileSystem(_RetryingHandler(fs)), path
+    return fs, path

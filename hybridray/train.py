@@ -114,10 +114,10 @@ def train_func(loop_config: dict) -> None:
     import ray.train
     import torch
 
-    from hybridray.checkpointing import load_state, save_state
+    from hybridray.checkpointing import load_state, save_state, seal, upload_checkpoint
     from hybridray.data.pipeline import iter_worker_batches
     from hybridray.device import cpu_threads
-    from hybridray.distributed import all_reduce_mean, rank, world_size
+    from hybridray.distributed import all_reduce_mean, groups_digest, rank, world_size
     from hybridray.engine import TrainingModel, build_engine, clamp_temperature
     from hybridray.evaluate.lareqa import load_lareqa
 
@@ -167,13 +167,10 @@ def train_func(loop_config: dict) -> None:
         ray.train.get_dataset_shard("train"), rank=rank(), world_size=world_size(),
         start_step=start_step, stop_step=config.train.max_steps,
     )
-    fault = loop_config.get("fault")
+    upload = upload_checkpoint(config.run.storage_path)
     with contextlib.closing(batches):
         for batch in batches:
             step = batch["step"]
-            if fault and step == fault[0] and rank() == 0 and not Path(fault[1]).exists():
-                Path(fault[1]).touch()  # crash once: the restarted workers find the marker
-                raise RuntimeError(f"injected fault at step {step}")
             inputs = {k: batch[k].to(device) for k in MODEL_INPUTS if batch.get(k) is not None}
             loss = engine(**inputs)
             engine.backward(loss)
@@ -181,6 +178,7 @@ def train_func(loop_config: dict) -> None:
             clamp_temperature(engine)
 
             step_loss = float(all_reduce_mean(loss))
+            trained = groups_digest(batch["group_ids"])  # which pairs this step trained, on all ranks
             window["loss"] += step_loss
             window["n"] += 1
             window[batch["batch_type"]] += 1
@@ -193,7 +191,7 @@ def train_func(loop_config: dict) -> None:
             save_now = done or (config.train.checkpoint_every and (step + 1) % config.train.checkpoint_every == 0)
             eval_now = done or (config.train.eval_every and (step + 1) % config.train.eval_every == 0)
             record = {"step": step + 1, "time": time.time(), "loss": step_loss, "lr": engine.get_lr()[0],
-                      "samples": config.sampler.batch_size, "batch_type": batch["batch_type"]}
+                      "samples": config.sampler.batch_size, "batch_type": batch["batch_type"], "groups": trained}
             if not (log_now or save_now or eval_now):
                 if board is not None:
                     board.push.remote(record)  # fire and forget: no wait, no barrier
@@ -227,7 +225,9 @@ def train_func(loop_config: dict) -> None:
                     save_state(engine, directory, step=step + 1, reports=reports, run=run)
                     if done:
                         _export_final(engine, tokenizer, Path(directory), config, reports)
-                    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
+                    seal(directory)  # last: the checksums of everything this rank wrote
+                    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory),
+                                     checkpoint_upload_fn=upload)
             else:
                 ray.train.report(metrics)
             window = dict.fromkeys(window, 0)
@@ -324,7 +324,6 @@ def build_trainer(
     config: Config,
     run_dir_name: Optional[str] = None,
     callbacks: Optional[list] = None,
-    inject_fault: Optional[tuple[int, str]] = None,
     start_step: int = 0,
     identity=None,
     board=None,
@@ -335,8 +334,7 @@ def build_trainer(
     with every checkpoint.
 
     ``board`` (``hybridray.console.new_board``) receives rank 0's per-step progress records.
-    ``inject_fault=(step, marker_path)`` makes rank 0 crash once at ``step`` (for testing
-    recovery through ``run.max_failures``); never set by the CLI."""
+    A worker that makes no progress for ``run.hang_timeout_s`` fails (``hang_timeouts``)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -350,18 +348,19 @@ def build_trainer(
     identity = identity or run_identity(config)
     rejects = storage.join(config.run.storage_path, name, "rejects.jsonl")
     dataset, info = build_train_dataset(config, rejects_path=rejects, start_step=start_step)
-    # Ray Train writes checkpoints through the same filesystem as hybridray (S3 endpoint,
-    # retries); for a local path it is the local filesystem.
-    filesystem, storage_path = storage.filesystem_for(config.run.storage_path)
+    # Ray Train reads and writes the run's storage through the same filesystem as hybridray
+    # (S3 endpoint, retries); for a local path it is the local filesystem.
+    filesystem, storage_path = storage.train_filesystem(config.run.storage_path)
     scaling = config.scaling
     resources = {"CPU": scaling.cpus_per_worker, **scaling.resources_per_worker}
     if scaling.use_gpu:
         resources["GPU"] = scaling.gpus_per_worker
     trainer = TorchTrainer(
         train_func,
-        train_loop_config={"config": config.model_dump(), "run": identity.as_dict(), "fault": inject_fault,
+        train_loop_config={"config": config.model_dump(), "run": identity.as_dict(),
                            "board": board, "verbose": is_verbose()},
-        torch_config=TorchConfig(backend=dist_backend("cuda" if scaling.use_gpu else "cpu")),
+        torch_config=TorchConfig(backend=dist_backend("cuda" if scaling.use_gpu else "cpu"),
+                                 timeout_s=hang_timeouts(config)),
         scaling_config=ScalingConfig(
             num_workers=scaling.num_workers, use_gpu=scaling.use_gpu, resources_per_worker=resources
         ),
@@ -384,9 +383,24 @@ def _say(message: str) -> None:
     print(f"hybridray: {message}", file=sys.stderr, flush=True)
 
 
-def run_training(
-    config: Config, *, overwrite: bool = False, inject_fault: Optional[tuple[int, str]] = None
-) -> dict:
+def hang_timeouts(config: Config) -> int:
+    """Apply ``run.hang_timeout_s`` to the two places a stuck worker is noticed, and return it
+    for ``TorchConfig(timeout_s=...)``:
+
+    - a collective (all-reduce, all-gather, barrier) that a peer never joins -- a worker
+      frozen, deadlocked or lost -- fails after it on the waiting ranks (torch.distributed's
+      process-group timeout, gloo and NCCL alike);
+    - a worker process that stops answering at all (frozen by the OS, swapped out, stuck in
+      native code holding the GIL) is marked dead by Ray Train's controller when its health
+      check has hung that long (``RAY_TRAIN_WORKER_HEALTH_CHECK_TIMEOUT_S``, which Ray Train
+      reads from the driver's environment when the run starts).
+
+    Either way the run restarts from its last checkpoint while ``run.max_failures`` allows."""
+    os.environ["RAY_TRAIN_WORKER_HEALTH_CHECK_TIMEOUT_S"] = str(config.run.hang_timeout_s)
+    return int(config.run.hang_timeout_s)
+
+
+def run_training(config: Config, *, overwrite: bool = False) -> dict:
     """Train (or resume, or recognise a finished run: ``hybridray.runs``) with a live progress
     display, then collect the final model and before/after reports from the last checkpoint
     into ``<storage_path>/<name>/`` (``model/``, ``eval/before``, ``eval/after``,
@@ -429,7 +443,7 @@ def run_training(
     storage.check_writable(directory)  # a missing bucket or denied access: one line, now
     init_ray(runtime_env=runtime_env)
     board = new_board()
-    trainer, info = build_trainer(config, inject_fault=inject_fault, start_step=plan.start_step,
+    trainer, info = build_trainer(config, start_step=plan.start_step,
                                   identity=identity, board=board, callbacks=[failure_callback(board)])
     for note in info.notes:
         _say(f"note: {note}")
@@ -439,7 +453,7 @@ def run_training(
         result = trainer.fit()
     if result.error is not None:
         log.close()
-        raise result.error
+        raise UserError(failure_line(config, result.error, directory))
     summary = {
         "name": config.name,
         "metrics": result.metrics,
@@ -448,6 +462,7 @@ def run_training(
         "start_step": plan.start_step,
         "wall_seconds": time.perf_counter() - started,
         "samples_per_s": display.samples_per_s(),
+        "restarts": [{"from_step": a, "reached_step": b} for a, b in display.restarts],
     }
     summary = _collect_outputs(config, summary["checkpoint"], summary)
     log.close()
@@ -456,6 +471,28 @@ def run_training(
         summary["final_eval_suite"] = run_final_suite(config, summary["model"])
         storage.write_text(storage.join(directory, "summary.json"), json.dumps(summary, indent=2, default=str) + "\n")
     return summary
+
+
+def failure_line(config: Config, error: BaseException, directory: str) -> str:
+    """One line for a run that failed for good: the first worker's error (or the controller's),
+    and where it can resume from (``latest_checkpoint`` checks that checkpoint again when the
+    same command is run again)."""
+    from hybridray.runs import latest_checkpoint
+
+    failures = getattr(error, "worker_failures", None) or {}
+    rank, cause = next(iter(sorted(failures.items())), (None, error))
+    while isinstance(getattr(cause, "cause", None), BaseException):  # RayTaskError -> the user's exception
+        cause = cause.cause
+    text = " ".join(str(cause).split()) or type(cause).__name__
+    who = f"worker rank {rank}" if rank is not None else "the run"
+    try:
+        found = latest_checkpoint(directory)
+    except UserError as exc:
+        found, where = None, f"no checkpoint to resume from ({exc})"
+    else:
+        where = "no checkpoint yet" if found is None else f"its last complete checkpoint is {found[0]} (step {found[1]['step']})"
+    return (f"run {config.name!r} failed ({who}: {type(cause).__name__}: {text[:400]}); {where}; "
+            "run the same command again to resume")
 
 
 def _collect_outputs(config: Config, checkpoint: Optional[str], summary: dict) -> dict:
