@@ -415,7 +415,7 @@ def run_training(
              f"its outputs are in {directory}: model/, eval/, summary.json (pass --overwrite to train it again)")
         written = storage.read_text(storage.join(directory, "summary.json"))
         if written is not None:
-            return json.loads(written)
+            return _final_suite(config, json.loads(written))  # a suite added to a finished run runs now
         # the driver died after training but before collecting: collect now
         summary = {"name": config.name, "metrics": plan.metrics, "checkpoint": plan.checkpoint, "data": None}
         summary = _collect_outputs(config, plan.checkpoint, summary)
@@ -452,9 +452,29 @@ def run_training(
     summary = _collect_outputs(config, summary["checkpoint"], summary)
     log.close()
     print("\n" + closing_summary(directory, summary), flush=True)
-    if config.train.final_eval_suite and summary.get("model"):
+    return _final_suite(config, summary)
+
+
+def _final_suite(config: Config, summary: dict) -> dict:
+    """Run ``train.final_eval_suite`` on a finished run's model if it has not run yet. Its
+    failure (a task's data missing on this machine, say) is one line and a note in
+    ``summary.json``, never the loss of the trained run."""
+    from hybridray import storage
+    from hybridray.runs import run_dir
+
+    directory = run_dir(config)
+    if not (config.train.final_eval_suite and summary.get("model")):
+        return summary
+    if storage.exists(storage.join(directory, "eval", "suite", "report.json")):
+        return summary
+    try:
         summary["final_eval_suite"] = run_final_suite(config, summary["model"])
-        storage.write_text(storage.join(directory, "summary.json"), json.dumps(summary, indent=2, default=str) + "\n")
+        summary.pop("final_eval_suite_error", None)
+    except UserError as exc:
+        summary["final_eval_suite_error"] = str(exc)
+        _say(f"the final evaluation suite failed: {exc}; the trained model is in {summary['model']} "
+             f"(run `hybridray eval --suite {config.train.final_eval_suite} --model {summary['model']}` to retry)")
+    storage.write_text(storage.join(directory, "summary.json"), json.dumps(summary, indent=2, default=str) + "\n")
     return summary
 
 
