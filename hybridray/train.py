@@ -7,10 +7,13 @@ All cluster shape is in ``ScalingConfig`` / ``RunConfig``; nothing here knows ab
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-from dataclasses import asdict
+import signal
 import sys
+import threading
+from dataclasses import asdict
 import tempfile
 import time
 from pathlib import Path
@@ -380,6 +383,20 @@ def build_trainer(
     return trainer, info
 
 
+@contextlib.contextmanager
+def _stop_signal_unwinds():
+    """`ray job stop` (and `kill`) send SIGTERM, whose default ends the driver at once; as a
+    ``SystemExit`` it unwinds instead, so the run's records are written before it exits."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def _say(message: str) -> None:
     print(f"hybridray: {message}", file=sys.stderr, flush=True)
 
@@ -433,10 +450,16 @@ def run_training(
                                   identity=identity, board=board, callbacks=[failure_callback(board)])
     for note in info.notes:
         _say(f"note: {note}")
-    log = RunLog(directory, plan.start_step)  # metrics.jsonl and TensorBoard, written as they come
-    with ProgressDisplay(board, config.train.max_steps, plan.start_step, every=config.train.log_every,
-                         on_record=log.add) as display:
-        result = trainer.fit()
+    # metrics.jsonl and TensorBoard, written as they come (on s3:// with every checkpoint too)
+    log = RunLog(directory, plan.start_step, sync_every=config.train.checkpoint_every)
+    try:
+        with _stop_signal_unwinds(), ProgressDisplay(
+                board, config.train.max_steps, plan.start_step, every=config.train.log_every,
+                on_record=log.add) as display:
+            result = trainer.fit()
+    except BaseException:
+        log.sync()  # a stopped or failed driver: what was logged reaches the run directory
+        raise
     if result.error is not None:
         log.close()
         raise result.error
