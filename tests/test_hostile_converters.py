@@ -151,6 +151,7 @@ def check_conversion(files, source: Path, out: Path, rows: list[dict], rejects: 
     rejected = {(r["file"], r["row"]): r["reason"] for r in rejects}
     assert len(rejected) == len(rejects)
     accepted_ids = {lang: {} for lang in by_lang}
+    accepted_passages = {lang: {} for lang in by_lang}  # passage -> the question that has it
     for lang, f in sorted(by_lang.items()):
         path = str(source / f["name"])
         for ordinal, (place, paragraph, qa, article) in enumerate(questions(f["tree"]), 1):
@@ -160,14 +161,17 @@ def check_conversion(files, source: Path, out: Path, rows: list[dict], rejects: 
                 assert row["passage"] == passage_of(paragraph, qa)  # exactly the right content
                 assert qid not in accepted_ids[lang]
                 accepted_ids[lang][qid] = ordinal
+                accepted_passages[lang].setdefault(row["passage"], qid)
                 continue
             if row is not None:  # not this question's row: put it back for the one it belongs to
                 got[(lang, qid)] = row
             reason = rejected.pop((path, ordinal), None)
             assert reason is not None, f"{path} question {ordinal} ({place}) neither converted nor rejected"
             assert reason.startswith(place + ": "), reason
-            if untouched(place, f["touched"]):
-                assert reason.startswith(f"{place}: duplicate question id") and qid in accepted_ids[lang], reason
+            if untouched(place, f["touched"]):  # a sound question: only a repeat of an accepted one is refused
+                first = accepted_passages[lang].get(passage_of(paragraph, qa))
+                assert ((reason.startswith(f"{place}: duplicate question id") and qid in accepted_ids[lang])
+                        or (first is not None and reason == f"{place}: passage already used by question {first!r}")), reason
     assert not got, f"rows that are no question: {list(got)[:3]}"
     assert not rejected, f"rejects that are no question: {list(rejected)[:3]}"
     return "accepted"

@@ -78,9 +78,10 @@ def find_language_files(source_dir: str | Path, langs: Optional[Iterable[str]] =
     source_dir = Path(source_dir)
     if not source_dir.is_dir():
         raise UserError(f"{source_dir}: not a directory")
-    files = {p.stem: p for p in sorted(source_dir.glob("*.json")) if is_valid_lang(p.stem)}
-    if langs is None:  # every *.json is a language file: none is skipped without a word
-        for path in sorted(source_dir.glob("*.json")):
+    candidates = [p for p in sorted(source_dir.glob("*.json")) if not p.name.startswith(".")]  # hidden: not data
+    files = {p.stem: p for p in candidates if is_valid_lang(p.stem)}
+    if langs is None:  # every visible *.json is a language file: none is skipped without a word
+        for path in candidates:
             if path.stem not in files:
                 raise UserError(f"{path}: not a language file name ({{lang}}.json with a lower-case ISO 639-1 "
                                 "code, e.g. en.json); rename or move it, or name the languages with --langs")
