@@ -274,6 +274,9 @@ class RunConfig(_Section):
     #: that gets no answer -- before it is taken as failed (then retried as run.max_failures
     #: allows). Above the longest held-out evaluation, which the other ranks wait for.
     hang_timeout_s: int = Field(1800, ge=5)
+    #: Seconds an S3 operation that fails transiently (throttled, 5xx, connection refused or
+    #: dropped: the endpoint down) is retried before the run fails with one line naming the URI.
+    storage_retry_s: float = Field(30.0, ge=0)
 
 
 class EvalConfig(_Section):
@@ -442,7 +445,7 @@ class Config(_Section):
 #: ``data.train`` is a location; the shards' content is fingerprinted separately
 #: (``hybridray.runs``), so moved shards still resume and changed shards do not.
 OPERATIONAL_KEYS = frozenset({
-    "name", "run.storage_path", "run.checkpoints_to_keep", "run.max_failures", "run.hang_timeout_s",
+    "name", "run.storage_path", "run.checkpoints_to_keep", "run.max_failures", "run.hang_timeout_s", "run.storage_retry_s",
     "train.log_every", "train.checkpoint_every", "train.eval_every", "train.eval_before",
     "scaling.cpus_per_worker", "scaling.gpus_per_worker", "scaling.resources_per_worker",
     "run.s3_endpoint", "data.task_cpus", "data.strict",

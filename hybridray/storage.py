@@ -7,8 +7,9 @@ the first for a run), the region from ``AWS_REGION`` / ``AWS_DEFAULT_REGION``, c
 from the usual AWS variables or the instance's role -- never from a config file, so they never
 reach a saved config, a report or a checkpoint.
 
-Throttling (``SlowDown``), 5xx answers and dropped connections are retried around each whole
-operation here (``retried``: ``S3_ATTEMPTS`` attempts, jittered exponential backoff); the SDK
+Throttling (``SlowDown``), 5xx answers, dropped connections and an endpoint that is down are
+retried around each whole operation here (``retried``: jittered exponential backoff for up to
+``retry_budget_s()`` seconds, ``run.storage_retry_s`` in a run's config); the SDK
 itself makes one attempt per call, because Arrow's client does not recover from every
 throttled answer by itself (a throttled GetObject retried inside the SDK ends in "Failed to
 flush response stream"). A missing bucket, a denied request or an endpoint still dead after
@@ -36,8 +37,10 @@ def is_remote(uri: str) -> bool:
     return "://" in uri
 
 
-#: Attempts per S3 operation (the first and the retries).
-S3_ATTEMPTS = 5
+#: Seconds a failing S3 operation is retried by default (``run.storage_retry_s`` sets
+#: ``RETRY_ENV`` for a run, its Ray workers included).
+DEFAULT_RETRY_S = 30.0
+RETRY_ENV = "HYBRIDRAY_STORAGE_RETRY_S"
 #: Read size when copying a file between filesystems.
 _CHUNK_BYTES = 8 << 20
 #: Words of transient S3 errors (AWS SDK error names and HTTP statuses): worth retrying.
@@ -66,17 +69,29 @@ def retried(uri: str, what: str, operation: Callable[[], T]) -> T:
     """``operation()``, retried with jittered exponential backoff while it fails with a transient
     S3 error; a lasting or non-transient failure is one ``UserError`` naming ``uri``. A missing
     file (``FileNotFoundError``) is the caller's business and passes through."""
-    for attempt in range(S3_ATTEMPTS):
+    deadline = time.monotonic() + retry_budget_s()
+    attempt = 0
+    while True:
         try:
             return operation()
         except FileNotFoundError:
             raise
         except (OSError, pa.ArrowException) as exc:
             transient = is_remote(uri) and any(word in str(exc).upper() for word in _TRANSIENT)
-            if not transient or attempt == S3_ATTEMPTS - 1:
-                raise _error(uri, what, exc) from None
-            time.sleep(min(8.0, 0.25 * 2 ** attempt) * random.uniform(0.5, 1.0))
-    raise AssertionError("unreachable")
+            pause = min(4.0, 0.25 * 2 ** attempt) * random.uniform(0.5, 1.0)
+            if not transient or time.monotonic() + pause > deadline:
+                retrying = f" (retried for {retry_budget_s():g} s, run.storage_retry_s)" if attempt else ""
+                raise _error(uri, what + retrying, exc) from None
+            time.sleep(pause)
+            attempt += 1
+
+
+def retry_budget_s() -> float:
+    """How long ``retried`` keeps trying: ``$HYBRIDRAY_STORAGE_RETRY_S``, else 30 s."""
+    try:
+        return max(0.0, float(os.environ.get(RETRY_ENV, DEFAULT_RETRY_S)))
+    except ValueError:
+        raise UserError(f"{RETRY_ENV}={os.environ[RETRY_ENV]!r} is not a number of seconds") from None
 
 
 def filesystem_for(uri: str) -> tuple[pafs.FileSystem, str]:

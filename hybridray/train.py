@@ -291,16 +291,17 @@ def resolve_paths(config: Config) -> Config:
     return update
 
 
-def use_s3_endpoint(config: Config) -> Optional[dict]:
-    """Apply ``run.s3_endpoint`` to this process, and return the runtime env that gives it to
-    every Ray worker of the job (Ray Data tasks included); None when it is not set."""
+def use_s3_endpoint(config: Config) -> dict:
+    """Apply ``run.s3_endpoint`` and ``run.storage_retry_s`` to this process, and return the
+    runtime env that gives them to every Ray worker of the job (Ray Data tasks included)."""
     from hybridray import storage
 
-    if not config.run.s3_endpoint:
-        return None
-    os.environ["AWS_ENDPOINT_URL_S3"] = config.run.s3_endpoint
+    env = {storage.RETRY_ENV: str(config.run.storage_retry_s)}
+    if config.run.s3_endpoint:
+        env["AWS_ENDPOINT_URL_S3"] = config.run.s3_endpoint
+    os.environ.update(env)
     storage._s3.cache_clear()
-    return {"env_vars": {"AWS_ENDPOINT_URL_S3": config.run.s3_endpoint}}
+    return {"env_vars": env}
 
 
 def init_ray(**kwargs) -> None:
@@ -540,7 +541,7 @@ def failure_line(config: Config, error: BaseException, directory: str) -> str:
     try:
         found = latest_checkpoint(directory)
     except UserError as exc:
-        found, where = None, f"no checkpoint to resume from ({exc})"
+        found, where = None, f"its last checkpoint could not be checked ({exc})"
     else:
         where = "no checkpoint yet" if found is None else f"its last complete checkpoint is {found[0]} (step {found[1]['step']})"
     return (f"run {config.name!r} failed ({who}: {type(cause).__name__}: {text[:400]}); {where}; "

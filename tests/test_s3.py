@@ -68,7 +68,8 @@ def test_unusable_storage_is_one_line_naming_the_uri(case, mlqa_prepared, tmp_pa
     if case == "missing bucket":
         overrides.append("run.storage_path=s3://no-such-bucket/runs")
     else:
-        overrides += ["run.storage_path=s3://anything/runs", f"run.s3_endpoint=http://127.0.0.1:{dead_port()}"]
+        overrides += ["run.storage_path=s3://anything/runs", f"run.s3_endpoint=http://127.0.0.1:{dead_port()}",
+                      "run.storage_retry_s=2"]
     done = cli("train", "configs/local.yaml", *overrides)
     assert done.returncode == 2, done.stderr
     lines = done.stderr.strip().splitlines()
