@@ -147,5 +147,5 @@ def test_beir_loader_reads_exactly_or_names_the_line(hostile, data):
 
 def test_record_beir_figures():
     assert TALLY.cases > 0
-    record("tests/test_hostile_beir.py", kind="BEIR loader: corpus, queries, qrels lines", cases=TALLY.cases,
+    record("test_hostile_beir.py::test_beir_loader_reads_exactly_or_names_the_line", kind="BEIR loader: corpus, queries, qrels lines", cases=TALLY.cases,
            outcome=TALLY.summary())

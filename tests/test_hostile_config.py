@@ -85,6 +85,8 @@ def config_items(draw, hostile: bool):
 
 
 TALLY = {"config": Tally(), "sweep": Tally()}
+TESTS = {"config": "test_config_holds_exactly_the_values_or_names_the_key",
+         "sweep": "test_sweep_is_checked_whole_or_names_the_key"}
 
 
 @settings(max_examples=200)
@@ -184,5 +186,5 @@ def test_sweep_is_checked_whole_or_names_the_key(hostile, data):
 def test_record_config_figures():
     for name, tally in TALLY.items():
         assert tally.cases > 0
-        record(f"tests/test_hostile_config.py ({name})", kind=f"{name} loader: any key, any value, any YAML",
+        record(f"test_hostile_config.py::{TESTS[name]}", kind=f"{name} loader: any key, any value, any YAML",
                cases=tally.cases, outcome=tally.summary())

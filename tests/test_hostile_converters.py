@@ -229,6 +229,8 @@ def check_squad(files, source, out):
 
 
 TALLY = {"prepare": Tally(), "from-squad": Tally()}
+TESTS = {"prepare": "test_lareqa_prepare_converts_or_names_every_question",
+         "from-squad": "test_from_squad_converts_or_names_every_question"}
 
 
 @settings(max_examples=100)
@@ -250,5 +252,5 @@ def test_from_squad_converts_or_names_every_question(files):
 def test_record_converter_figures():
     for name, tally in TALLY.items():
         assert tally.cases > 0
-        record(f"tests/test_hostile_converters.py ({name})", kind=f"LAReQA / SQuAD converter ({name}): damaged "
+        record(f"test_hostile_converters.py::{TESTS[name]}", kind=f"LAReQA / SQuAD converter ({name}): damaged "
                "values, keys, files, names", cases=tally.cases, outcome=tally.summary())

@@ -283,5 +283,5 @@ def test_every_row_is_accepted_exactly_or_rejected_by_file_and_row(files, manife
 def test_record_shard_reader_figures():
     """After the property test (same module, file order): its count for RELIABILITY.md."""
     assert TALLY.cases > 0
-    record("tests/test_hostile_shards.py", kind="shard reader: parquet + jsonl, hostile rows, damaged files, "
+    record("test_hostile_shards.py::test_every_row_is_accepted_exactly_or_rejected_by_file_and_row", kind="shard reader: parquet + jsonl, hostile rows, damaged files, "
            "manifests", cases=TALLY.cases, outcome=TALLY.summary())
