@@ -133,3 +133,68 @@ def test_cuda_rng_state_is_saved_and_restored(monkeypatch):
     assert state["cuda"] == ["state-gpu0", "state-gpu1"]
     set_rng_state(state)
     assert calls["set"] == ["state-gpu0", "state-gpu1"]
+
+
+def sealed_checkpoints(cfg, steps) -> str:
+    """Two sealed checkpoints (as ``checkpointing.seal`` leaves them, one rank) and a Ray Train
+    snapshot listing them, the last one latest."""
+    import tempfile
+
+    from hybridray.checkpointing import seal
+
+    directory, identity = run_dir(cfg), run_identity(cfg)
+    results = []
+    for step in steps:
+        with tempfile.TemporaryDirectory() as local:
+            Path(local, "deepspeed").mkdir()
+            Path(local, "deepspeed", "model_states.pt").write_bytes(bytes(range(256)) * 64)
+            Path(local, "trainer_state.json").write_text(json.dumps(
+                {"step": step, "world_size": 1, "run": identity.as_dict(), "reports": {}}))
+            seal(local)
+            storage.copy_tree(local, storage.join(directory, f"checkpoint_{step}"))
+        results.append({"checkpoint_dir_name": f"checkpoint_{step}", "metrics": {"step": step}})
+    storage.write_text(storage.join(directory, "checkpoint_manager_snapshot.json"), json.dumps(
+        {"checkpoint_results": results, "checkpoint_report_indices": list(range(len(results))),
+         "latest_checkpoint_result": results[-1]}))
+    return directory
+
+
+def damage(uri: str, how: str) -> None:
+    if how == "flipped byte":
+        fs, path = storage.filesystem_for(uri)
+        with fs.open_input_stream(path) as f:
+            data = bytearray(f.read())
+        data[100] ^= 0x01
+        with fs.open_output_stream(path) as f:
+            f.write(bytes(data))
+    else:  # the seal never arrived
+        fs, path = storage.filesystem_for(uri)
+        fs.delete_file(path)
+
+
+@pytest.mark.parametrize("how", ["flipped byte", "missing seal"])
+def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_one(where, how, capfd):
+    from hybridray.runs import latest_checkpoint
+
+    runs, train = where
+    cfg = config(runs, train)
+    directory = sealed_checkpoints(cfg, [4, 8])
+    target = "deepspeed/model_states.pt" if how == "flipped byte" else "checksums_rank0.json"
+    damage(storage.join(directory, "checkpoint_8", target), how)
+    plan = plan_run(cfg, run_identity(cfg), overwrite=False)
+    assert plan.start_step == 4 and plan.checkpoint == storage.join(directory, "checkpoint_4")
+    warning = capfd.readouterr().err
+    assert f"checkpoint {storage.join(directory, 'checkpoint_8')} is damaged (" in warning
+    assert ("model_states.pt does not match its checksum" if how == "flipped byte" else "rank 0 never finished") in warning
+    assert f"resuming from the previous checkpoint {storage.join(directory, 'checkpoint_4')} (step 4)" in warning
+    # Ray Train resumes from the same checkpoint: the damaged one is gone from its snapshot
+    snapshot = json.loads(storage.read_text(storage.join(directory, "checkpoint_manager_snapshot.json")))
+    assert [r["checkpoint_dir_name"] for r in snapshot["checkpoint_results"]] == ["checkpoint_4"]
+    assert latest_checkpoint(directory)[0] == storage.join(directory, "checkpoint_4")
+    # both damaged: one line naming both, nothing guessed
+    sealed_checkpoints(cfg, [4, 8])
+    damage(storage.join(directory, "checkpoint_8", target), how)
+    damage(storage.join(directory, "checkpoint_4", target), how)
+    with pytest.raises(UserError, match="no intact checkpoint to resume from .*checkpoint_8: .*checkpoint_4: ") as exc:
+        plan_run(cfg, run_identity(cfg), overwrite=False)
+    assert "\n" not in str(exc.value)
