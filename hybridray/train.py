@@ -534,8 +534,11 @@ def failure_line(config: Config, error: BaseException, directory: str) -> str:
 
     failures = getattr(error, "worker_failures", None) or {}
     rank, cause = next(iter(sorted(failures.items())), (None, error))
-    while isinstance(getattr(cause, "cause", None), BaseException):  # RayTaskError -> the user's exception
-        cause = cause.cause
+    while True:  # Ray's wrappers (RayTaskError, Ray Train's exception-with-traceback) -> the user's exception
+        inner = getattr(cause, "cause", None) or getattr(cause, "_base_exc", None)
+        if not isinstance(inner, BaseException):
+            break
+        cause = inner
     text = " ".join(str(cause).split()) or type(cause).__name__
     who = f"worker rank {rank}" if rank is not None else "the run"
     try:
@@ -544,8 +547,9 @@ def failure_line(config: Config, error: BaseException, directory: str) -> str:
         found, where = None, f"its last checkpoint could not be checked ({exc})"
     else:
         where = "no checkpoint yet" if found is None else f"its last complete checkpoint is {found[0]} (step {found[1]['step']})"
+    again = "start it again" if where == "no checkpoint yet" else "resume"
     return (f"run {config.name!r} failed ({who}: {type(cause).__name__}: {text[:400]}); {where}; "
-            "run the same command again to resume")
+            f"run the same command again to {again}")
 
 
 def _collect_outputs(config: Config, checkpoint: Optional[str], summary: dict) -> dict:
