@@ -212,7 +212,7 @@ def test_a_worker_killed_mid_run_resumes_from_its_checkpoint_and_trains_every_st
     got = outcome(str(tmp_path / "runs" / "faulty"))
     assert_same_run(got, reference)
     lost = lost_steps(got["summary"])
-    assert 1 <= lost <= EVERY
+    assert 1 <= lost <= 2 * EVERY  # since the last checkpoint the controller had registered
     record("test_faults.py::test_a_worker_killed_mid_run_resumes_from_its_checkpoint_and_trains_every_step_once",
            kind="training worker SIGKILLed mid-run", cases=1, lost_steps=lost,
            outcome=f"restarted from step {restarted.group(1)} (run.max_failures=1); all {STEPS} step digests and "
