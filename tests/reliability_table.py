@@ -24,10 +24,10 @@ SUITES = ["tests/test_faults.py", "tests/test_path_safety.py", "tests/test_hosti
 BEGIN, END = "<!-- reliability-table:begin -->", "<!-- reliability-table:end -->"
 
 
-def main() -> int:
+def main(suites: list[str]) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         rows_file, junit = Path(tmp) / "rows.jsonl", Path(tmp) / "junit.xml"
-        done = subprocess.run([sys.executable, "-m", "pytest", *SUITES, "-p", "no:cacheprovider", "-q",
+        done = subprocess.run([sys.executable, "-m", "pytest", *suites, "-p", "no:cacheprovider", "-q",
                                f"--junitxml={junit}", "-o", "junit_duration_report=total"],
                               cwd=REPO, env={**os.environ, "HYBRIDRAY_RELIABILITY": str(rows_file)})
         rows = [json.loads(line) for line in rows_file.read_text().splitlines()] if rows_file.exists() else []
@@ -42,7 +42,7 @@ def main() -> int:
             if case.find("skipped") is not None:
                 skipped.append(name)
     lines = [
-        f"Last run: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, `{' '.join(['pytest', *SUITES])}`: "
+        f"Last run: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, `{' '.join(['pytest', *suites])}`: "
         f"{'all passed' if done.returncode == 0 else f'FAILED ({done.returncode}): ' + ', '.join(failed)}"
         f"{', skipped: ' + ', '.join(skipped) if skipped else ', no skips'}; {total / 60:.1f} min in all.",
         "",
@@ -55,7 +55,7 @@ def main() -> int:
         if row.get("error_line"):
             outcome += f"; the line: `{row['error_line'][:300]}`"
         lines.append(f"| {row['kind']} | `{row['test']}` | {row['cases']} | {lost} | {outcome} | "
-                     f"{seconds.get(row['test'], 0.0):.0f} |")
+                     f"{seconds.get(row['test'], 0.0):.1f} |")
     path = REPO / "RELIABILITY.md"
     text = path.read_text()
     head, rest = text.split(BEGIN)
@@ -65,4 +65,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:] or SUITES))  # other suites: to try the script itself
