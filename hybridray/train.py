@@ -459,6 +459,8 @@ def run_training(config: Config, *, overwrite: bool = False) -> dict:
              f"({plan.checkpoint})")
     resolve_model_path(config.model.name_or_path)  # build a builtin once, before the workers start
     storage.check_writable(directory)  # a missing bucket or denied access: one line, now
+    from ray.train.v2.api.exceptions import TrainingFailedError
+
     init_ray(runtime_env=runtime_env)
     board = new_board()
     trainer, info = build_trainer(config, start_step=plan.start_step,
@@ -472,8 +474,10 @@ def run_training(config: Config, *, overwrite: bool = False) -> dict:
                 board, config.train.max_steps, plan.start_step, every=config.train.log_every,
                 on_record=log.add) as display:
             result = trainer.fit()
-    except BaseException:
+    except BaseException as exc:
         _flush_log(log.sync)  # a stopped or failed driver: what was logged reaches the run directory
+        if isinstance(exc, TrainingFailedError):  # failed for good (fit raises it): one line
+            raise UserError(failure_line(config, exc, directory)) from None
         raise
     if result.error is not None:
         _flush_log(log.close)

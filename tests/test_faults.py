@@ -43,6 +43,13 @@ def alive(process: psutil.Process) -> bool:
         return False
 
 
+def described(process: psutil.Process) -> str:
+    try:
+        return f"{process.pid}: {' '.join(process.cmdline())[:160]}"
+    except psutil.Error:
+        return f"{process.pid}: (gone)"
+
+
 class Run:
     """One ``hybridray train`` process, its console captured, every process it started
     remembered (so a killed driver's Ray processes can be checked for and stopped)."""
@@ -233,9 +240,10 @@ def killed_driver(tmp_path_factory, mlqa_prepared):
         run.proc.wait()
         reached = max(json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines())
         outlived = psutil.wait_procs([p for p in run.seen.values() if alive(p)], timeout=60)[1]
+        outlived = [described(p) for p in outlived if alive(p)]
     finally:
         leftovers = run.close()
-    return {"tmp": tmp, "reached": reached, "outlived": sorted(p.pid for p in outlived), "leftovers": leftovers}
+    return {"tmp": tmp, "reached": reached, "outlived": outlived, "leftovers": leftovers}
 
 
 def resume_copy(killed: dict, tmp_path: Path, mlqa_prepared: Path) -> Path:
@@ -246,7 +254,7 @@ def resume_copy(killed: dict, tmp_path: Path, mlqa_prepared: Path) -> Path:
 
 def test_the_driver_killed_then_the_same_command_again_resumes_with_the_same_weights(reference, killed_driver,
                                                                                     tmp_path, mlqa_prepared):
-    assert killed_driver["outlived"] == [], "the killed driver's Ray processes outlived it"
+    assert killed_driver["outlived"] == [], f"the killed driver's Ray processes outlived it: {killed_driver['outlived']}"
     config = resume_copy(killed_driver, tmp_path, mlqa_prepared)
     code, console = Run(config).finish()
     assert code == 0, console[-3000:]
