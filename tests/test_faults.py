@@ -270,7 +270,7 @@ def test_the_driver_killed_then_the_same_command_again_resumes_with_the_same_wei
            kind="driver (`hybridray train`) SIGKILLed, same command again", cases=1, lost_steps=lost,
            outcome=f"resumed from step {resumed.group(1)} (killed at step {killed_driver['reached']}); step digests and "
                    "final weights equal the uninterrupted run; no training process outlived the driver"
-                   + (f" (idle Ray agents did: {', '.join(p.split(':')[1].strip() for p in killed_driver['outlived'])})"
+                   + (f" (idle Ray agents did: {', '.join(p.split(': ', 1)[1].strip() for p in killed_driver['outlived'])})"
                       if killed_driver["outlived"] else ""))
 
 
