@@ -25,7 +25,8 @@ prepare: data/mlqa-r/prepare.json
 
 # TyDi QA GoldP train questions as one shard dataset (data.extra_mono in configs/tydi-extra-mono.yaml).
 data/tydi-train/manifest.json: $(VENV)/.installed
-	$(VENV)/bin/hybridray data from-squad --source $(DATA)/tydiqa-goldp/train --out data/tydi-train --overwrite
+	$(VENV)/bin/hybridray data from-squad --source $(DATA)/tydiqa-goldp/train --out data/tydi-train \
+		--exclude-passages-of $(DATA)/tydiqa-goldp/dev --overwrite
 
 tydi-train: data/tydi-train/manifest.json
 

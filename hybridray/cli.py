@@ -99,6 +99,7 @@ def _cmd_data_from_squad(args: argparse.Namespace) -> int:
     summary = squad_to_shards(
         args.source, args.out, langs=langs, source_name=args.source_name,
         max_text_chars=args.max_text_chars, overwrite=args.overwrite,
+        exclude_passages_of=args.exclude_passages_of,
     )
     print(json.dumps(summary, indent=2, ensure_ascii=False))
     return 0
@@ -199,6 +200,9 @@ def build_parser() -> argparse.ArgumentParser:
                             help="the rows' source field (default: <parent>/<dir> of --source)")
     from_squad.add_argument("--max-text-chars", type=int, default=4000,
                             help="reject longer passages, as data.max_text_chars does (default 4000)")
+    from_squad.add_argument("--exclude-passages-of", default=None, metavar="DIR",
+                            help="reject passages that also appear in DIR's {lang}.json files (the "
+                                 "evaluation split), so training never sees an evaluation gold passage")
     from_squad.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     from_squad.set_defaults(func=_cmd_data_from_squad)
 

@@ -407,6 +407,8 @@ OPERATIONAL_KEYS = frozenset({
     "run.s3_endpoint", "data.task_cpus", "data.strict",
     # memory levers: the same computation, laid out differently (the tests compare them)
     "model.activation_checkpointing", "deepspeed.offload_optimizer", "deepspeed.offload_param",
+    # a suite of extra evaluations after training: more reports, the same model
+    "train.final_eval_suite",
     "data.train", "eval.batch_size",
 })
 
@@ -423,13 +425,24 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def default_values() -> dict[str, Any]:
+    """Every dotted key of the schema with its default value."""
+    return flatten(Config().model_dump(mode="json"))
+
+
 def defining_values(config: "Config") -> dict[str, Any]:
-    """The dotted keys and values that define what a run computes (``OPERATIONAL_KEYS`` left
-    out): two configs that agree here train the same model and write the same reports."""
+    """The dotted keys and values that define what a run computes and differ from the
+    schema's defaults (``OPERATIONAL_KEYS`` left out): two configs that agree here train the
+    same model and write the same reports. Keys at their default are left out so that a new
+    key, added at a default that keeps the old behaviour, does not set every earlier run apart."""
+    defaults = default_values()
     return {
         k: v for k, v in flatten(config.model_dump(mode="json")).items()
-        if not any(k == op or k.startswith(op + ".") for op in OPERATIONAL_KEYS)
+        if not any(k == op or k.startswith(op + ".") for op in OPERATIONAL_KEYS) and defaults.get(k, _MISSING) != v
     }
+
+
+_MISSING = object()
 
 
 def _set_dotted(tree: dict, key: str, value: Any) -> None:

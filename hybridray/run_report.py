@@ -179,13 +179,16 @@ class RunLog:
     In a local run directory every record is appended to ``metrics.jsonl`` and to the
     TensorBoard event file at once, so ``tensorboard --logdir runs/`` follows the run; for an
     ``s3://`` one both are kept in a local directory and uploaded every ``UPLOAD_EVERY_S``
-    seconds and at the end. A resumed run keeps the records of earlier attempts up to its
-    start step; a restart inside a run (a retried worker failure) drops the records from the
-    step it restarted at, in the file and in TensorBoard (``purge_step``).
+    seconds, at every checkpoint step (``sync_every``: a run resumed from a checkpoint finds
+    the records up to it) and at the end, a stopped run's too (``sync``). A resumed run keeps
+    the records of earlier attempts up to its start step; a restart inside a run (a retried
+    worker failure) drops the records from the step it restarted at, in the file and in
+    TensorBoard (``purge_step``).
     """
 
-    def __init__(self, run_dir: str, start_step: int = 0):
+    def __init__(self, run_dir: str, start_step: int = 0, sync_every: int = 0):
         self.run_dir = run_dir
+        self.sync_every = sync_every
         self.remote = storage.is_remote(run_dir)
         self.local = Path(tempfile.mkdtemp(prefix="hybridray-log-") if self.remote else run_dir)
         self.records = {h["step"]: h for h in read_history(run_dir) if h["step"] <= start_step}
@@ -218,16 +221,19 @@ class RunLog:
             if key in record:
                 self._writer.add_scalar(f"{section}/{key}", record[key], record["step"])
         self._writer.flush()
-        if self.remote and time.monotonic() - self._uploaded > UPLOAD_EVERY_S:
-            self._upload()
+        checkpointed = self.sync_every and record["step"] % self.sync_every == 0
+        if self.remote and (checkpointed or time.monotonic() - self._uploaded > UPLOAD_EVERY_S):
+            self.sync()
 
-    def _upload(self) -> None:
-        storage.copy_tree(str(self.local), self.run_dir)
+    def sync(self) -> None:
+        """Everything logged so far into the run directory (a remote one: uploaded now)."""
+        self._writer.flush()
+        if self.remote:
+            storage.copy_tree(str(self.local), self.run_dir)
         self._uploaded = time.monotonic()
 
     def close(self) -> None:
-        """Flush; the plots of a finished run (its curves, its held-out languages); upload."""
-        self._writer.close()
+        """The plots of a finished run (its curves, its held-out languages); flush; upload."""
         reports = read_reports(self.run_dir)
         plots = self.local / "plots"
         plots.mkdir(exist_ok=True)
@@ -236,8 +242,8 @@ class RunLog:
             plot_training_curves(history, plots / "training_curves.png", before=reports["before"])
         if reports["before"] and reports["after"]:
             plot_languages(reports["before"], reports["after"], plots / "heldout_by_language.png")
-        if self.remote:
-            self._upload()
+        self.sync()
+        self._writer.close()
 
 
 # ----------------------------------------------------------------------------- hybridray report

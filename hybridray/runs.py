@@ -53,16 +53,20 @@ class RunIdentity:
         return {"fingerprint": self.fingerprint, **asdict(self)}
 
     def differences(self, saved: dict) -> list[str]:
-        """``key: old -> new`` for every key whose value differs from a saved identity."""
+        """``key: old -> new`` for every key whose value differs from a saved identity (a key
+        missing on one side is at its default there)."""
+        from hybridray.config import default_values
+
+        defaults = default_values()
         out = []
-        for section, mine in (("values", self.values), ("data", self.data)):
-            theirs = saved.get(section) or {}
-            for key in sorted(set(mine) | set(theirs)):
-                if mine.get(key, "<unset>") != theirs.get(key, "<unset>"):
-                    if section == "data":
-                        out.append(f"{key} (the data changed)")
-                    else:
-                        out.append(f"{key}: {theirs.get(key, '<unset>')!r} -> {mine.get(key, '<unset>')!r}")
+        mine, theirs = self.values, saved.get("values") or {}
+        for key in sorted(set(mine) | set(theirs)):
+            old, new = theirs.get(key, defaults.get(key, "<unset>")), mine.get(key, defaults.get(key, "<unset>"))
+            if old != new:
+                out.append(f"{key}: {old!r} -> {new!r}")
+        theirs = saved.get("data") or {}
+        out += [f"{key} (the data changed)" for key in sorted(set(self.data) | set(theirs))
+                if self.data.get(key) != theirs.get(key)]
         return out
 
 

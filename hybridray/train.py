@@ -7,10 +7,13 @@ All cluster shape is in ``ScalingConfig`` / ``RunConfig``; nothing here knows ab
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-from dataclasses import asdict
+import signal
 import sys
+import threading
+from dataclasses import asdict
 import tempfile
 import time
 from pathlib import Path
@@ -382,6 +385,20 @@ def build_trainer(
     return trainer, info
 
 
+@contextlib.contextmanager
+def _stop_signal_unwinds():
+    """`ray job stop` (and `kill`) send SIGTERM, whose default ends the driver at once; as a
+    ``SystemExit`` it unwinds instead, so the run's records are written before it exits."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def _say(message: str) -> None:
     print(f"hybridray: {message}", file=sys.stderr, flush=True)
 
@@ -417,7 +434,7 @@ def run_training(
              f"its outputs are in {directory}: model/, eval/, summary.json (pass --overwrite to train it again)")
         written = storage.read_text(storage.join(directory, "summary.json"))
         if written is not None:
-            return json.loads(written)
+            return _final_suite(config, json.loads(written))  # a suite added to a finished run runs now
         # the driver died after training but before collecting: collect now
         summary = {"name": config.name, "metrics": plan.metrics, "checkpoint": plan.checkpoint, "data": None}
         summary = _collect_outputs(config, plan.checkpoint, summary)
@@ -435,10 +452,16 @@ def run_training(
                                   identity=identity, board=board, callbacks=[failure_callback(board)])
     for note in info.notes:
         _say(f"note: {note}")
-    log = RunLog(directory, plan.start_step)  # metrics.jsonl and TensorBoard, written as they come
-    with ProgressDisplay(board, config.train.max_steps, plan.start_step, every=config.train.log_every,
-                         on_record=log.add) as display:
-        result = trainer.fit()
+    # metrics.jsonl and TensorBoard, written as they come (on s3:// with every checkpoint too)
+    log = RunLog(directory, plan.start_step, sync_every=config.train.checkpoint_every)
+    try:
+        with _stop_signal_unwinds(), ProgressDisplay(
+                board, config.train.max_steps, plan.start_step, every=config.train.log_every,
+                on_record=log.add) as display:
+            result = trainer.fit()
+    except BaseException:
+        log.sync()  # a stopped or failed driver: what was logged reaches the run directory
+        raise
     if result.error is not None:
         log.close()
         raise result.error
@@ -454,9 +477,29 @@ def run_training(
     summary = _collect_outputs(config, summary["checkpoint"], summary)
     log.close()
     print("\n" + closing_summary(directory, summary), flush=True)
-    if config.train.final_eval_suite and summary.get("model"):
+    return _final_suite(config, summary)
+
+
+def _final_suite(config: Config, summary: dict) -> dict:
+    """Run ``train.final_eval_suite`` on a finished run's model if it has not run yet. Its
+    failure (a task's data missing on this machine, say) is one line and a note in
+    ``summary.json``, never the loss of the trained run."""
+    from hybridray import storage
+    from hybridray.runs import run_dir
+
+    directory = run_dir(config)
+    if not (config.train.final_eval_suite and summary.get("model")):
+        return summary
+    if storage.exists(storage.join(directory, "eval", "suite", "report.json")):
+        return summary
+    try:
         summary["final_eval_suite"] = run_final_suite(config, summary["model"])
-        storage.write_text(storage.join(directory, "summary.json"), json.dumps(summary, indent=2, default=str) + "\n")
+        summary.pop("final_eval_suite_error", None)
+    except UserError as exc:
+        summary["final_eval_suite_error"] = str(exc)
+        _say(f"the final evaluation suite failed: {exc}; the trained model is in {summary['model']} "
+             f"(run `hybridray eval --suite {config.train.final_eval_suite} --model {summary['model']}` to retry)")
+    storage.write_text(storage.join(directory, "summary.json"), json.dumps(summary, indent=2, default=str) + "\n")
     return summary
 
 

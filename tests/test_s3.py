@@ -194,3 +194,22 @@ def test_throttling_is_retried_with_backoff(s3_server, bucket, tmp_path, monkeyp
     finally:
         proxy.close()
         storage._s3.cache_clear()
+
+
+def test_a_remote_run_log_reaches_s3_at_each_checkpoint_step_and_when_stopped(bucket):
+    """A job stopped (or a driver lost) after a checkpoint and submitted again resumes from that
+    checkpoint; the step records up to it must already be on S3, not only in the dead driver."""
+    from hybridray.run_report import RunLog, read_history
+
+    run = f"s3://{bucket}/runs/log"
+    log = RunLog(run, sync_every=2)
+
+    def steps_on_s3():
+        return [h["step"] for h in read_history(run)]
+
+    for step in (1, 2, 3):
+        log.add({"step": step, "time": float(step), "loss": 1.0, "lr": 1e-5, "samples": 4, "batch_type": "mono"})
+        assert steps_on_s3() == ([] if step == 1 else [1, 2])
+    log.sync()  # what the driver does when it is stopped
+    assert steps_on_s3() == [1, 2, 3]
+    assert RunLog(run, start_step=2).history == [read_history(run)[0], read_history(run)[1]]

@@ -91,35 +91,53 @@ def squad_to_shards(
     source_name: Optional[str] = None,
     max_text_chars: int = 4000,
     overwrite: bool = False,
+    exclude_passages_of: Optional[str | Path] = None,
 ) -> dict:
     """Convert every ``{lang}.json`` of ``source_dir`` into one shard dataset at ``out_dir``.
 
+    One question per passage and language: a second question on a passage already used is
+    rejected ("passage already used by ..."), because in-batch negatives are masked by group
+    and two questions on one passage would make each other's positive a negative.
+    ``exclude_passages_of`` (a directory of ``{lang}.json`` files, e.g. the dev split an
+    evaluation scores) rejects every passage that also appears there, so training never sees
+    an evaluation question's gold passage.
     ``max_text_chars`` should match the training config's ``data.max_text_chars`` (the
     reader rejects longer texts; rejecting them here lists them once, by question).
     Returns the summary written to ``_convert.json``. Example::
 
-        squad_to_shards("../shared/data/tydiqa-goldp/train", "data/tydi-train")
+        squad_to_shards("../shared/data/tydiqa-goldp/train", "data/tydi-train",
+                        exclude_passages_of="../shared/data/tydiqa-goldp/dev")
     """
     files = find_language_files(source_dir, langs)
     resolved = Path(source_dir).resolve()
     source_name = source_name or f"{resolved.parent.name}/{resolved.name}"
+    excluded: dict[str, set[str]] = {}
+    if exclude_passages_of is not None:
+        for lang, path in find_language_files(exclude_passages_of).items():
+            excluded[lang] = {context.strip() for _, _, context, _ in iter_squad(path)}
     rows, rejects, counts = [], [], Counter()
     for lang, path in files.items():
         seen: set[str] = set()
+        passages: dict[str, str] = {}  # passage text -> the question that uses it
         for ordinal, (where, article, context, qa) in enumerate(
             (item for item in iter_squad(path) if item[3] is not None), 1
         ):
             counts[lang] += 1
             qid = str(qa["id"])
-            row = {"group_id": qid, "lang": lang, "query": qa["question"].strip(), "passage": context.strip(),
+            passage = context.strip()
+            row = {"group_id": qid, "lang": lang, "query": qa["question"].strip(), "passage": passage,
                    "article_id": f"{lang}:{article}", "source": source_name}
             problem = ("duplicate question id" if qid in seen else
                        "no answer" if not answer_texts(qa) else
+                       f"passage already used by question {passages[passage]!r}" if passage in passages else
+                       f"passage also in {exclude_passages_of} (an evaluation split)"
+                       if passage in excluded.get(lang, ()) else
                        row_problem(row, max_text_chars=max_text_chars))
             if problem:
                 rejects.append(RowError(str(path), ordinal, f"{where}: {problem}"))
                 continue
             seen.add(qid)
+            passages[passage] = qid
             rows.append(row)
     if not rows:
         raise UserError(f"{source_dir}: no question could be converted ({len(rejects)} rejected)")
@@ -134,6 +152,7 @@ def squad_to_shards(
         "source_questions": dict(sorted(counts.items())), "rows": manifest["rows_per_language"],
         "rejected": dict(sorted(Counter(Path(r.file).stem for r in rejects).items())),
         "max_text_chars": max_text_chars,
+        "excluded_passages_of": str(exclude_passages_of) if exclude_passages_of is not None else None,
     }
     (out_dir / SUMMARY_NAME).write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
     return summary

@@ -82,12 +82,12 @@ def beir_markdown(report: dict) -> str:
 def tatoeba_markdown(report: dict) -> str:
     acc = report["summary"]["accuracy"]
     summary = _table(
-        ["group", "languages", "xxx→eng", "eng→xxx", "mean"],
+        ["XTREME group", "languages", "xxx→eng", "eng→xxx", "mean"],
         [[g, str(acc[g]["n_languages"]), _f(acc[g]["xxx_to_eng"]), _f(acc[g]["eng_to_xxx"]), _f(acc[g]["mean"])]
          for g in ("high", "low", "all")],
     )
     per_language = _table(
-        ["lang", "group", "pairs", "xxx→eng", "eng→xxx"],
+        ["lang", "XTREME group", "pairs", "xxx→eng", "eng→xxx"],
         [[lang, r["group"], str(r["n"]), _f(r["xxx_to_eng"]), _f(r["eng_to_xxx"])]
          for lang, r in sorted(report["per_language"].items(), key=lambda item: (item[1]["group"], item[0]))],
     )
