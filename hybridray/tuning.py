@@ -297,14 +297,17 @@ def _identity(config: Config, sweep: SweepConfig, num_samples: int) -> dict:
     return {"base": defining_values(config), "sweep": values}
 
 
-def _searcher(sweep: SweepConfig):
+def _searcher(sweep: SweepConfig, concurrent: int):
+    """Optuna's TPE, or Tune's grid / random variant generator. The generator is given the
+    concurrency limit itself: Tune ignores ``max_concurrent_trials`` for a generator passed in
+    (it only wraps a ``Searcher``), and every trial would then start at once."""
     from ray import tune
 
     if sweep.search.algorithm == "optuna":
         from ray.tune.search.optuna import OptunaSearch
 
         return OptunaSearch(seed=sweep.search.seed)
-    return tune.search.BasicVariantGenerator(random_state=sweep.search.seed)
+    return tune.search.BasicVariantGenerator(random_state=sweep.search.seed, max_concurrent=concurrent)
 
 
 def _scheduler(sweep: SweepConfig, max_steps: int):
@@ -387,7 +390,7 @@ def run_sweep(config: Config, sweep_path: str | Path, num_samples: Optional[int]
             param_space={k: _domain(k, v) for k, v in sweep.search_space.items()},
             tune_config=tune.TuneConfig(
                 metric=sweep.metric, mode=sweep.mode, num_samples=n_samples,
-                search_alg=_searcher(sweep), scheduler=_scheduler(sweep, max_steps),
+                search_alg=_searcher(sweep, concurrent), scheduler=_scheduler(sweep, max_steps),
                 max_concurrent_trials=concurrent, trial_dirname_creator=_trial_dirname,
             ),
             run_config=tune.RunConfig(
