@@ -198,9 +198,9 @@ def _last_step(trial_dir: Path):
 @pytest.mark.ray
 def test_optuna_sweep_killed_and_resumed_does_not_repeat_finished_trials(tmp_path, mlqa_prepared):
     """``hybridray tune`` as a user runs it, in its own process and its own local Ray: an
-    Optuna (TPE) sweep of 2 trials is killed (SIGKILL, no chance to save anything) while its
-    second trial trains; the same command again keeps the first trial as it was and finishes
-    the second."""
+    Optuna (TPE) sweep of 2 trials whose driver is killed (SIGKILL, no chance to save
+    anything) while its second trial trains; the same command again keeps the first trial as
+    it was and finishes the second; a changed base config under the same name is refused."""
     config_path = tmp_path / "config.yaml"
     config_path.write_text(yaml.safe_dump(sweep_config(tmp_path, mlqa_prepared, max_steps=4)))
     sweep_path = tmp_path / "sweep.yaml"
@@ -225,8 +225,13 @@ def test_optuna_sweep_killed_and_resumed_does_not_repeat_finished_trials(tmp_pat
         time.sleep(15)  # the second trial is training; Tune has saved its state since trial 1 ended
         assert first.poll() is None, "".join(seen)
     finally:
-        os.killpg(first.pid, signal.SIGKILL)
+        os.kill(first.pid, signal.SIGKILL)  # the driver only, as `kill -9` would: Ray's processes share its fate
         first.wait(timeout=60)
+        time.sleep(2)
+        try:  # and anything of its session that outlived it, so that nothing is left running
+            os.killpg(first.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
     finished = {p.name: (p / "progress.csv").read_text() for p in directory.iterdir() if _last_step(p) == 4}
     assert len(finished) == 1, finished  # one trial had finished when the driver died
     assert not (directory / "results.csv").exists()
