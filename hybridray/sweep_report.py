@@ -161,6 +161,10 @@ def _levels(values: list[Any]) -> tuple[list[str], list[int]]:
     return [f"{shown[i]:.3g}–{shown[i + 1]:.3g}" for i in range(4)], [int(w) for w in where]
 
 
+def _axis_label(key: str) -> str:
+    return f"{SYMBOLS[key]} ({key})" if key in SYMBOLS else key
+
+
 def plot_metric_vs_key(summary: dict, path: Path) -> Optional[Path]:
     """The final metric of every trial against the x key, one line per bucket (mean over the
     trials of a bucket at each x that ran their whole budget); stopped trials hollow."""
@@ -194,7 +198,7 @@ def plot_metric_vs_key(summary: dict, path: Path) -> Optional[Path]:
                        edgecolors=color, zorder=3)
     if any(r["status"] != "complete" for r in rows):
         ax.scatter([], [], facecolors="none", edgecolors="grey", label="stopped early (value when stopped)")
-    ax.set_xlabel(f"{SYMBOLS.get(x_key, '')} ({x_key})".strip() if x_key in SYMBOLS else x_key)
+    ax.set_xlabel(_axis_label(x_key))
     ax.set_ylabel(f"final {summary['metric']}")
     ax.set_title(f"{summary['metric']} against {SYMBOLS.get(x_key, x_key)}")
     ax.grid(alpha=0.3)
@@ -240,8 +244,8 @@ def plot_heatmap(summary: dict, path: Path) -> Optional[Path]:
                         color="white" if grid[i, j] < np.nanmean(grid) else "black")
     ax.set_xticks(range(len(x_labels)), x_labels)
     ax.set_yticks(range(len(y_labels)), y_labels)
-    ax.set_xlabel(x_key)
-    ax.set_ylabel(y_key)
+    ax.set_xlabel(_axis_label(x_key))
+    ax.set_ylabel(_axis_label(y_key))
     ax.set_title(f"best {summary['metric']}")
     fig.colorbar(image, ax=ax)
     fig.tight_layout()
