@@ -391,7 +391,8 @@ def run_sweep(config: Config, sweep_path: str | Path, num_samples: Optional[int]
             tune_config=tune.TuneConfig(
                 metric=sweep.metric, mode=sweep.mode, num_samples=n_samples,
                 search_alg=_searcher(sweep, concurrent), scheduler=_scheduler(sweep, max_steps),
-                max_concurrent_trials=concurrent, trial_dirname_creator=_trial_dirname,
+                max_concurrent_trials=concurrent if sweep.search.algorithm == "optuna" else None,  # see _searcher
+                trial_dirname_creator=_trial_dirname,
             ),
             run_config=tune.RunConfig(
                 name=f"{config.name}-sweep", storage_path=storage.filesystem_for(config.run.storage_path)[1],
