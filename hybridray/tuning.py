@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any, Literal, Optional
@@ -355,6 +356,8 @@ def run_sweep(config: Config, sweep_path: str | Path, num_samples: Optional[int]
     storage.write_text(storage.join(directory, "sweep.json"), json.dumps(
         {"identity": identity, "config": config.model_dump(mode="json"), "sweep_file": str(sweep_path)},
         indent=2, default=str) + "\n")
+    if not is_verbose():  # Tune's new console output prints its banners even at verbose=0
+        os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     init_ray(runtime_env=runtime_env)
     quiet_process()
 
