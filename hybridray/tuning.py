@@ -257,7 +257,8 @@ def _trial_line_callback(total: int, metric: str, max_steps: int):
 
     class TrialLine(tune.Callback):
         def _line(self, trials, trial, what: str) -> None:
-            done = sum(t.status in ("TERMINATED", "ERROR") for t in trials)
+            # Tune calls this before it marks ``trial`` as ended
+            done = sum(t is trial or t.status in ("TERMINATED", "ERROR") for t in trials)
             params = " ".join(f"{k}={_short(v)}" for k, v in (trial.config or {}).items())
             print(f"[hybridray] trial {done}/{max(total, len(trials))} {params}: {what}", flush=True)
 
