@@ -122,10 +122,12 @@ def sweep_config(tmp_path, mlqa_prepared, **train):
 @pytest.mark.ray
 def test_asha_grid_stops_weak_trials_writes_results_and_best_yaml_trains(ray_session, tmp_path, mlqa_prepared,
                                                                           capsys):
-    """α × lr grid, the two lr=0.5 trials last (Tune varies the first key fastest): they wreck
-    the encoder, and ASHA (rungs at steps 2 and 4) stops them behind the two good ones. The
-    last trial needs the CPUs the stopped one held (one trial fills this 2-CPU Ray), so its
-    finishing shows a stopped trial frees its resources."""
+    """α × lr grid, run in Tune's order (keys sorted by name, the first varies fastest):
+    (1e-4, α 0), (0.5, α 0), (1e-4, α 1), (0.5, α 1). lr=0.5 wrecks the encoder, and ASHA
+    (rungs at steps 2 and 4) stops those trials at step 2, behind the good ones; the first trial
+    is alone at every rung and runs to the end. Every trial after a stopped one needs the CPUs
+    the stopped one held (one trial fills this 2-CPU Ray), so their finishing shows a stopped
+    trial frees its resources."""
     from hybridray.train import run_training
     from hybridray.tuning import run_sweep
 
