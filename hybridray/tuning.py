@@ -153,7 +153,8 @@ def load_sweep(path: str | Path, base: Config) -> SweepConfig:
             try:
                 build_config(base.model_dump(), _overrides(sweep) + [f"{key}={value}"])
             except UserError as exc:
-                raise UserError(f"{path}: search_space.{key}: {exc}") from None
+                reason = str(exc).removeprefix(f"{key}: ")
+                raise UserError(f"{path}: search_space.{key}: value {value!r}: {reason}") from None
     if sweep.metric.startswith("val_") and not trial.data.heldout:
         raise UserError(f"{path}: metric {sweep.metric} needs held-out data, but data.heldout is empty")
     if sweep.early_stopping:
