@@ -253,6 +253,6 @@ def test_optuna_sweep_killed_and_resumed_does_not_repeat_finished_trials(tmp_pat
     params = [(float(r["sampler.alpha"]), float(r["loss.temperature"])) for r in rows]
     assert len(set(params)) == 2  # TPE proposed two different trials
 
-    third = subprocess.run([*HYBRIDRAY, "tune", str(config_path), "--sweep", str(sweep_path), "sampler.batch_size=16"],
+    third = subprocess.run([*HYBRIDRAY, "tune", str(config_path), "sampler.batch_size=16", "--sweep", str(sweep_path)],
                            cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert third.returncode == 2 and "holds another sweep" in third.stderr
