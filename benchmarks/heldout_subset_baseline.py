@@ -1,7 +1,6 @@
 """The untrained encoder on the held-out subset a sweep evaluates on (``train.eval_max_queries``),
 scored exactly as a trial's evaluation is (same prefixes, pooling, max length): the number a
-sweep's trials start from. Not yet run for the published sweep (the e5-small encoding needs
-the heavy lock; checked only with builtin:tiny).
+sweep's trials start from (for the published sweep: BENCHMARKS.md, "The α × τ sweep").
 
     .venv/bin/python benchmarks/heldout_subset_baseline.py configs/local.yaml train.eval_max_queries=300
 """

@@ -28,6 +28,13 @@ MODEL_INPUTS = (
     "negative_input_ids", "negative_attention_mask", "group_ids", "negative_group_ids",
 )
 
+#: What every step report of ``train_func`` holds that a sweep can optimise (``val_*`` only
+#: after a held-out evaluation; ``before_val_*`` are the scores before training).
+REPORTED_METRICS = frozenset({
+    "val_map", "val_map_mono", "val_map_cross", "val_rank_distance",
+    "loss", "lr", "temperature", "samples_per_s", "tokens_per_s",
+})
+
 
 # ----------------------------------------------------------------------------- worker side
 def full_weights(engine, config: Config):

@@ -108,9 +108,15 @@ def _domain(key: str, spec: Any):
     kind, values = next(iter(spec.items()))
     if not isinstance(values, list) or not values:
         raise UserError(f"search_space.{key}.{kind}: expected a non-empty list")
-    if kind in ("uniform", "loguniform") and len(values) != 2:
-        raise UserError(f"search_space.{key}.{kind}: expected [low, high]")
-    return {"grid": tune.grid_search, "choice": tune.choice}.get(kind, lambda v: getattr(tune, kind)(*v))(values)
+    if kind in ("uniform", "loguniform"):
+        numbers = len(values) == 2 and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+        if not numbers or not values[0] < values[1] or (kind == "loguniform" and values[0] <= 0):
+            raise UserError(f"search_space.{key}.{kind}: expected [low, high], two numbers with low < high"
+                            + (" and low > 0" if kind == "loguniform" else "") + f"; got {values!r}")
+    try:
+        return {"grid": tune.grid_search, "choice": tune.choice}.get(kind, lambda v: getattr(tune, kind)(*v))(values)
+    except (ValueError, TypeError) as exc:
+        raise UserError(f"search_space.{key}.{kind}: {exc}") from None
 
 
 def _overrides(sweep: SweepConfig) -> list[str]:
@@ -149,12 +155,24 @@ def load_sweep(path: str | Path, base: Config) -> SweepConfig:
         if kind == "grid" and sweep.search.algorithm != "grid":
             raise UserError(f"{path}: search_space.{key}: grid is for search.algorithm: grid; "
                             f"use choice: [...] with {sweep.search.algorithm}")
-        for value in values:
+        if key == "train.max_steps":  # trials are judged complete (and compared) at one budget
+            raise UserError(f"{path}: search_space.train.max_steps: trials are compared at one budget; "
+                            "set train.max_steps in overrides and sweep other keys")
+        continuous = kind in ("uniform", "loguniform")
+        # a continuous domain samples fractional values between its bounds: try one
+        for value in list(values) + ([(values[0] + values[1]) / 2 + 1e-3] if continuous else []):
             try:
                 build_config(base.model_dump(), _overrides(sweep) + [f"{key}={value}"])
             except UserError as exc:
                 reason = str(exc).removeprefix(f"{key}: ")
-                raise UserError(f"{path}: search_space.{key}: value {value!r}: {reason}") from None
+                hint = (f" ({kind} samples fractional values between its bounds; use choice: [...] for a "
+                        "whole-number key)") if continuous and value not in values else ""
+                raise UserError(f"{path}: search_space.{key}: value {value!r}: {reason}{hint}") from None
+    from hybridray.train import REPORTED_METRICS
+
+    if sweep.metric not in REPORTED_METRICS:
+        raise UserError(f"{path}: metric: {sweep.metric!r} is not a metric a run reports; one of "
+                        f"{', '.join(sorted(REPORTED_METRICS))}")
     if sweep.metric.startswith("val_") and not trial.data.heldout:
         raise UserError(f"{path}: metric {sweep.metric} needs held-out data, but data.heldout is empty")
     if sweep.early_stopping:
@@ -295,9 +313,12 @@ def sweep_dir(config: Config) -> str:
 def _identity(config: Config, sweep: SweepConfig, num_samples: int) -> dict:
     """What the sweep computes: the base run's defining values and the sweep (less how many
     trials run at once). A sweep directory with another identity is not resumed."""
+    from hybridray.runs import run_identity
+
     values = sweep.model_dump(mode="json", exclude={"max_concurrent_trials"})
     values["num_samples"] = num_samples
-    return {"base": defining_values(config), "sweep": values}
+    base = run_identity(config)  # the defining values and the training data's content
+    return {"base": base.values, "data": base.data, "sweep": values}
 
 
 def _searcher(sweep: SweepConfig, concurrent: int):
@@ -351,7 +372,8 @@ def run_sweep(config: Config, sweep_path: str | Path, num_samples: Optional[int]
     saved = storage.read_text(storage.join(directory, "sweep.json"))
     resume = tune.Tuner.can_restore(fs_path, storage_filesystem=fs)
     if resume and (saved is None or json.loads(saved).get("identity") != identity):
-        raise UserError(f"{directory} holds another sweep (other base config or sweep file): pass --overwrite "
+        raise UserError(f"{directory} holds another sweep (other base config, training data or sweep file): "
+                        "pass --overwrite "
                         "to start it again, or choose another name=")
     resolve_model_path(config.model.name_or_path)  # build a builtin once, before the trials start
     storage.check_writable(directory)

@@ -53,6 +53,12 @@ def test_the_shipped_sweeps_are_valid():
         ("early_stopping: {grace_period: 5, reduction_factor: 1}\nsearch_space: {sampler.alpha: {grid: [0.5]}}",
          "reduction_factor"),
         ("overrides: {train.max_stepz: 5}\nsearch_space: {sampler.alpha: {grid: [0.5]}}", "train.max_stepz"),
+        ("metric: val_mAP\nsearch_space: {sampler.alpha: {grid: [0.5]}}", "val_mAP"),
+        ("search_space: {train.max_steps: {grid: [50, 100]}}", "one budget"),
+        ("search_space: {sampler.batch_size: {uniform: [8, 32]}}", "use choice"),
+        ("search_space: {loss.temperature: {loguniform: [0.0, 0.1]}}", "low > 0"),
+        ("search_space: {loss.temperature: {uniform: [a, b]}}", "two numbers"),
+        ("search_space: {loss.temperature: {uniform: [0.1, 0.01]}}", "low < high"),
     ],
 )
 def test_bad_sweeps_name_the_problem(tmp_path, body, message):
@@ -256,3 +262,26 @@ def test_optuna_sweep_killed_and_resumed_does_not_repeat_finished_trials(tmp_pat
     third = subprocess.run([*HYBRIDRAY, "tune", str(config_path), "sampler.batch_size=16", "--sweep", str(sweep_path)],
                            cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert third.returncode == 2 and "holds another sweep" in third.stderr
+
+
+def test_a_sweep_is_the_same_sweep_only_on_the_same_training_data(tmp_path, mlqa_prepared):
+    """Resuming a sweep directory compares identities: moved shards are the same data, changed
+    shards are not (the finished trials were trained on the old data)."""
+    import shutil
+
+    from hybridray.tuning import _identity
+
+    path = tmp_path / "sweep.yaml"
+    path.write_text("search_space: {sampler.alpha: {grid: [0.5, 1.0]}}")
+    moved, changed = tmp_path / "moved", tmp_path / "changed"
+    shutil.copytree(mlqa_prepared / "train", moved)
+    shutil.copytree(mlqa_prepared / "train", changed)
+    shard = sorted(p for p in changed.iterdir() if p.suffix in (".jsonl", ".parquet"))[0]
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+
+    def identity(train):
+        base = build_config({"data": {"train": str(train), "heldout": str(mlqa_prepared / "heldout-lareqa")}})
+        return _identity(base, load_sweep(path, base), 1)
+
+    assert identity(mlqa_prepared / "train") == identity(moved)
+    assert identity(mlqa_prepared / "train") != identity(changed)
