@@ -5,7 +5,8 @@ matrix) at full MLQA-R size: the real question / candidate structure of the data
 (4,199 queries, 20,534 pooled candidates, 42 cross pairs) with random unit embeddings.
 
 - **vectorised**: :func:`hybridray.evaluate.lareqa.score_lareqa` (one matmul per chunk of
-  queries, ranks by counting strictly higher scores, no sort);
+  queries, ranks by counting the candidates that score higher, plus a second pass over the
+  rows with equal scores that counts those ahead in the fixed tie-break order, no sort);
 - **naive**: one score matrix per query language, then a Python loop over its rows that
   argsorts the scores in full for every pool the query is evaluated against (the multi pool
   and each language pool holding one of its versions) and reads the ranks off the order.

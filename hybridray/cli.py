@@ -40,9 +40,8 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     from hybridray.tuning import run_sweep
 
     config = load_config(args.config, args.overrides)
-    best = run_sweep(config, sweep_path=args.sweep, num_samples=args.num_samples)
-    print(json.dumps(best, indent=2))
-    return 0
+    summary = run_sweep(config, sweep_path=args.sweep, num_samples=args.num_samples, overwrite=args.overwrite)
+    return 1 if summary["best"] is None else 0  # prints the table and where best.yaml is
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
@@ -132,11 +131,17 @@ def build_parser() -> argparse.ArgumentParser:
                        help="show every library's logs and Ray Data's progress bars (or HYBRIDRAY_VERBOSE=1)")
     train.set_defaults(func=_cmd_train)
 
-    tune = sub.add_parser("tune", help="search sampler.alpha and loss.temperature (Ray Tune)",
-                          description="Run a Ray Tune sweep of a run config against held-out mAP.")
+    tune = sub.add_parser(
+        "tune", help="sweep sampler.alpha, loss.temperature or any key (Ray Tune; early stopping, resume)",
+        description="Run a Ray Tune sweep of a run config against held-out mAP; results, plots and "
+                    "best.yaml go to <run.storage_path>/<name>-sweep/. Running the same command again "
+                    "resumes an interrupted sweep.")
     _add_config_arguments(tune)
     tune.add_argument("--sweep", default="tune/alpha_temperature.yaml", help="sweep definition YAML")
     tune.add_argument("--num-samples", type=int, default=None, help="override the sweep's sample count")
+    tune.add_argument("--overwrite", action="store_true",
+                      help="delete an existing sweep directory of this name first (without it, the same "
+                           "sweep resumes and another one is refused)")
     tune.add_argument("--verbose", action="store_true", help="show every library's logs (or HYBRIDRAY_VERBOSE=1)")
     tune.set_defaults(func=_cmd_tune)
 

@@ -228,7 +228,13 @@ class OptimConfig(_Section):
 
 class TrainConfig(_Section):
     max_steps: int = Field(150, ge=1)
+    #: Held-out evaluation every this many steps (0 = only at the end); a sweep's early
+    #: stopping decides on these evaluations.
     eval_every: int = Field(0, ge=0)
+    #: Evaluate on a fixed subset of this many held-out queries, with the candidate sentences
+    #: of their paragraphs (cheap, for sweeps; see evaluate.lareqa.subset_lareqa); None = all.
+    #: Every evaluation of the run uses it, the one before and the one after training too.
+    eval_max_queries: Optional[int] = Field(None, ge=1)
     eval_before: bool = True
     checkpoint_every: int = Field(50, ge=0)
     log_every: int = Field(10, ge=1)

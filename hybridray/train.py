@@ -28,6 +28,13 @@ MODEL_INPUTS = (
     "negative_input_ids", "negative_attention_mask", "group_ids", "negative_group_ids",
 )
 
+#: What every step report of ``train_func`` holds that a sweep can optimise (``val_*`` only
+#: after a held-out evaluation; ``before_val_*`` are the scores before training).
+REPORTED_METRICS = frozenset({
+    "val_map", "val_map_mono", "val_map_cross", "val_rank_distance",
+    "loss", "lr", "temperature", "samples_per_s", "tokens_per_s",
+})
+
 
 # ----------------------------------------------------------------------------- worker side
 def full_weights(engine, config: Config):
@@ -122,7 +129,7 @@ def train_func(loop_config: dict) -> None:
     from hybridray.device import cpu_threads
     from hybridray.distributed import all_reduce_mean, groups_digest, rank, world_size
     from hybridray.engine import TrainingModel, build_engine, clamp_temperature
-    from hybridray.evaluate.lareqa import load_lareqa
+    from hybridray.evaluate.lareqa import load_lareqa, subset_lareqa
 
     from hybridray.console import quiet_process
     from hybridray.device import tell_deepspeed
@@ -155,6 +162,8 @@ def train_func(loop_config: dict) -> None:
             raise RuntimeError(f"checkpoint at step {start_step} belongs to another run")
     evaluating_rank = rank() == 0 or config.deepspeed.zero_stage == 3  # see heldout_evaluation
     heldout = load_lareqa(config.data.heldout, config.eval.langs) if config.data.heldout and evaluating_rank else None
+    if heldout is not None and config.train.eval_max_queries:
+        heldout = subset_lareqa(heldout, config.train.eval_max_queries)
     evaluate_now = heldout_evaluation if config.data.heldout else (lambda *a: None)
 
     reports = dict(saved.get("reports", {}))

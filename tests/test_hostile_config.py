@@ -131,7 +131,7 @@ sweep_keys = st.sampled_from(["metric", "mode", "num_samples", "max_concurrent_t
 
 
 good_sweeps = st.fixed_dictionaries({}, optional={
-    "metric": st.sampled_from(["val_map", "loss"]), "mode": st.sampled_from(["max", "min"]),
+    "metric": st.sampled_from(["val_map", "val_map_cross", "loss"]), "mode": st.sampled_from(["max", "min"]),
     "num_samples": st.integers(1, 3), "max_concurrent_trials": st.integers(1, 2)})
 good_spaces = st.fixed_dictionaries({}, optional={
     "sampler.alpha": st.sampled_from([{"grid": [0.0, 0.5, 1.0]}, {"choice": [0.25]}, {"uniform": [0.0, 1.0]}]),
@@ -152,7 +152,8 @@ def test_sweep_is_checked_whole_or_names_the_key(hostile, data):
         overrides = data.draw(st.one_of(st.none(), st.dictionaries(keys, scalars, max_size=2)), label="overrides")
     else:
         sweep, space, overrides = data.draw(good_sweeps), data.draw(good_spaces), data.draw(good_overrides)
-    base = Config.model_validate({"data": {"heldout": ""}})
+    # held-out data, so that the default metric (val_map) is one these runs report
+    base = Config.model_validate({"data": {"heldout": "heldout.jsonl"}})
     tree = dict(sweep)
     if space is not None:
         tree["search_space"] = space
@@ -169,16 +170,17 @@ def test_sweep_is_checked_whole_or_names_the_key(hostile, data):
             TALLY["sweep"].add("rejected")
             return
     from hybridray.config import build_config
+    from hybridray.tuning import _overrides
 
-    assert isinstance(loaded["num_samples"], int) and loaded["num_samples"] >= 1
-    assert loaded["mode"] in ("max", "min") and isinstance(loaded["metric"], str)
-    for key, spec in loaded["search_space"].items():  # every value of the space makes a valid run
+    assert isinstance(loaded.num_samples, int) and loaded.num_samples >= 1
+    assert loaded.mode in ("max", "min") and isinstance(loaded.metric, str)
+    for key, spec in loaded.search_space.items():  # every value of the space makes a valid run
         ((kind, choices),) = spec.items()
         if kind in ("uniform", "loguniform"):
             assert all(math.isfinite(v) for v in choices) and choices[0] < choices[1]
             choices = choices[:1]
         for value in choices:
-            config = build_config(base.model_dump(), loaded["overrides"] + [f"{key}={json.dumps(value)}"])
+            config = build_config(base.model_dump(), _overrides(loaded) + [f"{key}={json.dumps(value)}"])
             assert same_value(flatten(config.model_dump())[key], value)
     TALLY["sweep"].add("accepted")
 

@@ -23,6 +23,7 @@ Settings (mAP over the full ranking, see :mod:`hybridray.evaluate.metrics`):
 """
 from __future__ import annotations
 
+import hashlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -115,6 +116,48 @@ def load_lareqa(path: str | Path, langs: Optional[Iterable[str]] = None) -> Lare
             raise UserError(f"{source.files[lang]}: no valid question to evaluate")
         data.gold[lang] = np.asarray(gold, dtype=np.int64)
     return data
+
+
+def subset_lareqa(data: LareqaData, max_queries: int) -> LareqaData:
+    """The same task on a fixed subset of the questions: whole questions (every language
+    version of one id), taken in the order of a hash of their id until ``max_queries``
+    queries are reached, and as candidates only the sentences of the paragraphs those
+    questions come from, in every language.
+
+    This is LAReQA on a smaller collection, built the way LAReQA builds its pools, so that
+    frequent evaluation (``train.eval_max_queries``) costs a fraction of the full one. Its
+    pools are smaller, so its mAP is higher than the full set's: compare subset numbers
+    with subset numbers only. The subset depends on the question ids alone, so every run
+    and every evaluation of a sweep sees the same one. ``max_queries`` at or above the
+    number of queries returns ``data`` itself."""
+    if max_queries >= sum(len(data.question_ids[lang]) for lang in data.langs):
+        return data
+    versions: dict[str, int] = {}
+    for lang in data.langs:
+        for qid in data.question_ids[lang]:
+            versions[qid] = versions.get(qid, 0) + 1
+    chosen, total = set(), 0
+    for qid in sorted(versions, key=lambda q: hashlib.sha256(q.encode()).hexdigest()):
+        if total + versions[qid] <= max_queries:
+            chosen.add(qid)
+            total += versions[qid]
+    if not chosen:
+        raise UserError(f"train.eval_max_queries={max_queries}: fewer than the versions of any one question")
+    out = LareqaData(data.path, [], {}, {}, {}, {}, {}, n_rejected=data.n_rejected)
+    for lang in data.langs:
+        keep = [i for i, qid in enumerate(data.question_ids[lang]) if qid in chosen]
+        if not keep:
+            continue
+        paragraphs = {data.contexts[lang][data.gold[lang][i]] for i in keep}
+        kept = [j for j, context in enumerate(data.contexts[lang]) if context in paragraphs]
+        new_index = {j: n for n, j in enumerate(kept)}
+        out.langs.append(lang)
+        out.question_ids[lang] = [data.question_ids[lang][i] for i in keep]
+        out.questions[lang] = [data.questions[lang][i] for i in keep]
+        out.gold[lang] = np.asarray([new_index[int(data.gold[lang][i])] for i in keep], dtype=np.int64)
+        out.sentences[lang] = [data.sentences[lang][j] for j in kept]
+        out.contexts[lang] = [data.contexts[lang][j] for j in kept]
+    return out
 
 
 def _mean(values) -> float:
