@@ -26,8 +26,12 @@ class _Section(BaseModel):
     def _no_boolean_numbers(cls, value, info):
         # YAML's ``yes`` / ``true`` is a boolean; pydantic would read it as 1 for a number field
         # (``sampler.alpha: yes`` -> 1.0). Only fields that take a boolean take one.
-        if isinstance(value, bool) and not _takes_bool(cls.model_fields[info.field_name].annotation):
-            raise ValueError(f"expected a {_kind(cls.model_fields[info.field_name].annotation)}, got a boolean ({value})")
+        annotation = cls.model_fields[info.field_name].annotation
+        if isinstance(value, bool) and not _takes_bool(annotation):
+            raise ValueError(f"expected a {_kind(annotation)}, got a boolean ({value})")
+        # ... and the other way round: pydantic would read 0, 1.0 or "yes" as a boolean.
+        if value is not None and not isinstance(value, bool) and _only_bool(annotation):
+            raise ValueError(f"expected true or false, got {value!r:.40}")
         return value
 
 
@@ -37,6 +41,13 @@ def _takes_bool(annotation) -> bool:
     if annotation is bool or annotation is Any:
         return True
     return any(_takes_bool(a) for a in typing.get_args(annotation) if a is not type(None))
+
+
+def _only_bool(annotation) -> bool:
+    import typing
+
+    return annotation is bool or (typing.get_origin(annotation) is Union and
+                                  {a for a in typing.get_args(annotation)} <= {bool, type(None)})
 
 
 def _kind(annotation) -> str:
@@ -276,9 +287,10 @@ class RunConfig(_Section):
     s3_endpoint: Optional[str] = None
     checkpoints_to_keep: int = Field(2, ge=1)
     max_failures: int = Field(1, ge=-1)
-    #: Seconds a worker may make no progress -- a collective a peer never joins, a health check
-    #: that gets no answer -- before it is taken as failed (then retried as run.max_failures
-    #: allows). Above the longest held-out evaluation, which the other ranks wait for.
+    #: Seconds a collective (torch all-reduce/barrier, Ray Train's report barrier) may wait for
+    #: a peer before the run is taken as failed (then retried as run.max_failures allows); above
+    #: the longest held-out evaluation, which the other ranks wait for. A worker that stops
+    #: answering Ray's health check is failed after min(this, 600 s: Ray's default).
     hang_timeout_s: int = Field(1800, ge=5)
     #: Seconds an S3 operation that fails transiently (throttled, 5xx, connection refused or
     #: dropped: the endpoint down) is retried before the run fails with one line naming the URI.
@@ -362,16 +374,46 @@ class EvalSuiteConfig(_Section):
         return self
 
 
+class _RepeatedKey(yaml.YAMLError):
+    def __init__(self, key: Any, line: int):
+        super().__init__(f"line {line}: key {key!r} given twice")
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key repeated in one mapping: plain YAML keeps the
+    last copy, so ``sampler: {alpha: 0.9}`` followed by another ``sampler:`` would silently
+    drop the 0.9. Merge keys (``<<: *base``) may still be overridden, as YAML means them."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen = set()
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    repeated = key in seen
+                except TypeError:  # an unhashable key: the base class names it
+                    break
+                if repeated:
+                    raise _RepeatedKey(key, key_node.start_mark.line + 1)
+                seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_yaml(path: str | Path, what: str) -> Any:
-    """The value of a YAML file; a missing file, bytes that are not UTF-8 or text that is not
-    YAML is one UserError line naming the file (and the line, when YAML says)."""
+    """The value of a YAML file; a missing file, bytes that are not UTF-8, text that is not
+    YAML or a key given twice in one mapping is one UserError line naming the file (and the
+    line, when YAML says)."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: {what} not found")
     try:
-        return yaml.safe_load(path.read_bytes().decode("utf-8"))
+        return yaml.load(path.read_bytes().decode("utf-8"), Loader=_UniqueKeyLoader)
     except UnicodeDecodeError as exc:
         raise UserError(f"{path}: not UTF-8 (byte {exc.start})") from None
+    except _RepeatedKey as exc:
+        raise UserError(f"{path}: {exc}") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}: " if mark is not None else ""

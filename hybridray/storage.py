@@ -21,6 +21,7 @@ import functools
 import os
 import posixpath
 import random
+import sys
 import time
 from typing import Callable, Optional, Sequence, TypeVar
 from urllib.parse import urlparse
@@ -65,11 +66,14 @@ def _error(uri: str, what: str, exc: Exception) -> UserError:
     return UserError(f"{uri}: {what}: {' '.join(str(exc).split())}")
 
 
-def retried(uri: str, what: str, operation: Callable[[], T]) -> T:
-    """``operation()``, retried with jittered exponential backoff while it fails with a transient
-    S3 error; a lasting or non-transient failure is one ``UserError`` naming ``uri``. A missing
-    file (``FileNotFoundError``) is the caller's business and passes through."""
-    deadline = time.monotonic() + retry_budget_s()
+def retried(uri: str, what: str, operation: Callable[[], T], budget_s: Optional[float] = None) -> T:
+    """``operation()``, retried with jittered exponential backoff for ``budget_s`` seconds
+    (default ``retry_budget_s()``) while it fails with a transient S3 error -- saying so on
+    stderr once, so that a wait on storage does not look like a hang; a lasting or
+    non-transient failure is one ``UserError`` naming ``uri``. A missing file
+    (``FileNotFoundError``) is the caller's business and passes through."""
+    budget = retry_budget_s() if budget_s is None else budget_s
+    deadline = time.monotonic() + budget
     attempt = 0
     while True:
         try:
@@ -80,8 +84,11 @@ def retried(uri: str, what: str, operation: Callable[[], T]) -> T:
             transient = is_remote(uri) and any(word in str(exc).upper() for word in _TRANSIENT)
             pause = min(4.0, 0.25 * 2 ** attempt) * random.uniform(0.5, 1.0)
             if not transient or time.monotonic() + pause > deadline:
-                retrying = f" (retried for {retry_budget_s():g} s, run.storage_retry_s)" if attempt else ""
+                retrying = f" (retried for {budget:g} s, run.storage_retry_s)" if attempt else ""
                 raise _error(uri, what + retrying, exc) from None
+            if attempt == 0:
+                print(f"hybridray: storage: {uri}: {what}: {' '.join(str(exc).split())[:160]}; "
+                      f"retrying for up to {budget:g} s (run.storage_retry_s)", file=sys.stderr, flush=True)
             time.sleep(pause)
             attempt += 1
 
@@ -287,14 +294,20 @@ class _RetryingHandler(pafs.FileSystemHandler):
     written is kept in a local spool file and sent whole, retried, when it is closed -- so a
     write is never half done and a failure is raised at ``close``, never dropped."""
 
-    def __init__(self, s3: pafs.S3FileSystem):
+    def __init__(self, s3: pafs.S3FileSystem, budget_s: Optional[float] = None):
         self.s3 = s3
+        #: Retry budget carried with the filesystem (``run.storage_retry_s``), so that it holds
+        #: in whichever process unpickles it; None = that process's ``retry_budget_s()``.
+        self.budget_s = budget_s
 
     def _do(self, path: str, what: str, operation: Callable[[], T]) -> T:
-        return retried(f"s3://{path}", what, operation)
+        return retried(f"s3://{path}", what, operation, self.budget_s)
 
     def __eq__(self, other) -> bool:
-        return isinstance(other, _RetryingHandler) and self.s3.equals(other.s3)
+        return isinstance(other, _RetryingHandler) and self.s3.equals(other.s3) and self.budget_s == other.budget_s
+
+    def __hash__(self) -> int:
+        return hash((self.get_type_name(), self.budget_s))
 
     def get_type_name(self) -> str:
         return "hybridray-retrying-s3"
@@ -324,27 +337,78 @@ class _RetryingHandler(pafs.FileSystemHandler):
         self._do(path, "cannot delete", lambda: self.s3.delete_file(path))
 
     def move(self, src, dest):
-        self._do(src, "cannot move", lambda: self.s3.move(src, dest))
+        attempts = []
+
+        def move() -> None:
+            try:
+                attempts.append(1)
+                self.s3.move(src, dest)
+            except FileNotFoundError:
+                # a retried move whose first try succeeded but whose answer was lost
+                if len(attempts) == 1 or self.s3.get_file_info(dest).type == pafs.FileType.NotFound:
+                    raise
+
+        self._do(src, "cannot move", move)
 
     def copy_file(self, src, dest):
         self._do(src, "cannot copy", lambda: self.s3.copy_file(src, dest))
 
     def open_input_stream(self, path):
-        data = self._do(path, "cannot read", lambda: self._read(path))
-        return pa.BufferReader(data)
+        return self.open_input_file(path)
 
     def open_input_file(self, path):
-        return self.open_input_stream(path)
-
-    def _read(self, path):
-        with self.s3.open_input_stream(path) as f:
-            return f.read_buffer()
+        # Streamed in ranged reads, each retried: a checkpoint file (often GBs of optimizer
+        # state) is never held in memory whole.
+        source = self._do(path, "cannot read", lambda: self.s3.open_input_file(path))
+        size = self._do(path, "cannot read", source.size)
+        return pa.PythonFile(_Download(self, path, source, size), mode="r")
 
     def open_output_stream(self, path, metadata):
         return pa.PythonFile(_Upload(self, path), mode="w")
 
     def open_append_stream(self, path, metadata):
         raise OSError("append is not supported on S3")
+
+
+class _Download:
+    """A read-only file object for ``_RetryingHandler.open_input_file``: every read is one
+    ranged GET at the current offset, retried on its own."""
+
+    def __init__(self, handler: _RetryingHandler, path: str, source, size: int):
+        self.handler, self.path, self.source, self.size_bytes = handler, path, source, size
+        self.pos, self.closed = 0, False
+
+    def read(self, n: int = -1) -> bytes:
+        n = self.size_bytes - self.pos if n is None or n < 0 else min(n, self.size_bytes - self.pos)
+        if n <= 0:
+            return b""
+        data = self.handler._do(self.path, "cannot read", lambda: self.source.read_at(n, self.pos))
+        self.pos += len(data)
+        return data.to_pybytes() if hasattr(data, "to_pybytes") else bytes(data)
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        self.pos = {0: offset, 1: self.pos + offset, 2: self.size_bytes + offset}[whence]
+        return self.pos
+
+    def tell(self) -> int:
+        return self.pos
+
+    def size(self) -> int:
+        return self.size_bytes
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def writable(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.source.close()
 
 
 class _Upload:
@@ -392,10 +456,11 @@ class _Upload:
             self.spool.close()
 
 
-def train_filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
+def train_filesystem(uri: str, budget_s: Optional[float] = None) -> tuple[pafs.FileSystem, str]:
     """``filesystem_for`` for Ray Train's ``RunConfig(storage_filesystem=...)``: on S3 every
-    operation Ray Train makes itself is retried like hybridray's own (``_RetryingHandler``)."""
+    operation Ray Train makes itself is retried like hybridray's own (``_RetryingHandler``),
+    for ``budget_s`` seconds (``run.storage_retry_s``) in every process that uses it."""
     fs, path = filesystem_for(uri)
     if isinstance(fs, pafs.S3FileSystem):
-        return pafs.PyFileSystem(_RetryingHandler(fs)), path
+        return pafs.PyFileSystem(_RetryingHandler(fs, budget_s)), path
     return fs, path

@@ -139,8 +139,14 @@ def train_func(loop_config: dict) -> None:
     config = Config.model_validate(loop_config["config"])
     run = loop_config["run"]
     board = loop_config.get("board") if rank() == 0 else None  # the driver's progress display
+    # From the config, not only from init_ray's runtime env: a worker of a Ray session started
+    # earlier (a Tune trial, a library user's ray.init()) never got that env.
+    from hybridray import storage
+
+    os.environ[storage.RETRY_ENV] = str(config.run.storage_retry_s)
     if config.run.s3_endpoint:
         os.environ["AWS_ENDPOINT_URL_S3"] = config.run.s3_endpoint
+    storage._s3.cache_clear()
     if not config.scaling.use_gpu:
         torch.set_num_threads(cpu_threads(config.scaling.cpus_per_worker))
     torch.manual_seed(config.seed)  # identical initial weights (e.g. a learned temperature) on every rank
@@ -363,7 +369,7 @@ def build_trainer(
     dataset, info = build_train_dataset(config, rejects_path=rejects, start_step=start_step)
     # Ray Train reads and writes the run's storage through the same filesystem as hybridray
     # (S3 endpoint, retries); for a local path it is the local filesystem.
-    filesystem, storage_path = storage.train_filesystem(config.run.storage_path)
+    filesystem, storage_path = storage.train_filesystem(config.run.storage_path, config.run.storage_retry_s)
     scaling = config.scaling
     resources = {"CPU": scaling.cpus_per_worker, **scaling.resources_per_worker}
     if scaling.use_gpu:
@@ -410,6 +416,10 @@ def _say(message: str) -> None:
     print(f"hybridray: {message}", file=sys.stderr, flush=True)
 
 
+#: Ray Train's default worker health-check timeout (ray.train.v2 constants), in seconds.
+RAY_HEALTH_CHECK_TIMEOUT_S = 600
+
+
 def hang_timeouts(config: Config) -> int:
     """Apply ``run.hang_timeout_s`` to the two places a stuck worker is noticed, and return it
     for ``TorchConfig(timeout_s=...)``:
@@ -417,14 +427,25 @@ def hang_timeouts(config: Config) -> int:
     - a collective (all-reduce, all-gather, barrier) that a peer never joins -- a worker
       frozen, deadlocked or lost -- fails after it on the waiting ranks (torch.distributed's
       process-group timeout, gloo and NCCL alike);
+    - Ray Train's own barrier in ``ray.train.report`` (``RAY_TRAIN_COLLECTIVE_TIMEOUT_S``,
+      no timeout by default) fails after it too;
     - a worker process that stops answering at all (frozen by the OS, swapped out, stuck in
       native code holding the GIL) is marked dead by Ray Train's controller when its health
-      check has hung that long (``RAY_TRAIN_WORKER_HEALTH_CHECK_TIMEOUT_S``, which Ray Train
-      reads from the driver's environment when the run starts).
+      check has hung for ``min(run.hang_timeout_s, 600)`` s
+      (``RAY_TRAIN_WORKER_HEALTH_CHECK_TIMEOUT_S``; 600 s is Ray's default, which a long
+      collective timeout must not raise).
+
+    Ray Train reads both variables from the driver's environment when the run starts.
 
     Either way the run restarts from its last checkpoint while ``run.max_failures`` allows."""
-    os.environ["RAY_TRAIN_WORKER_HEALTH_CHECK_TIMEOUT_S"] = str(config.run.hang_timeout_s)
-    return int(config.run.hang_timeout_s)
+    hang = int(config.run.hang_timeout_s)
+    # The health check is an actor call, answered even while rank 0 evaluates: never raise it
+    # above Ray's own default, so a frozen worker is still noticed within 10 minutes.
+    os.environ["RAY_TRAIN_WORKER_HEALTH_CHECK_TIMEOUT_S"] = str(min(hang, RAY_HEALTH_CHECK_TIMEOUT_S))
+    # Ray Train's barrier inside ``ray.train.report`` waits forever by default: a rank stuck
+    # between its last torch collective and its report (sealing, exporting) would hold it.
+    os.environ["RAY_TRAIN_COLLECTIVE_TIMEOUT_S"] = str(hang)
+    return hang
 
 
 def run_training(config: Config, *, overwrite: bool = False) -> dict:

@@ -126,7 +126,18 @@ def _domain(key: str, spec: Any):
 def override(key: str, value: Any) -> str:
     """``KEY=VALUE`` with the value written as JSON (a YAML subset), so that it reads back as
     exactly this value: ``str(value)`` would turn the string ``"a: b"`` into a mapping."""
-    return f"{key}={json.dumps(value, default=str)}"
+    return f"{key}={_yaml_text(value)}"
+
+
+def _yaml_text(value: Any) -> str:
+    """JSON, except infinities and NaN in YAML's spelling (JSON's ``Infinity`` reads as text)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return ".nan" if math.isnan(value) else (".inf" if value > 0 else "-.inf")
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(map(_yaml_text, value)) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{_yaml_text(k)}: {_yaml_text(v)}" for k, v in value.items()) + "}"
+    return json.dumps(value, default=str)
 
 
 def _overrides(sweep: SweepConfig) -> list[str]:

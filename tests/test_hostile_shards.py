@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -64,7 +65,7 @@ def acceptable(row: dict) -> bool:
 # ----------------------------------------------------------------------------- generated files
 @st.composite
 def good_row(draw) -> dict:
-    return {"group_id": draw(st.sampled_from(GIDS)), "lang": draw(st.sampled_from(GOOD_LANGS + BAD_LANGS[:2])),
+    return {"group_id": draw(st.sampled_from(GIDS)), "lang": draw(st.sampled_from(GOOD_LANGS + BAD_LANGS)),
             "query": draw(texts), "passage": draw(texts), "source": "generated"}
 
 
@@ -280,8 +281,11 @@ def test_every_row_is_accepted_exactly_or_rejected_by_file_and_row(files, manife
         assert after == before  # reading never changes a file
 
 
-def test_record_shard_reader_figures():
-    """After the property test (same module, file order): its count for RELIABILITY.md."""
-    assert TALLY.cases > 0
-    record("test_hostile_shards.py::test_every_row_is_accepted_exactly_or_rejected_by_file_and_row", kind="shard reader: parquet + jsonl, hostile rows, damaged files, "
-           "manifests", cases=TALLY.cases, outcome=TALLY.summary())
+@pytest.fixture(scope="module", autouse=True)
+def record_figures():
+    """The table row, written once the module's tests ran (whatever their order or -k)."""
+    yield
+    if TALLY.cases:
+        record("test_hostile_shards.py::test_every_row_is_accepted_exactly_or_rejected_by_file_and_row",
+               kind="shard reader: parquet + jsonl, hostile rows, damaged files, manifests", cases=TALLY.cases,
+               outcome=TALLY.summary())
