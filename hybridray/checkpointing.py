@@ -143,6 +143,8 @@ def checkpoint_problem(uri: str) -> Optional[str]:
         return f"{STATE_FILE} is not valid JSON"
     if ranks is None:
         return None
+    if ranks < 1:
+        return f"{STATE_FILE} gives world_size {ranks}"
     for r in range(ranks):
         seal_text = storage.read_text(storage.join(uri, f"{SEAL_PREFIX}{r}.json"))
         if seal_text is None:
@@ -151,6 +153,9 @@ def checkpoint_problem(uri: str) -> Optional[str]:
             listed = json.loads(seal_text)["files"]
         except (ValueError, TypeError, KeyError):
             return f"{SEAL_PREFIX}{r}.json is not valid JSON"
+        unreadable = _seal_shape_problem(listed, needs_state=r == 0)
+        if unreadable:
+            return f"{SEAL_PREFIX}{r}.json is unreadable ({unreadable})"
         for name, (size, digest) in sorted(listed.items()):
             file_uri = storage.join(uri, name)
             found = storage.file_sha256(file_uri)
@@ -160,4 +165,23 @@ def checkpoint_problem(uri: str) -> Optional[str]:
                 return f"{name} has {found[0]} bytes, {size} were written (truncated?)"
             if found[1] != digest:
                 return f"{name} does not match its checksum (corrupted)"
+    return None
+
+
+def _seal_shape_problem(listed, *, needs_state: bool) -> Optional[str]:
+    """What is wrong with a seal's ``files`` mapping (None if nothing): every entry a relative
+    path inside the checkpoint with ``[size, sha256 hex]``; rank 0's lists the trainer state."""
+    import re
+
+    if not isinstance(listed, dict) or not listed:
+        return "no files listed"
+    for name, entry in listed.items():
+        parts = name.split("/")
+        if name.startswith("/") or "\\" in name or any(p in ("", ".", "..") for p in parts):
+            return f"file name {name!r} is not a path inside the checkpoint"
+        if not (isinstance(entry, list) and len(entry) == 2 and type(entry[0]) is int and entry[0] >= 0
+                and isinstance(entry[1], str) and re.fullmatch(r"[0-9a-f]{64}", entry[1])):
+            return f"{name}: expected [size, sha256], got {entry!r:.60}"
+    if needs_state and STATE_FILE not in listed:
+        return f"{STATE_FILE} not listed"
     return None

@@ -198,3 +198,24 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_one(where, how, 
     with pytest.raises(UserError, match="no intact checkpoint to resume from .*checkpoint_8: .*checkpoint_4: ") as exc:
         plan_run(cfg, run_identity(cfg), overwrite=False)
     assert "\n" not in str(exc.value)
+
+
+@pytest.mark.parametrize("files, state, why", [
+    ({"x": "abc"}, 1, "x: expected [size, sha256]"),
+    ({}, 1, "no files listed"),
+    ({"../outside": [1, "0" * 64], "trainer_state.json": [1, "0" * 64]}, 1, "not a path inside the checkpoint"),
+    ({"deepspeed/model_states.pt": [16384, "0" * 64]}, 1, "trainer_state.json not listed"),
+    (None, 0, "world_size 0"),
+])
+def test_a_malformed_seal_is_a_damaged_checkpoint_not_a_traceback(tmp_path, files, state, why):
+    """A seal is data read back from storage: any shape of it is a reason, never an exception,
+    and a degenerate one (nothing listed, no ranks) is not taken as intact."""
+    from hybridray.checkpointing import checkpoint_problem
+
+    checkpoint = tmp_path / "checkpoint_8"
+    checkpoint.mkdir()
+    (checkpoint / "trainer_state.json").write_text(json.dumps({"step": 8, "world_size": state}))
+    if files is not None:
+        (checkpoint / "checksums_rank0.json").write_text(json.dumps({"files": files}))
+    problem = checkpoint_problem(str(checkpoint))
+    assert problem is not None and why in problem, problem
