@@ -29,10 +29,19 @@ class _Section(BaseModel):
         annotation = cls.model_fields[info.field_name].annotation
         if isinstance(value, bool) and not _takes_bool(annotation):
             raise ValueError(f"expected a {_kind(annotation)}, got a boolean ({value})")
+        if isinstance(value, (list, dict)) and _holds_bool(value) and not _takes_bool(annotation):
+            raise ValueError(f"expected a {_kind(annotation)}, got a boolean inside {value!r:.60}")
         # ... and the other way round: pydantic would read 0, 1.0 or "yes" as a boolean.
         if value is not None and not isinstance(value, bool) and _only_bool(annotation):
             raise ValueError(f"expected true or false, got {value!r:.40}")
         return value
+
+
+def _holds_bool(value) -> bool:
+    if isinstance(value, bool):
+        return True
+    items = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+    return any(_holds_bool(v) for v in items)
 
 
 def _takes_bool(annotation) -> bool:
@@ -40,6 +49,8 @@ def _takes_bool(annotation) -> bool:
 
     if annotation is bool or annotation is Any:
         return True
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return True  # a section checks its own fields
     return any(_takes_bool(a) for a in typing.get_args(annotation) if a is not type(None))
 
 

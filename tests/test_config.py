@@ -46,6 +46,11 @@ def test_dump_round_trips():
         ("deepspeed.zero_stage=4", "deepspeed.zero_stage"),
         ("sampler.batch_size=33", "sampler.batch_size"),
         ("optim.lr=fast", "optim.lr"),
+        ("sampler.alpha=yes", "sampler.alpha: expected a float, got a boolean"),
+        ("train.eval_before=0", "train.eval_before: expected true or false, got 0"),
+        ("train.eval_before=\"yes\"", "train.eval_before: expected true or false"),
+        ("scaling.resources_per_worker={slot: true}", "scaling.resources_per_worker: expected a str or float, got a boolean inside"),
+        ("eval.langs=[de, true]", "eval.langs: expected a str, got a boolean inside"),
     ],
 )
 def test_bad_values_name_the_key(override, key):
