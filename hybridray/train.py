@@ -196,7 +196,9 @@ def train_func(loop_config: dict) -> None:
             clamp_temperature(engine)
 
             step_loss = float(all_reduce_mean(loss))
-            trained = groups_digest(batch["group_ids"])  # which pairs this step trained, on all ranks
+            # which pairs (groups, languages, hard negatives) this step trained, on all ranks
+            trained = groups_digest(batch["group_ids"], batch.get("query_langs", ()), batch.get("passage_langs", ()),
+                                    batch.get("negative_group_ids"))
             window["loss"] += step_loss
             window["n"] += 1
             window[batch["batch_type"]] += 1
