@@ -105,25 +105,40 @@ def run_identity(config: Config) -> RunIdentity:
     return RunIdentity(defining_values(config), data)
 
 
+#: Ray Train's run snapshot (``ray.train.v2`` CHECKPOINT_MANAGER_SNAPSHOT_FILENAME).
+SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"
+
+
 def run_dir(config: Config) -> str:
     return storage.join(config.run.storage_path, config.name)
 
 
-def latest_checkpoint(directory: str) -> Optional[tuple[str, dict, dict]]:
+def latest_checkpoint(directory: str, *, repair: bool = False) -> Optional[tuple[str, dict, dict]]:
     """``(checkpoint URI, its trainer state, the metrics reported with it)`` of the checkpoint
     a resume starts from, or None if the run has none.
 
     That is the latest checkpoint of Ray Train's run snapshot when it is intact
     (``checkpointing.checkpoint_problem``: every rank's seal there, every file its size and
     checksum). A damaged one (a truncated upload, a lost or corrupted file) is passed over for
-    the newest intact one before it, with a warning naming both; the snapshot is rewritten
-    without it, so that Ray Train resumes from the same checkpoint the driver planned from
-    (and the data stream is built for). No intact checkpoint at all is a UserError."""
-    from ray.train.v2._internal.constants import CHECKPOINT_MANAGER_SNAPSHOT_FILENAME
+    the newest intact one before it. With ``repair`` (a resume that goes ahead: ``plan_run``,
+    once the run is known to be this config's), a warning names both and the snapshot is
+    rewritten without the damaged ones, so that Ray Train resumes from the same checkpoint the
+    driver planned from (and the data stream is built for); without it nothing is written.
+    No intact checkpoint at all is a UserError."""
+    found = _find_checkpoint(directory)
+    if found is None:
+        return None
+    checkpoint, state, result, damaged = found
+    if repair and damaged:
+        _repair_snapshot(directory, checkpoint, state, result, damaged)
+    return checkpoint, state, result.get("metrics") or {}
 
+
+def _find_checkpoint(directory: str):
+    """``(checkpoint, state, snapshot result, [(damaged checkpoint, problem), ...])`` or None."""
     from hybridray.checkpointing import checkpoint_problem
 
-    path = storage.join(directory, CHECKPOINT_MANAGER_SNAPSHOT_FILENAME)
+    path = storage.join(directory, SNAPSHOT_FILE)
     text = storage.read_text(path)
     if text is None:
         return None
@@ -145,14 +160,19 @@ def latest_checkpoint(directory: str) -> Optional[tuple[str, dict, dict]]:
         raise UserError(f"{directory}: no intact checkpoint to resume from ({found}): pass --overwrite to start "
                         "the run again, or choose another name=")
     state = _json(storage.join(checkpoint, STATE_FILE), storage.read_text(storage.join(checkpoint, STATE_FILE)))
-    if damaged:
-        for bad, problem in damaged:
-            print(f"hybridray: warning: checkpoint {bad} is damaged ({problem}); resuming from the previous "
-                  f"checkpoint {checkpoint} (step {state.get('step')}) instead. The damaged one is left in place "
-                  "and no longer used.", file=sys.stderr, flush=True)
-        storage.write_text(path, json.dumps(_without(snapshot, {posixpath.basename(c.rstrip('/')) for c, _ in damaged},
-                                                     result)))
-    return checkpoint, state, result.get("metrics") or {}
+    return checkpoint, state, result, damaged
+
+
+def _repair_snapshot(directory: str, checkpoint: str, state: dict, result: dict, damaged: list) -> None:
+    """Warn about each damaged checkpoint and write Ray Train's snapshot without them."""
+    path = storage.join(directory, SNAPSHOT_FILE)
+    snapshot = _json(path, storage.read_text(path))
+    for bad, problem in damaged:
+        print(f"hybridray: warning: checkpoint {bad} is damaged ({problem}); resuming from the previous "
+              f"checkpoint {checkpoint} (step {state.get('step')}) instead. The damaged one is left in place "
+              "and no longer used.", file=sys.stderr, flush=True)
+    storage.write_text(path, json.dumps(_without(snapshot, {posixpath.basename(c.rstrip('/')) for c, _ in damaged},
+                                                 result)))
 
 
 def _without(snapshot: dict, names: set[str], latest: dict) -> dict:
@@ -205,7 +225,7 @@ def plan_run(config: Config, identity: RunIdentity, *, overwrite: bool) -> Plan:
     if overwrite:
         storage.delete_tree(directory)
         return Plan(0, False)
-    found = latest_checkpoint(directory)
+    found = _find_checkpoint(directory)
     if found is None:
         stale = [name for name in OUTPUTS if storage.exists(storage.join(directory, name))]
         if stale:
@@ -214,7 +234,7 @@ def plan_run(config: Config, identity: RunIdentity, *, overwrite: bool) -> Plan:
                 "to resume: pass --overwrite to replace them, or choose another name="
             )
         return Plan(0, False)
-    checkpoint, state, metrics = found
+    checkpoint, state, result, damaged = found
     saved = state.get("run") or {}
     if saved.get("fingerprint") != identity.fingerprint:
         changed = identity.differences(saved) or ["the run's fingerprint"]
@@ -222,5 +242,8 @@ def plan_run(config: Config, identity: RunIdentity, *, overwrite: bool) -> Plan:
             f"{directory} was trained with a different config ({'; '.join(changed)}): "
             "pass --overwrite to start it again, or choose another name="
         )
+    if damaged:  # only now that it resumes: the snapshot of another config's run is left alone
+        _repair_snapshot(directory, checkpoint, state, result, damaged)
+    metrics = result.get("metrics") or {}
     step = int(state["step"])
     return Plan(step, step >= config.train.max_steps, checkpoint, metrics)

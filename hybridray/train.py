@@ -564,8 +564,8 @@ def _flush_log(write: Callable[[], None]) -> None:
 
 def failure_line(config: Config, error: BaseException, directory: str) -> str:
     """One line for a run that failed for good: the first worker's error (or the controller's),
-    and where it can resume from (``latest_checkpoint`` checks that checkpoint again when the
-    same command is run again)."""
+    and where it can resume from (``latest_checkpoint``, which writes nothing: the same command
+    run again checks that checkpoint again and repairs Ray Train's snapshot if need be)."""
     from hybridray.runs import latest_checkpoint
 
     failures = getattr(error, "worker_failures", None) or {}

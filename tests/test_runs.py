@@ -219,3 +219,23 @@ def test_a_malformed_seal_is_a_damaged_checkpoint_not_a_traceback(tmp_path, file
         (checkpoint / "checksums_rank0.json").write_text(json.dumps({"files": files}))
     problem = checkpoint_problem(str(checkpoint))
     assert problem is not None and why in problem, problem
+
+
+def test_a_damaged_checkpoint_is_left_listed_unless_the_run_resumes(tmp_path, capfd):
+    """Only a resume that goes ahead rewrites Ray Train's snapshot: not a look at the latest
+    checkpoint (the failure line), not a run refused for another config."""
+    from hybridray.runs import latest_checkpoint
+
+    train = str(shards(tmp_path / "shards"))
+    cfg = config(str(tmp_path / "runs"), train)
+    directory = sealed_checkpoints(cfg, [4, 8])
+    damage(storage.join(directory, "checkpoint_8", "deepspeed/model_states.pt"), "flipped byte")
+    snapshot = storage.read_text(storage.join(directory, "checkpoint_manager_snapshot.json"))
+    assert latest_checkpoint(directory)[0] == storage.join(directory, "checkpoint_4")
+    other = config(str(tmp_path / "runs"), train, **{"sampler.alpha": 0.9})
+    with pytest.raises(UserError, match="different config"):
+        plan_run(other, run_identity(other), overwrite=False)
+    assert storage.read_text(storage.join(directory, "checkpoint_manager_snapshot.json")) == snapshot
+    assert "warning" not in capfd.readouterr().err
+    assert plan_run(cfg, run_identity(cfg), overwrite=False).start_step == 4  # the resume repairs it
+    assert "checkpoint_8" not in storage.read_text(storage.join(directory, "checkpoint_manager_snapshot.json"))
