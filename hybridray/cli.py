@@ -51,9 +51,9 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.overrides)  # validates the config and overrides first
     options = dict(gpu_memory_gib=args.gpu_memory, gpus_per_node=args.gpus_per_node, headroom=args.headroom)
     if args.grid:
-        import yaml
+        from hybridray.config import read_yaml
 
-        tree = yaml.safe_load(open(args.config)) or {}
+        tree = read_yaml(args.config, "config file") or {}
         rows = plan_grid(tree, args.overrides, parse_grid(args.grid), **options)
         print(json.dumps([{**s, **p.as_dict()} for s, p in rows], default=str, indent=2)
               if args.json else format_grid(rows))

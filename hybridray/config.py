@@ -5,6 +5,7 @@ dotted name (``sampler.alpha``), never halfway through a run.
 """
 from __future__ import annotations
 
+import copy
 import re
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
@@ -17,7 +18,56 @@ from hybridray.errors import UserError
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # No infinite or NaN numbers (``cpus_per_worker: .inf`` would pass ``gt=0``).
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_boolean_numbers(cls, value, info):
+        # YAML's ``yes`` / ``true`` is a boolean; pydantic would read it as 1 for a number field
+        # (``sampler.alpha: yes`` -> 1.0). Only fields that take a boolean take one.
+        annotation = cls.model_fields[info.field_name].annotation
+        if isinstance(value, bool) and not _takes_bool(annotation):
+            raise ValueError(f"expected a {_kind(annotation)}, got a boolean ({value})")
+        if isinstance(value, (list, dict)) and _holds_bool(value) and not _takes_bool(annotation):
+            raise ValueError(f"expected a {_kind(annotation)}, got a boolean inside {value!r:.60}")
+        # ... and the other way round: pydantic would read 0, 1.0 or "yes" as a boolean.
+        if value is not None and not isinstance(value, bool) and _only_bool(annotation):
+            raise ValueError(f"expected true or false, got {value!r:.40}")
+        return value
+
+
+def _holds_bool(value) -> bool:
+    if isinstance(value, bool):
+        return True
+    items = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+    return any(_holds_bool(v) for v in items)
+
+
+def _takes_bool(annotation) -> bool:
+    import typing
+
+    if annotation is bool or annotation is Any:
+        return True
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return True  # a section checks its own fields
+    return any(_takes_bool(a) for a in typing.get_args(annotation) if a is not type(None))
+
+
+def _only_bool(annotation) -> bool:
+    import typing
+
+    return annotation is bool or (typing.get_origin(annotation) is Union and
+                                  {a for a in typing.get_args(annotation)} <= {bool, type(None)})
+
+
+def _kind(annotation) -> str:
+    import typing
+
+    if typing.get_origin(annotation) is Literal:
+        return "one of " + ", ".join(map(str, typing.get_args(annotation)))
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    return " or ".join(_kind(a) for a in args) if args else getattr(annotation, "__name__", str(annotation))
 
 
 class LoraSection(_Section):
@@ -248,6 +298,14 @@ class RunConfig(_Section):
     s3_endpoint: Optional[str] = None
     checkpoints_to_keep: int = Field(2, ge=1)
     max_failures: int = Field(1, ge=-1)
+    #: Seconds a collective (torch all-reduce/barrier, Ray Train's report barrier) may wait for
+    #: a peer before the run is taken as failed (then retried as run.max_failures allows); above
+    #: the longest held-out evaluation, which the other ranks wait for. A worker that stops
+    #: answering Ray's health check is failed after min(this, 600 s: Ray's default).
+    hang_timeout_s: int = Field(1800, ge=5)
+    #: Seconds an S3 operation that fails transiently (throttled, 5xx, connection refused or
+    #: dropped: the endpoint down) is retried before the run fails with one line naming the URI.
+    storage_retry_s: float = Field(30.0, ge=0)
 
 
 class EvalConfig(_Section):
@@ -327,15 +385,60 @@ class EvalSuiteConfig(_Section):
         return self
 
 
+class _RepeatedKey(yaml.YAMLError):
+    def __init__(self, key: Any, line: int):
+        super().__init__(f"line {line}: key {key!r} given twice")
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key repeated in one mapping: plain YAML keeps the
+    last copy, so ``sampler: {alpha: 0.9}`` followed by another ``sampler:`` would silently
+    drop the 0.9. Merge keys (``<<: *base``) may still be overridden, as YAML means them."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen = set()
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    repeated = key in seen
+                except TypeError:  # an unhashable key: the base class names it
+                    break
+                if repeated:
+                    raise _RepeatedKey(key, key_node.start_mark.line + 1)
+                seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def read_yaml(path: str | Path, what: str) -> Any:
+    """The value of a YAML file; a missing file, bytes that are not UTF-8, text that is not
+    YAML or a key given twice in one mapping is one UserError line naming the file (and the
+    line, when YAML says)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: {what} not found")
+    try:
+        return yaml.load(path.read_bytes().decode("utf-8"), Loader=_UniqueKeyLoader)
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path}: not UTF-8 (byte {exc.start})") from None
+    except _RepeatedKey as exc:
+        raise UserError(f"{path}: {exc}") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}: " if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise UserError(f"{path}: invalid YAML: {where}{' '.join(str(problem).split())}") from None
+    except RecursionError:
+        raise UserError(f"{path}: invalid YAML: nested too deeply") from None
+
+
 def load_suite(path: str | Path) -> EvalSuiteConfig:
     """Load and validate an evaluation suite YAML; errors name the file and the key."""
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: suite file not found")
-    try:
-        tree = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise UserError(f"{path}: invalid YAML: {exc}") from None
+    tree = read_yaml(path, "suite file")
+    tree = {} if tree is None else tree
     if not isinstance(tree, dict):
         raise UserError(f"{path}: top level must be a mapping with a 'tasks' list")
     try:
@@ -401,7 +504,7 @@ class Config(_Section):
 #: ``data.train`` is a location; the shards' content is fingerprinted separately
 #: (``hybridray.runs``), so moved shards still resume and changed shards do not.
 OPERATIONAL_KEYS = frozenset({
-    "name", "run.storage_path", "run.checkpoints_to_keep", "run.max_failures",
+    "name", "run.storage_path", "run.checkpoints_to_keep", "run.max_failures", "run.hang_timeout_s", "run.storage_retry_s",
     "train.log_every", "train.checkpoint_every", "train.eval_every", "train.eval_before",
     "scaling.cpus_per_worker", "scaling.gpus_per_worker", "scaling.resources_per_worker",
     "run.s3_endpoint", "data.task_cpus", "data.strict",
@@ -464,7 +567,10 @@ def parse_override(text: str) -> tuple[str, Any]:
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as exc:
-        raise UserError(f"{key}: cannot parse value {raw!r}: {exc}") from None
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise UserError(f"{key}: cannot parse value {raw!r}: {' '.join(str(problem).split())}") from None
+    except RecursionError:
+        raise UserError(f"{key}: cannot parse value {raw[:40]!r}...: nested too deeply") from None
     return key, value
 
 
@@ -481,7 +587,7 @@ def _describe(error: ValidationError) -> str:
 
 def build_config(tree: dict, overrides: list[str] = ()) -> Config:
     """Validate a config tree with dotted overrides applied; errors name the key."""
-    tree = dict(tree or {})
+    tree = copy.deepcopy(tree or {})  # the caller's tree is never changed
     for text in overrides:
         key, value = parse_override(text)
         _set_dotted(tree, key, value)
@@ -494,12 +600,8 @@ def build_config(tree: dict, overrides: list[str] = ()) -> Config:
 def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
     """Load a YAML run config and apply ``KEY=VALUE`` overrides."""
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: config file not found")
-    try:
-        tree = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise UserError(f"{path}: invalid YAML: {exc}") from None
+    tree = read_yaml(path, "config file")
+    tree = {} if tree is None else tree
     if not isinstance(tree, dict):
         raise UserError(f"{path}: top level must be a mapping of sections")
     return build_config(tree, overrides)

@@ -165,6 +165,8 @@ class ProgressDisplay:
         self.on_record = on_record
         self.interval_s = interval_s
         self.history: list[dict] = []
+        #: (step trained again from, last step done before) of every restart seen
+        self.restarts: list[tuple[int, int]] = []
         self.val_map: Optional[float] = None
         self._stop = threading.Event()
         self._bar = None
@@ -236,8 +238,12 @@ class ProgressDisplay:
             self._say(f"[hybridray] {item['message']}")
             return
         if self.history and item["step"] <= self.history[-1]["step"]:
+            reached = self.history[-1]["step"]
             self.history = [h for h in self.history if h["step"] < item["step"]]
-            self._say(f"[hybridray] restarted: training again from step {item['step']}")
+            self.restarts.append((item["step"], reached))
+            lost = reached - item["step"] + 1
+            self._say(f"[hybridray] restarted: training again from step {item['step']} (the work since the last "
+                      f"checkpoint, {lost} step{'s' * (lost != 1)} up to step {reached}, is redone)")
         self.history.append(item)
         if self.on_record is not None:
             self.on_record(item)

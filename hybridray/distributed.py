@@ -5,6 +5,8 @@ process, so single-process code (tests, evaluation, notebooks) runs the same fun
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import datetime
 import os
 import socket
@@ -128,3 +130,25 @@ def init_standalone() -> None:
     """
     if not is_distributed():
         init_process_group(0, 1, free_port())
+
+
+def groups_digest(group_ids: torch.Tensor, query_langs=(), passage_langs=(),
+                  negative_group_ids: Optional[torch.Tensor] = None) -> str:
+    """A digest of what every rank trained in one step (collective): the group ids, the query
+    and passage language of each pair and the hard negatives' groups. Each rank hashes its rank
+    and its slice; the sum over ranks identifies the step's whole global batch. Two runs
+    trained the same pairs at a step iff their digests agree (up to 48-bit collisions)."""
+    import hashlib
+
+    import numpy as np
+
+    def ids(tensor) -> bytes:
+        return np.ascontiguousarray(tensor.cpu().numpy(), dtype="<i8").tobytes()
+
+    langs = "|".join([" ".join(query_langs), " ".join(passage_langs)]).encode()
+    negatives = ids(negative_group_ids) if negative_group_ids is not None else b""
+    own = hashlib.sha256(rank().to_bytes(4, "little") + ids(group_ids) + b"\0" + langs + b"\0" + negatives).digest()
+    total = torch.tensor([int.from_bytes(own[:6], "little")], dtype=torch.int64)
+    if is_distributed():
+        dist.all_reduce(total)
+    return f"{int(total.item()) & ((1 << 48) - 1):012x}"

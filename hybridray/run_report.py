@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -223,7 +224,12 @@ class RunLog:
         self._writer.flush()
         checkpointed = self.sync_every and record["step"] % self.sync_every == 0
         if self.remote and (checkpointed or time.monotonic() - self._uploaded > UPLOAD_EVERY_S):
-            self.sync()
+            try:
+                self.sync()
+            except UserError as exc:  # storage out for longer than its retries: sent again later
+                self._uploaded = time.monotonic()
+                print(f"hybridray: warning: metrics not uploaded yet ({exc}); trying again in "
+                      f"{UPLOAD_EVERY_S:.0f} s", file=sys.stderr, flush=True)
 
     def sync(self) -> None:
         """Everything logged so far into the run directory (a remote one: uploaded now)."""

@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import posixpath
+import sys
 from dataclasses import asdict, dataclass
 from typing import Any, Optional
 
@@ -104,33 +105,96 @@ def run_identity(config: Config) -> RunIdentity:
     return RunIdentity(defining_values(config), data)
 
 
+#: Ray Train's run snapshot (``ray.train.v2`` CHECKPOINT_MANAGER_SNAPSHOT_FILENAME).
+SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"
+
+
 def run_dir(config: Config) -> str:
     return storage.join(config.run.storage_path, config.name)
 
 
-def latest_checkpoint(directory: str) -> Optional[tuple[str, dict, dict]]:
+def latest_checkpoint(directory: str, *, repair: bool = False) -> Optional[tuple[str, dict, dict]]:
     """``(checkpoint URI, its trainer state, the metrics reported with it)`` of the checkpoint
-    Ray Train would resume from (the latest in its run snapshot), or None if there is none."""
-    from ray.train.v2._internal.constants import CHECKPOINT_MANAGER_SNAPSHOT_FILENAME
+    a resume starts from, or None if the run has none.
 
-    path = storage.join(directory, CHECKPOINT_MANAGER_SNAPSHOT_FILENAME)
-    snapshot = storage.read_text(path)
-    if snapshot is None:
+    That is the latest checkpoint of Ray Train's run snapshot when it is intact
+    (``checkpointing.checkpoint_problem``: every rank's seal there, every file its size and
+    checksum). A damaged one (a truncated upload, a lost or corrupted file) is passed over for
+    the newest intact one before it. With ``repair`` (a resume that goes ahead: ``plan_run``,
+    once the run is known to be this config's), a warning names both and the snapshot is
+    rewritten without the damaged ones, so that Ray Train resumes from the same checkpoint the
+    driver planned from (and the data stream is built for); without it nothing is written.
+    No intact checkpoint at all is a UserError."""
+    found = _find_checkpoint(directory)
+    if found is None:
         return None
-    result = (_json(path, snapshot).get("latest_checkpoint_result") or {})
-    latest = result.get("checkpoint_dir_name")
-    if not latest:
-        return None
-    checkpoint = storage.join(directory, latest)
-    state = storage.join(checkpoint, STATE_FILE)
-    text = storage.read_text(state)
+    checkpoint, state, result, damaged = found
+    if repair and damaged:
+        _repair_snapshot(directory, checkpoint, state, result, damaged)
+    return checkpoint, state, result.get("metrics") or {}
+
+
+def _find_checkpoint(directory: str):
+    """``(checkpoint, state, snapshot result, [(damaged checkpoint, problem), ...])`` or None."""
+    from hybridray.checkpointing import checkpoint_problem
+
+    path = storage.join(directory, SNAPSHOT_FILE)
+    text = storage.read_text(path)
     if text is None:
-        raise UserError(
-            f"{checkpoint}: the latest checkpoint of this run has no {STATE_FILE} (deleted, only "
-            "partly written, or not written by hybridray): pass --overwrite to start the run again, "
-            "or choose another name="
-        )
-    return checkpoint, _json(state, text), result.get("metrics") or {}
+        return None
+    snapshot = _json(path, text)
+    latest = snapshot.get("latest_checkpoint_result") or {}
+    if not latest.get("checkpoint_dir_name"):
+        return None
+    older = [r for r in reversed(snapshot.get("checkpoint_results") or [])
+             if r.get("checkpoint_dir_name") not in (None, latest["checkpoint_dir_name"])]
+    damaged: list[tuple[str, str]] = []
+    for result in [latest, *older]:
+        checkpoint = storage.join(directory, result["checkpoint_dir_name"])
+        problem = checkpoint_problem(checkpoint)
+        if problem is None:
+            break
+        damaged.append((checkpoint, problem))
+    else:
+        found = "; ".join(f"{c}: {p}" for c, p in damaged)
+        raise UserError(f"{directory}: no intact checkpoint to resume from ({found}): pass --overwrite to start "
+                        "the run again, or choose another name=")
+    state = _json(storage.join(checkpoint, STATE_FILE), storage.read_text(storage.join(checkpoint, STATE_FILE)))
+    return checkpoint, state, result, damaged
+
+
+def _repair_snapshot(directory: str, checkpoint: str, state: dict, result: dict, damaged: list) -> None:
+    """Warn about each damaged checkpoint and write Ray Train's snapshot without them."""
+    path = storage.join(directory, SNAPSHOT_FILE)
+    snapshot = _json(path, storage.read_text(path))
+    for bad, problem in damaged:
+        print(f"hybridray: warning: checkpoint {bad} is damaged ({problem}); resuming from the previous "
+              f"checkpoint {checkpoint} (step {state.get('step')}) instead. The damaged one is left in place "
+              "and no longer used.", file=sys.stderr, flush=True)
+    storage.write_text(path, json.dumps(_without(snapshot, {posixpath.basename(c.rstrip('/')) for c, _ in damaged},
+                                                 result)))
+
+
+def _without(snapshot: dict, names: set[str], latest: dict) -> dict:
+    """Ray Train's run snapshot with the checkpoints ``names`` forgotten and ``latest`` the
+    checkpoint to resume from."""
+    snapshot = dict(snapshot)
+    pairs = [(r, i) for r, i in zip(snapshot.get("checkpoint_results") or [],
+                                    snapshot.get("checkpoint_report_indices") or [])
+             if r.get("checkpoint_dir_name") not in names]
+    snapshot["checkpoint_results"] = [r for r, _ in pairs]
+    snapshot["checkpoint_report_indices"] = [i for _, i in pairs]
+    snapshot["latest_checkpoint_result"] = latest
+    pending = [(r, v) for r, v in zip(snapshot.get("pending_training_results") or [],
+                                      snapshot.get("pending_validation_specs") or [])
+               if r.get("checkpoint_dir_name") not in names]
+    snapshot["pending_training_results"] = [r for r, _ in pending]
+    snapshot["pending_validation_specs"] = [v for _, v in pending]
+    for key in ("validated_checkpoint_dir_names", "timed_out_validation_checkpoint_dir_names",
+                "failed_validation_checkpoint_dir_names"):
+        if key in snapshot:
+            snapshot[key] = [n for n in snapshot[key] if n not in names]
+    return snapshot
 
 
 def _json(uri: str, text: str) -> dict:
@@ -161,7 +225,7 @@ def plan_run(config: Config, identity: RunIdentity, *, overwrite: bool) -> Plan:
     if overwrite:
         storage.delete_tree(directory)
         return Plan(0, False)
-    found = latest_checkpoint(directory)
+    found = _find_checkpoint(directory)
     if found is None:
         stale = [name for name in OUTPUTS if storage.exists(storage.join(directory, name))]
         if stale:
@@ -170,7 +234,7 @@ def plan_run(config: Config, identity: RunIdentity, *, overwrite: bool) -> Plan:
                 "to resume: pass --overwrite to replace them, or choose another name="
             )
         return Plan(0, False)
-    checkpoint, state, metrics = found
+    checkpoint, state, result, damaged = found
     saved = state.get("run") or {}
     if saved.get("fingerprint") != identity.fingerprint:
         changed = identity.differences(saved) or ["the run's fingerprint"]
@@ -178,5 +242,8 @@ def plan_run(config: Config, identity: RunIdentity, *, overwrite: bool) -> Plan:
             f"{directory} was trained with a different config ({'; '.join(changed)}): "
             "pass --overwrite to start it again, or choose another name="
         )
+    if damaged:  # only now that it resumes: the snapshot of another config's run is left alone
+        _repair_snapshot(directory, checkpoint, state, result, damaged)
+    metrics = result.get("metrics") or {}
     step = int(state["step"])
     return Plan(step, step >= config.train.max_steps, checkpoint, metrics)

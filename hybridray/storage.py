@@ -7,8 +7,9 @@ the first for a run), the region from ``AWS_REGION`` / ``AWS_DEFAULT_REGION``, c
 from the usual AWS variables or the instance's role -- never from a config file, so they never
 reach a saved config, a report or a checkpoint.
 
-Throttling (``SlowDown``), 5xx answers and dropped connections are retried around each whole
-operation here (``retried``: ``S3_ATTEMPTS`` attempts, jittered exponential backoff); the SDK
+Throttling (``SlowDown``), 5xx answers, dropped connections and an endpoint that is down are
+retried around each whole operation here (``retried``: jittered exponential backoff for up to
+``retry_budget_s()`` seconds, ``run.storage_retry_s`` in a run's config); the SDK
 itself makes one attempt per call, because Arrow's client does not recover from every
 throttled answer by itself (a throttled GetObject retried inside the SDK ends in "Failed to
 flush response stream"). A missing bucket, a denied request or an endpoint still dead after
@@ -20,8 +21,9 @@ import functools
 import os
 import posixpath
 import random
+import sys
 import time
-from typing import Callable, Optional, TypeVar
+from typing import Callable, Optional, Sequence, TypeVar
 from urllib.parse import urlparse
 
 import pyarrow as pa
@@ -36,8 +38,10 @@ def is_remote(uri: str) -> bool:
     return "://" in uri
 
 
-#: Attempts per S3 operation (the first and the retries).
-S3_ATTEMPTS = 5
+#: Seconds a failing S3 operation is retried by default (``run.storage_retry_s`` sets
+#: ``RETRY_ENV`` for a run, its Ray workers included).
+DEFAULT_RETRY_S = 30.0
+RETRY_ENV = "HYBRIDRAY_STORAGE_RETRY_S"
 #: Read size when copying a file between filesystems.
 _CHUNK_BYTES = 8 << 20
 #: Words of transient S3 errors (AWS SDK error names and HTTP statuses): worth retrying.
@@ -62,21 +66,39 @@ def _error(uri: str, what: str, exc: Exception) -> UserError:
     return UserError(f"{uri}: {what}: {' '.join(str(exc).split())}")
 
 
-def retried(uri: str, what: str, operation: Callable[[], T]) -> T:
-    """``operation()``, retried with jittered exponential backoff while it fails with a transient
-    S3 error; a lasting or non-transient failure is one ``UserError`` naming ``uri``. A missing
-    file (``FileNotFoundError``) is the caller's business and passes through."""
-    for attempt in range(S3_ATTEMPTS):
+def retried(uri: str, what: str, operation: Callable[[], T], budget_s: Optional[float] = None) -> T:
+    """``operation()``, retried with jittered exponential backoff for ``budget_s`` seconds
+    (default ``retry_budget_s()``) while it fails with a transient S3 error -- saying so on
+    stderr once, so that a wait on storage does not look like a hang; a lasting or
+    non-transient failure is one ``UserError`` naming ``uri``. A missing file
+    (``FileNotFoundError``) is the caller's business and passes through."""
+    budget = retry_budget_s() if budget_s is None else budget_s
+    deadline = time.monotonic() + budget
+    attempt = 0
+    while True:
         try:
             return operation()
         except FileNotFoundError:
             raise
         except (OSError, pa.ArrowException) as exc:
             transient = is_remote(uri) and any(word in str(exc).upper() for word in _TRANSIENT)
-            if not transient or attempt == S3_ATTEMPTS - 1:
-                raise _error(uri, what, exc) from None
-            time.sleep(min(8.0, 0.25 * 2 ** attempt) * random.uniform(0.5, 1.0))
-    raise AssertionError("unreachable")
+            pause = min(4.0, 0.25 * 2 ** attempt) * random.uniform(0.5, 1.0)
+            if not transient or time.monotonic() + pause > deadline:
+                retrying = f" (retried for {budget:g} s, run.storage_retry_s)" if attempt else ""
+                raise _error(uri, what + retrying, exc) from None
+            if attempt == 0:
+                print(f"hybridray: storage: {uri}: {what}: {' '.join(str(exc).split())[:160]}; "
+                      f"retrying for up to {budget:g} s (run.storage_retry_s)", file=sys.stderr, flush=True)
+            time.sleep(pause)
+            attempt += 1
+
+
+def retry_budget_s() -> float:
+    """How long ``retried`` keeps trying: ``$HYBRIDRAY_STORAGE_RETRY_S``, else 30 s."""
+    try:
+        return max(0.0, float(os.environ.get(RETRY_ENV, DEFAULT_RETRY_S)))
+    except ValueError:
+        raise UserError(f"{RETRY_ENV}={os.environ[RETRY_ENV]!r} is not a number of seconds") from None
 
 
 def filesystem_for(uri: str) -> tuple[pafs.FileSystem, str]:
@@ -172,9 +194,32 @@ def check_writable(uri: str) -> None:
     retried(uri, "cannot delete", lambda: fs.delete_file(path))
 
 
-def copy_tree(source: str, destination: str) -> None:
+def file_sha256(uri: str) -> Optional[tuple[int, str]]:
+    """``(size, SHA-256 hex)`` of a file, read in chunks (retried as a whole), or None if absent."""
+    import hashlib
+
+    fs, path = filesystem_for(uri)
+
+    def digest() -> Optional[tuple[int, str]]:
+        h, size = hashlib.sha256(), 0
+        try:
+            with fs.open_input_stream(path) as f:
+                while chunk := f.read(_CHUNK_BYTES):
+                    h.update(chunk)
+                    size += len(chunk)
+        except FileNotFoundError:
+            return None
+        return size, h.hexdigest()
+
+    if _info(uri).type != pafs.FileType.File:
+        return None
+    return retried(uri, "cannot read", digest)
+
+
+def copy_tree(source: str, destination: str, last: Sequence[str] = ()) -> None:
     """Copy a directory tree between any two locations (local or ``s3://``), file by file, each
-    file retried on its own (a throttled file is sent again, not the whole tree).
+    file retried on its own (a throttled file is sent again, not the whole tree). Files named
+    in ``last`` (relative paths) are copied after all the others.
 
     Not ``pyarrow.fs.copy_files``: seen here, it drops an upload that fails while closing the
     S3 stream ("Error ignored when destroying file ... SLOW_DOWN during UploadPart") and
@@ -188,9 +233,9 @@ def copy_tree(source: str, destination: str) -> None:
             while chunk := reader.read(_CHUNK_BYTES):
                 writer.write(chunk)
 
-    for info in infos:
-        if info.type != pafs.FileType.File:
-            continue
+    files = [i for i in infos if i.type == pafs.FileType.File]
+    files.sort(key=lambda i: i.path[len(src):].lstrip("/") in last)
+    for info in files:
         relative = info.path[len(src):].lstrip("/")
         target = posixpath.join(dst, relative)
         if not is_remote(destination):
@@ -241,3 +286,181 @@ def local_copy(uri: str) -> str:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
     return target
+
+
+class _RetryingHandler(pafs.FileSystemHandler):
+    """An S3 filesystem whose every operation is ``retried`` (for Ray Train, which calls it
+    itself: the run snapshot, checkpoint deletions, downloads at a resume). A file being
+    written is kept in a local spool file and sent whole, retried, when it is closed -- so a
+    write is never half done and a failure is raised at ``close``, never dropped."""
+
+    def __init__(self, s3: pafs.S3FileSystem, budget_s: Optional[float] = None):
+        self.s3 = s3
+        #: Retry budget carried with the filesystem (``run.storage_retry_s``), so that it holds
+        #: in whichever process unpickles it; None = that process's ``retry_budget_s()``.
+        self.budget_s = budget_s
+
+    def _do(self, path: str, what: str, operation: Callable[[], T]) -> T:
+        return retried(f"s3://{path}", what, operation, self.budget_s)
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, _RetryingHandler) and self.s3.equals(other.s3) and self.budget_s == other.budget_s
+
+    def __hash__(self) -> int:
+        return hash((self.get_type_name(), self.budget_s))
+
+    def get_type_name(self) -> str:
+        return "hybridray-retrying-s3"
+
+    def normalize_path(self, path):
+        return self.s3.normalize_path(path)
+
+    def get_file_info(self, paths):
+        return [self._do(p, "cannot read", lambda p=p: self.s3.get_file_info(p)) for p in paths]
+
+    def get_file_info_selector(self, selector):
+        return self._do(selector.base_dir, "cannot list", lambda: self.s3.get_file_info(selector))
+
+    def create_dir(self, path, recursive):
+        self._do(path, "cannot create", lambda: self.s3.create_dir(path, recursive=recursive))
+
+    def delete_dir(self, path):
+        self._do(path, "cannot delete", lambda: self.s3.delete_dir(path))
+
+    def delete_dir_contents(self, path, missing_dir_ok=False):
+        self._do(path, "cannot delete", lambda: self.s3.delete_dir_contents(path, missing_dir_ok=missing_dir_ok))
+
+    def delete_root_dir_contents(self):
+        raise OSError("refusing to delete the contents of every bucket")
+
+    def delete_file(self, path):
+        self._do(path, "cannot delete", lambda: self.s3.delete_file(path))
+
+    def move(self, src, dest):
+        attempts = []
+
+        def move() -> None:
+            try:
+                attempts.append(1)
+                self.s3.move(src, dest)
+            except FileNotFoundError:
+                # a retried move whose first try succeeded but whose answer was lost
+                if len(attempts) == 1 or self.s3.get_file_info(dest).type == pafs.FileType.NotFound:
+                    raise
+
+        self._do(src, "cannot move", move)
+
+    def copy_file(self, src, dest):
+        self._do(src, "cannot copy", lambda: self.s3.copy_file(src, dest))
+
+    def open_input_stream(self, path):
+        return self.open_input_file(path)
+
+    def open_input_file(self, path):
+        # Streamed in ranged reads, each retried: a checkpoint file (often GBs of optimizer
+        # state) is never held in memory whole.
+        source = self._do(path, "cannot read", lambda: self.s3.open_input_file(path))
+        size = self._do(path, "cannot read", source.size)
+        return pa.PythonFile(_Download(self, path, source, size), mode="r")
+
+    def open_output_stream(self, path, metadata):
+        return pa.PythonFile(_Upload(self, path), mode="w")
+
+    def open_append_stream(self, path, metadata):
+        raise OSError("append is not supported on S3")
+
+
+class _Download:
+    """A read-only file object for ``_RetryingHandler.open_input_file``: every read is one
+    ranged GET at the current offset, retried on its own."""
+
+    def __init__(self, handler: _RetryingHandler, path: str, source, size: int):
+        self.handler, self.path, self.source, self.size_bytes = handler, path, source, size
+        self.pos, self.closed = 0, False
+
+    def read(self, n: int = -1) -> bytes:
+        n = self.size_bytes - self.pos if n is None or n < 0 else min(n, self.size_bytes - self.pos)
+        if n <= 0:
+            return b""
+        data = self.handler._do(self.path, "cannot read", lambda: self.source.read_at(n, self.pos))
+        self.pos += len(data)
+        return data.to_pybytes() if hasattr(data, "to_pybytes") else bytes(data)
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        self.pos = {0: offset, 1: self.pos + offset, 2: self.size_bytes + offset}[whence]
+        return self.pos
+
+    def tell(self) -> int:
+        return self.pos
+
+    def size(self) -> int:
+        return self.size_bytes
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def writable(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.source.close()
+
+
+class _Upload:
+    """A file object for ``_RetryingHandler.open_output_stream``: spooled, sent at ``close``."""
+
+    def __init__(self, handler: _RetryingHandler, path: str):
+        import tempfile
+
+        self.handler, self.path = handler, path
+        self.spool = tempfile.SpooledTemporaryFile(max_size=64 << 20)
+        self.closed = False
+
+    def write(self, data) -> int:
+        return self.spool.write(data)
+
+    def flush(self) -> None:
+        pass
+
+    def tell(self) -> int:
+        return self.spool.tell()
+
+    def writable(self) -> bool:
+        return True
+
+    def readable(self) -> bool:
+        return False
+
+    def seekable(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+
+        def send() -> None:
+            self.spool.seek(0)
+            with self.handler.s3.open_output_stream(self.path) as out:
+                while chunk := self.spool.read(_CHUNK_BYTES):
+                    out.write(chunk)
+
+        try:
+            self.handler._do(self.path, "cannot write", send)
+        finally:
+            self.spool.close()
+
+
+def train_filesystem(uri: str, budget_s: Optional[float] = None) -> tuple[pafs.FileSystem, str]:
+    """``filesystem_for`` for Ray Train's ``RunConfig(storage_filesystem=...)``: on S3 every
+    operation Ray Train makes itself is retried like hybridray's own (``_RetryingHandler``),
+    for ``budget_s`` seconds (``run.storage_retry_s``) in every process that uses it."""
+    fs, path = filesystem_for(uri)
+    if isinstance(fs, pafs.S3FileSystem):
+        return pafs.PyFileSystem(_RetryingHandler(fs, budget_s)), path
+    return fs, path

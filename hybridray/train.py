@@ -17,7 +17,7 @@ from dataclasses import asdict
 import tempfile
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 from hybridray.config import Config
 from hybridray.errors import UserError
@@ -124,10 +124,10 @@ def train_func(loop_config: dict) -> None:
     import ray.train
     import torch
 
-    from hybridray.checkpointing import load_state, save_state
+    from hybridray.checkpointing import load_state, save_state, seal, upload_checkpoint
     from hybridray.data.pipeline import iter_worker_batches
     from hybridray.device import cpu_threads
-    from hybridray.distributed import all_reduce_mean, rank, world_size
+    from hybridray.distributed import all_reduce_mean, groups_digest, rank, world_size
     from hybridray.engine import TrainingModel, build_engine, clamp_temperature
     from hybridray.evaluate.lareqa import load_lareqa, subset_lareqa
 
@@ -139,8 +139,14 @@ def train_func(loop_config: dict) -> None:
     config = Config.model_validate(loop_config["config"])
     run = loop_config["run"]
     board = loop_config.get("board") if rank() == 0 else None  # the driver's progress display
+    # From the config, not only from init_ray's runtime env: a worker of a Ray session started
+    # earlier (a Tune trial, a library user's ray.init()) never got that env.
+    from hybridray import storage
+
+    os.environ[storage.RETRY_ENV] = str(config.run.storage_retry_s)
     if config.run.s3_endpoint:
         os.environ["AWS_ENDPOINT_URL_S3"] = config.run.s3_endpoint
+    storage._s3.cache_clear()
     if not config.scaling.use_gpu:
         torch.set_num_threads(cpu_threads(config.scaling.cpus_per_worker))
     torch.manual_seed(config.seed)  # identical initial weights (e.g. a learned temperature) on every rank
@@ -179,13 +185,10 @@ def train_func(loop_config: dict) -> None:
         ray.train.get_dataset_shard("train"), rank=rank(), world_size=world_size(),
         start_step=start_step, stop_step=config.train.max_steps,
     )
-    fault = loop_config.get("fault")
+    upload = upload_checkpoint(config.run.storage_path)
     with contextlib.closing(batches):
         for batch in batches:
             step = batch["step"]
-            if fault and step == fault[0] and rank() == 0 and not Path(fault[1]).exists():
-                Path(fault[1]).touch()  # crash once: the restarted workers find the marker
-                raise RuntimeError(f"injected fault at step {step}")
             inputs = {k: batch[k].to(device) for k in MODEL_INPUTS if batch.get(k) is not None}
             loss = engine(**inputs)
             engine.backward(loss)
@@ -193,6 +196,9 @@ def train_func(loop_config: dict) -> None:
             clamp_temperature(engine)
 
             step_loss = float(all_reduce_mean(loss))
+            # which pairs (groups, languages, hard negatives) this step trained, on all ranks
+            trained = groups_digest(batch["group_ids"], batch.get("query_langs", ()), batch.get("passage_langs", ()),
+                                    batch.get("negative_group_ids"))
             window["loss"] += step_loss
             window["n"] += 1
             window[batch["batch_type"]] += 1
@@ -205,7 +211,7 @@ def train_func(loop_config: dict) -> None:
             save_now = done or (config.train.checkpoint_every and (step + 1) % config.train.checkpoint_every == 0)
             eval_now = done or (config.train.eval_every and (step + 1) % config.train.eval_every == 0)
             record = {"step": step + 1, "time": time.time(), "loss": step_loss, "lr": engine.get_lr()[0],
-                      "samples": config.sampler.batch_size, "batch_type": batch["batch_type"]}
+                      "samples": config.sampler.batch_size, "batch_type": batch["batch_type"], "groups": trained}
             if not (log_now or save_now or eval_now):
                 if board is not None:
                     board.push.remote(record)  # fire and forget: no wait, no barrier
@@ -239,7 +245,9 @@ def train_func(loop_config: dict) -> None:
                     save_state(engine, directory, step=step + 1, reports=reports, run=run)
                     if done:
                         _export_final(engine, tokenizer, Path(directory), config, reports)
-                    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
+                    seal(directory)  # last: the checksums of everything this rank wrote
+                    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory),
+                                     checkpoint_upload_fn=upload)
             else:
                 ray.train.report(metrics)
             window = dict.fromkeys(window, 0)
@@ -300,16 +308,17 @@ def resolve_paths(config: Config) -> Config:
     return update
 
 
-def use_s3_endpoint(config: Config) -> Optional[dict]:
-    """Apply ``run.s3_endpoint`` to this process, and return the runtime env that gives it to
-    every Ray worker of the job (Ray Data tasks included); None when it is not set."""
+def use_s3_endpoint(config: Config) -> dict:
+    """Apply ``run.s3_endpoint`` and ``run.storage_retry_s`` to this process, and return the
+    runtime env that gives them to every Ray worker of the job (Ray Data tasks included)."""
     from hybridray import storage
 
-    if not config.run.s3_endpoint:
-        return None
-    os.environ["AWS_ENDPOINT_URL_S3"] = config.run.s3_endpoint
+    env = {storage.RETRY_ENV: str(config.run.storage_retry_s)}
+    if config.run.s3_endpoint:
+        env["AWS_ENDPOINT_URL_S3"] = config.run.s3_endpoint
+    os.environ.update(env)
     storage._s3.cache_clear()
-    return {"env_vars": {"AWS_ENDPOINT_URL_S3": config.run.s3_endpoint}}
+    return {"env_vars": env}
 
 
 def init_ray(**kwargs) -> None:
@@ -336,7 +345,6 @@ def build_trainer(
     config: Config,
     run_dir_name: Optional[str] = None,
     callbacks: Optional[list] = None,
-    inject_fault: Optional[tuple[int, str]] = None,
     start_step: int = 0,
     identity=None,
     board=None,
@@ -347,8 +355,7 @@ def build_trainer(
     with every checkpoint.
 
     ``board`` (``hybridray.console.new_board``) receives rank 0's per-step progress records.
-    ``inject_fault=(step, marker_path)`` makes rank 0 crash once at ``step`` (for testing
-    recovery through ``run.max_failures``); never set by the CLI."""
+    A worker that makes no progress for ``run.hang_timeout_s`` fails (``hang_timeouts``)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -362,18 +369,19 @@ def build_trainer(
     identity = identity or run_identity(config)
     rejects = storage.join(config.run.storage_path, name, "rejects.jsonl")
     dataset, info = build_train_dataset(config, rejects_path=rejects, start_step=start_step)
-    # Ray Train writes checkpoints through the same filesystem as hybridray (S3 endpoint,
-    # retries); for a local path it is the local filesystem.
-    filesystem, storage_path = storage.filesystem_for(config.run.storage_path)
+    # Ray Train reads and writes the run's storage through the same filesystem as hybridray
+    # (S3 endpoint, retries); for a local path it is the local filesystem.
+    filesystem, storage_path = storage.train_filesystem(config.run.storage_path, config.run.storage_retry_s)
     scaling = config.scaling
     resources = {"CPU": scaling.cpus_per_worker, **scaling.resources_per_worker}
     if scaling.use_gpu:
         resources["GPU"] = scaling.gpus_per_worker
     trainer = TorchTrainer(
         train_func,
-        train_loop_config={"config": config.model_dump(), "run": identity.as_dict(), "fault": inject_fault,
+        train_loop_config={"config": config.model_dump(), "run": identity.as_dict(),
                            "board": board, "verbose": is_verbose()},
-        torch_config=TorchConfig(backend=dist_backend("cuda" if scaling.use_gpu else "cpu")),
+        torch_config=TorchConfig(backend=dist_backend("cuda" if scaling.use_gpu else "cpu"),
+                                 timeout_s=hang_timeouts(config)),
         scaling_config=ScalingConfig(
             num_workers=scaling.num_workers, use_gpu=scaling.use_gpu, resources_per_worker=resources
         ),
@@ -410,9 +418,39 @@ def _say(message: str) -> None:
     print(f"hybridray: {message}", file=sys.stderr, flush=True)
 
 
-def run_training(
-    config: Config, *, overwrite: bool = False, inject_fault: Optional[tuple[int, str]] = None
-) -> dict:
+#: Ray Train's default worker health-check timeout (ray.train.v2 constants), in seconds.
+RAY_HEALTH_CHECK_TIMEOUT_S = 600
+
+
+def hang_timeouts(config: Config) -> int:
+    """Apply ``run.hang_timeout_s`` to the two places a stuck worker is noticed, and return it
+    for ``TorchConfig(timeout_s=...)``:
+
+    - a collective (all-reduce, all-gather, barrier) that a peer never joins -- a worker
+      frozen, deadlocked or lost -- fails after it on the waiting ranks (torch.distributed's
+      process-group timeout, gloo and NCCL alike);
+    - Ray Train's own barrier in ``ray.train.report`` (``RAY_TRAIN_COLLECTIVE_TIMEOUT_S``,
+      no timeout by default) fails after it too;
+    - a worker process that stops answering at all (frozen by the OS, swapped out, stuck in
+      native code holding the GIL) is marked dead by Ray Train's controller when its health
+      check has hung for ``min(run.hang_timeout_s, 600)`` s
+      (``RAY_TRAIN_WORKER_HEALTH_CHECK_TIMEOUT_S``; 600 s is Ray's default, which a long
+      collective timeout must not raise).
+
+    Ray Train reads both variables from the driver's environment when the run starts.
+
+    Either way the run restarts from its last checkpoint while ``run.max_failures`` allows."""
+    hang = int(config.run.hang_timeout_s)
+    # The health check is an actor call, answered even while rank 0 evaluates: never raise it
+    # above Ray's own default, so a frozen worker is still noticed within 10 minutes.
+    os.environ["RAY_TRAIN_WORKER_HEALTH_CHECK_TIMEOUT_S"] = str(min(hang, RAY_HEALTH_CHECK_TIMEOUT_S))
+    # Ray Train's barrier inside ``ray.train.report`` waits forever by default: a rank stuck
+    # between its last torch collective and its report (sealing, exporting) would hold it.
+    os.environ["RAY_TRAIN_COLLECTIVE_TIMEOUT_S"] = str(hang)
+    return hang
+
+
+def run_training(config: Config, *, overwrite: bool = False) -> dict:
     """Train (or resume, or recognise a finished run: ``hybridray.runs``) with a live progress
     display, then collect the final model and before/after reports from the last checkpoint
     into ``<storage_path>/<name>/`` (``model/``, ``eval/before``, ``eval/after``,
@@ -453,9 +491,11 @@ def run_training(
              f"({plan.checkpoint})")
     resolve_model_path(config.model.name_or_path)  # build a builtin once, before the workers start
     storage.check_writable(directory)  # a missing bucket or denied access: one line, now
+    from ray.train.v2.api.exceptions import TrainingFailedError
+
     init_ray(runtime_env=runtime_env)
     board = new_board()
-    trainer, info = build_trainer(config, inject_fault=inject_fault, start_step=plan.start_step,
+    trainer, info = build_trainer(config, start_step=plan.start_step,
                                   identity=identity, board=board, callbacks=[failure_callback(board)])
     for note in info.notes:
         _say(f"note: {note}")
@@ -466,12 +506,14 @@ def run_training(
                 board, config.train.max_steps, plan.start_step, every=config.train.log_every,
                 on_record=log.add) as display:
             result = trainer.fit()
-    except BaseException:
-        log.sync()  # a stopped or failed driver: what was logged reaches the run directory
+    except BaseException as exc:
+        _flush_log(log.sync)  # a stopped or failed driver: what was logged reaches the run directory
+        if isinstance(exc, TrainingFailedError):  # failed for good (fit raises it): one line
+            raise UserError(failure_line(config, exc, directory)) from None
         raise
     if result.error is not None:
-        log.close()
-        raise result.error
+        _flush_log(log.close)
+        raise UserError(failure_line(config, result.error, directory))
     summary = {
         "name": config.name,
         "metrics": result.metrics,
@@ -480,6 +522,7 @@ def run_training(
         "start_step": plan.start_step,
         "wall_seconds": time.perf_counter() - started,
         "samples_per_s": display.samples_per_s(),
+        "restarts": [{"from_step": a, "reached_step": b} for a, b in display.restarts],
     }
     summary = _collect_outputs(config, summary["checkpoint"], summary)
     log.close()
@@ -508,6 +551,41 @@ def _final_suite(config: Config, summary: dict) -> dict:
              f"(run `hybridray eval --suite {config.train.final_eval_suite} --model {summary['model']}` to retry)")
     storage.write_text(storage.join(directory, "summary.json"), json.dumps(summary, indent=2, default=str) + "\n")
     return summary
+
+
+def _flush_log(write: Callable[[], None]) -> None:
+    """Write the run log on the way out of a failed run; storage that is down too is a warning,
+    never a second error that hides the run's own."""
+    try:
+        write()
+    except UserError as exc:
+        _say(f"warning: the run log was not written: {exc}")
+
+
+def failure_line(config: Config, error: BaseException, directory: str) -> str:
+    """One line for a run that failed for good: the first worker's error (or the controller's),
+    and where it can resume from (``latest_checkpoint``, which writes nothing: the same command
+    run again checks that checkpoint again and repairs Ray Train's snapshot if need be)."""
+    from hybridray.runs import latest_checkpoint
+
+    failures = getattr(error, "worker_failures", None) or {}
+    rank, cause = next(iter(sorted(failures.items())), (None, error))
+    while True:  # Ray's wrappers (RayTaskError, Ray Train's exception-with-traceback) -> the user's exception
+        inner = getattr(cause, "cause", None) or getattr(cause, "_base_exc", None)
+        if not isinstance(inner, BaseException):
+            break
+        cause = inner
+    text = " ".join(str(cause).split()) or type(cause).__name__
+    who = f"worker rank {rank}" if rank is not None else "the run"
+    try:
+        found = latest_checkpoint(directory)
+    except UserError as exc:
+        found, where = None, f"its last checkpoint could not be checked ({exc})"
+    else:
+        where = "no checkpoint yet" if found is None else f"its last complete checkpoint is {found[0]} (step {found[1]['step']})"
+    again = "start it again" if where == "no checkpoint yet" else "resume"
+    return (f"run {config.name!r} failed ({who}: {type(cause).__name__}: {text[:400]}); {where}; "
+            f"run the same command again to {again}")
 
 
 def _collect_outputs(config: Config, checkpoint: Optional[str], summary: dict) -> dict:

@@ -42,11 +42,10 @@ import time
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import Field, ValidationError
 
 from hybridray import storage
-from hybridray.config import Config, _describe, build_config, defining_values
+from hybridray.config import Config, _describe, _Section as _CheckedSection, build_config, defining_values, read_yaml
 from hybridray.errors import UserError
 
 _DISTRIBUTIONS = ("grid", "choice", "uniform", "loguniform")
@@ -56,8 +55,8 @@ TRIAL_ACTOR_CPU = 0.1
 _RESOURCE_KEYS = ("scaling.", "data.task_cpus")
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class _Section(_CheckedSection):
+    """Unknown keys, booleans for numbers and inf/NaN are refused, as in a run config."""
 
 
 class SearchSection(_Section):
@@ -100,7 +99,12 @@ class SweepConfig(_Section):
     search_space: dict[str, dict[str, list]] = Field(min_length=1)
 
 
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def _domain(key: str, spec: Any):
+    """The Ray Tune domain of one search-space entry (checked first: a UserError naming it)."""
     from ray import tune
 
     if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in _DISTRIBUTIONS:
@@ -109,35 +113,52 @@ def _domain(key: str, spec: Any):
     if not isinstance(values, list) or not values:
         raise UserError(f"search_space.{key}.{kind}: expected a non-empty list")
     if kind in ("uniform", "loguniform"):
-        numbers = len(values) == 2 and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+        numbers = len(values) == 2 and all(_number(v) for v in values)
         if not numbers or not values[0] < values[1] or (kind == "loguniform" and values[0] <= 0):
-            raise UserError(f"search_space.{key}.{kind}: expected [low, high], two numbers with low < high"
-                            + (" and low > 0" if kind == "loguniform" else "") + f"; got {values!r}")
+            raise UserError(f"search_space.{key}.{kind}: expected [low, high], two numbers with low < high, both finite"
+                            + (" and low > 0" if kind == "loguniform" else "") + f"; got {values!r:.80}")
     try:
         return {"grid": tune.grid_search, "choice": tune.choice}.get(kind, lambda v: getattr(tune, kind)(*v))(values)
     except (ValueError, TypeError) as exc:
         raise UserError(f"search_space.{key}.{kind}: {exc}") from None
 
 
+def override(key: str, value: Any) -> str:
+    """``KEY=VALUE`` with the value written as JSON (a YAML subset), so that it reads back as
+    exactly this value: ``str(value)`` would turn the string ``"a: b"`` into a mapping."""
+    return f"{key}={_yaml_text(value)}"
+
+
+def _yaml_text(value: Any) -> str:
+    """JSON, except infinities and NaN in YAML's spelling (JSON's ``Infinity`` reads as text)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return ".nan" if math.isnan(value) else (".inf" if value > 0 else "-.inf")
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(map(_yaml_text, value)) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{_yaml_text(k)}: {_yaml_text(v)}" for k, v in value.items()) + "}"
+    return json.dumps(value, default=str)
+
+
 def _overrides(sweep: SweepConfig) -> list[str]:
-    return [f"{k}={v}" for k, v in sweep.overrides.items()]
+    return [override(k, v) for k, v in sweep.overrides.items()]
 
 
 def load_sweep(path: str | Path, base: Config) -> SweepConfig:
     """Read and check a sweep file against the run config it sweeps: every key and every
-    bound must make a valid run config, and the metric and early stopping must be reachable."""
+    bound must make a valid run config, and the metric and early stopping must be reachable.
+    Any problem is one UserError naming the file and the key."""
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: sweep file not found")
-    try:
-        tree = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise UserError(f"{path}: invalid YAML: {exc}") from None
+    tree = read_yaml(path, "sweep file")
+    tree = {} if tree is None else tree
     if not isinstance(tree, dict):
         raise UserError(f"{path}: top level must be a mapping (metric, search_space, ...)")
-    if not tree.get("search_space"):
+    space = tree.get("search_space")
+    if not space:
         raise UserError(f"{path}: search_space is empty")
-    for key, spec in tree["search_space"].items():
+    if not isinstance(space, dict):
+        raise UserError(f"{path}: search_space: expected a mapping of config keys, got {space!r:.60}")
+    for key, spec in space.items():
         try:
             _domain(key, spec)
         except UserError as exc:
@@ -162,12 +183,12 @@ def load_sweep(path: str | Path, base: Config) -> SweepConfig:
         # a continuous domain samples fractional values between its bounds: try one
         for value in list(values) + ([(values[0] + values[1]) / 2 + 1e-3] if continuous else []):
             try:
-                build_config(base.model_dump(), _overrides(sweep) + [f"{key}={value}"])
+                build_config(base.model_dump(), _overrides(sweep) + [override(key, value)])
             except UserError as exc:
                 reason = str(exc).removeprefix(f"{key}: ")
                 hint = (f" ({kind} samples fractional values between its bounds; use choice: [...] for a "
                         "whole-number key)") if continuous and value not in values else ""
-                raise UserError(f"{path}: search_space.{key}: value {value!r}: {reason}{hint}") from None
+                raise UserError(f"{path}: search_space.{key}: value {value!r:.60}: {reason}{hint}") from None
     from hybridray.train import REPORTED_METRICS
 
     if sweep.metric not in REPORTED_METRICS:
@@ -215,7 +236,7 @@ def sweep_resources(base: Config, sweep: SweepConfig) -> dict[str, float]:
     for key, spec in sweep.search_space.items():
         if key.startswith(_RESOURCE_KEYS):
             for value in next(iter(spec.values())):
-                other = trial_resources(build_config(base.model_dump(), overrides + [f"{key}={value}"]))
+                other = trial_resources(build_config(base.model_dump(), overrides + [override(key, value)]))
                 need = {k: max(need.get(k, 0.0), other.get(k, 0.0)) for k in need | other}
     return need
 
@@ -228,7 +249,7 @@ def concurrent_trials(need: dict[str, float], cluster: dict[str, float]) -> int:
 # ----------------------------------------------------------------------------- trials
 def _trial_run_config(params: dict, base: dict, overrides: list[str], trials_root: str, trial_id: str) -> Config:
     """The run config of one trial: base + sweep overrides + its values, in its own directory."""
-    config = build_config(base, overrides + [f"{k}={v}" for k, v in params.items()])
+    config = build_config(base, overrides + [override(k, v) for k, v in params.items()])
     config.name = f"{base['name']}-{trial_id}"
     config.run.storage_path = trials_root
     return config
@@ -432,7 +453,7 @@ def run_sweep(config: Config, sweep_path: str | Path, num_samples: Optional[int]
     best_config = None
     if summary["best"] is not None:
         best_config = build_config(config.model_dump(), _overrides(sweep) + [
-            f"{k}={v}" for k, v in summary["best"]["params"].items()])
+            override(k, v) for k, v in summary["best"]["params"].items()])
         best_config.name = f"{config.name}-best"
     summary["wall_seconds"] = time.perf_counter() - started
     write_outputs(summary, directory, best_config, title=f"Sweep `{config.name}` ({sweep_path})")

@@ -16,6 +16,18 @@ import pytest
 os.environ.setdefault("RAY_ENABLE_AUTO_CONNECT", "0")  # before anything imports ray
 
 REPO = Path(__file__).resolve().parents[1]
+
+try:  # the generated hostile-input tests: the same examples on every run, none remembered
+    from hypothesis import HealthCheck, settings
+
+    settings.register_profile(
+        "hybridray", derandomize=True, database=None, deadline=None, print_blob=True,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
+                               HealthCheck.function_scoped_fixture],
+    )
+    settings.load_profile("hybridray")
+except ImportError:  # hypothesis is a test dependency (pyproject.toml); without it those tests fail to import
+    pass
 SHARED_DATA = REPO.parent / "shared" / "data"
 MLQA_R = SHARED_DATA / "mlqa-r"
 TATOEBA = SHARED_DATA / "tatoeba"

@@ -46,6 +46,11 @@ def test_dump_round_trips():
         ("deepspeed.zero_stage=4", "deepspeed.zero_stage"),
         ("sampler.batch_size=33", "sampler.batch_size"),
         ("optim.lr=fast", "optim.lr"),
+        ("sampler.alpha=yes", "sampler.alpha: expected a float, got a boolean"),
+        ("train.eval_before=0", "train.eval_before: expected true or false, got 0"),
+        ("train.eval_before=\"yes\"", "train.eval_before: expected true or false"),
+        ("scaling.resources_per_worker={slot: true}", "scaling.resources_per_worker: expected a str or float, got a boolean inside"),
+        ("eval.langs=[de, true]", "eval.langs: expected a str, got a boolean inside"),
     ],
 )
 def test_bad_values_name_the_key(override, key):
@@ -74,3 +79,40 @@ def test_missing_file_and_bad_yaml(tmp_path):
     bad.write_text("sampler: [unclosed\n")
     with pytest.raises(UserError, match="invalid YAML"):
         load_config(bad)
+
+
+@pytest.mark.parametrize("text, line, key", [
+    ("sampler:\n  alpha: 0.9\noptim: {lr: 0.001}\nsampler:\n  batch_size: 16\n", 4, "sampler"),
+    ("sampler: {alpha: 0.9, alpha: 0.1}\n", 1, "alpha"),
+    ("name: ok\nseed: 1\nname: twice\n", 3, "name"),
+])
+def test_a_key_given_twice_is_refused_naming_file_line_and_key(tmp_path, text, line, key):
+    """Plain YAML keeps the last copy of a repeated key: the user's first value would be dropped
+    without a word (``sampler.alpha: 0.9`` above became the default 0.5)."""
+    path = tmp_path / "twice.yaml"
+    path.write_text(text)
+    with pytest.raises(UserError) as info:
+        load_config(path)
+    assert str(info.value) == f"{path}: line {line}: key {key!r} given twice"
+
+
+def test_yaml_merge_keys_may_still_be_overridden(tmp_path):
+    path = tmp_path / "merge.yaml"
+    path.write_text("sampler:\n  <<: {alpha: 0.9, batch_size: 16}\n  alpha: 0.25\n")
+    config = load_config(path)
+    assert (config.sampler.alpha, config.sampler.batch_size) == (0.25, 16)
+
+
+@pytest.mark.parametrize("hang, health", [(1800, 600), (10, 10), (600, 600)])
+def test_hang_timeout_sets_the_collective_timeouts_never_a_longer_health_check(monkeypatch, hang, health):
+    """``run.hang_timeout_s`` is the torch process-group timeout and Ray Train's report barrier;
+    Ray's worker health check (600 s by default) is only ever shortened by it."""
+    from hybridray.train import hang_timeouts
+
+    monkeypatch.delenv("RAY_TRAIN_WORKER_HEALTH_CHECK_TIMEOUT_S", raising=False)
+    monkeypatch.delenv("RAY_TRAIN_COLLECTIVE_TIMEOUT_S", raising=False)
+    assert hang_timeouts(build_config({}, [f"run.hang_timeout_s={hang}"])) == hang
+    import os
+
+    assert os.environ["RAY_TRAIN_WORKER_HEALTH_CHECK_TIMEOUT_S"] == str(health)
+    assert os.environ["RAY_TRAIN_COLLECTIVE_TIMEOUT_S"] == str(hang)

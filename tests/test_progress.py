@@ -40,7 +40,9 @@ def test_a_restarted_step_replaces_what_followed():
         shown._show(record(step))
     assert [h["step"] for h in shown.history] == [1, 2, 3, 4, 5, 6]
     assert shown.counts()["mono"] == 6  # not 8
-    assert "[hybridray] restarted: training again from step 3" in out.getvalue()
+    assert ("[hybridray] restarted: training again from step 3 (the work since the last checkpoint, 2 steps up "
+            "to step 4, is redone)") in out.getvalue()
+    assert shown.restarts == [(3, 4)]
     assert [r["step"] for r in seen] == [1, 2, 3, 4, 3, 4, 5, 6]  # the run log gets every record
 
 

@@ -108,7 +108,7 @@ def test_a_damaged_run_directory_is_one_clear_error(tmp_path):
     cfg = config(str(tmp_path / "runs"), str(shards(tmp_path / "shards")))
     directory = leave_checkpoint(cfg, 4)
     Path(directory, "checkpoint_4", "trainer_state.json").unlink()
-    with pytest.raises(UserError, match="has no trainer_state.json .deleted, only partly written"):
+    with pytest.raises(UserError, match="no intact checkpoint to resume from .*checkpoint_4: no trainer_state.json"):
         plan_run(cfg, run_identity(cfg), overwrite=False)
     Path(directory, "checkpoint_manager_snapshot.json").write_text('{"latest_checkpoint_result": ')
     with pytest.raises(UserError, match="not valid JSON"):
@@ -133,3 +133,109 @@ def test_cuda_rng_state_is_saved_and_restored(monkeypatch):
     assert state["cuda"] == ["state-gpu0", "state-gpu1"]
     set_rng_state(state)
     assert calls["set"] == ["state-gpu0", "state-gpu1"]
+
+
+def sealed_checkpoints(cfg, steps) -> str:
+    """Two sealed checkpoints (as ``checkpointing.seal`` leaves them, one rank) and a Ray Train
+    snapshot listing them, the last one latest."""
+    import tempfile
+
+    from hybridray.checkpointing import seal
+
+    directory, identity = run_dir(cfg), run_identity(cfg)
+    results = []
+    for step in steps:
+        with tempfile.TemporaryDirectory() as local:
+            Path(local, "deepspeed").mkdir()
+            Path(local, "deepspeed", "model_states.pt").write_bytes(bytes(range(256)) * 64)
+            Path(local, "trainer_state.json").write_text(json.dumps(
+                {"step": step, "world_size": 1, "run": identity.as_dict(), "reports": {}}))
+            seal(local)
+            storage.copy_tree(local, storage.join(directory, f"checkpoint_{step}"))
+        results.append({"checkpoint_dir_name": f"checkpoint_{step}", "metrics": {"step": step}})
+    storage.write_text(storage.join(directory, "checkpoint_manager_snapshot.json"), json.dumps(
+        {"checkpoint_results": results, "checkpoint_report_indices": list(range(len(results))),
+         "latest_checkpoint_result": results[-1]}))
+    return directory
+
+
+def damage(uri: str, how: str) -> None:
+    if how == "flipped byte":
+        fs, path = storage.filesystem_for(uri)
+        with fs.open_input_stream(path) as f:
+            data = bytearray(f.read())
+        data[100] ^= 0x01
+        with fs.open_output_stream(path) as f:
+            f.write(bytes(data))
+    else:  # the seal never arrived
+        fs, path = storage.filesystem_for(uri)
+        fs.delete_file(path)
+
+
+@pytest.mark.parametrize("how", ["flipped byte", "missing seal"])
+def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_one(where, how, capfd):
+    from hybridray.runs import latest_checkpoint
+
+    runs, train = where
+    cfg = config(runs, train)
+    directory = sealed_checkpoints(cfg, [4, 8])
+    target = "deepspeed/model_states.pt" if how == "flipped byte" else "checksums_rank0.json"
+    damage(storage.join(directory, "checkpoint_8", target), how)
+    plan = plan_run(cfg, run_identity(cfg), overwrite=False)
+    assert plan.start_step == 4 and plan.checkpoint == storage.join(directory, "checkpoint_4")
+    warning = capfd.readouterr().err
+    assert f"checkpoint {storage.join(directory, 'checkpoint_8')} is damaged (" in warning
+    assert ("model_states.pt does not match its checksum" if how == "flipped byte" else "rank 0 never finished") in warning
+    assert f"resuming from the previous checkpoint {storage.join(directory, 'checkpoint_4')} (step 4)" in warning
+    # Ray Train resumes from the same checkpoint: the damaged one is gone from its snapshot
+    snapshot = json.loads(storage.read_text(storage.join(directory, "checkpoint_manager_snapshot.json")))
+    assert [r["checkpoint_dir_name"] for r in snapshot["checkpoint_results"]] == ["checkpoint_4"]
+    assert latest_checkpoint(directory)[0] == storage.join(directory, "checkpoint_4")
+    # both damaged: one line naming both, nothing guessed
+    sealed_checkpoints(cfg, [4, 8])
+    damage(storage.join(directory, "checkpoint_8", target), how)
+    damage(storage.join(directory, "checkpoint_4", target), how)
+    with pytest.raises(UserError, match="no intact checkpoint to resume from .*checkpoint_8: .*checkpoint_4: ") as exc:
+        plan_run(cfg, run_identity(cfg), overwrite=False)
+    assert "\n" not in str(exc.value)
+
+
+@pytest.mark.parametrize("files, state, why", [
+    ({"x": "abc"}, 1, "x: expected [size, sha256]"),
+    ({}, 1, "no files listed"),
+    ({"../outside": [1, "0" * 64], "trainer_state.json": [1, "0" * 64]}, 1, "not a path inside the checkpoint"),
+    ({"deepspeed/model_states.pt": [16384, "0" * 64]}, 1, "trainer_state.json not listed"),
+    (None, 0, "world_size 0"),
+])
+def test_a_malformed_seal_is_a_damaged_checkpoint_not_a_traceback(tmp_path, files, state, why):
+    """A seal is data read back from storage: any shape of it is a reason, never an exception,
+    and a degenerate one (nothing listed, no ranks) is not taken as intact."""
+    from hybridray.checkpointing import checkpoint_problem
+
+    checkpoint = tmp_path / "checkpoint_8"
+    checkpoint.mkdir()
+    (checkpoint / "trainer_state.json").write_text(json.dumps({"step": 8, "world_size": state}))
+    if files is not None:
+        (checkpoint / "checksums_rank0.json").write_text(json.dumps({"files": files}))
+    problem = checkpoint_problem(str(checkpoint))
+    assert problem is not None and why in problem, problem
+
+
+def test_a_damaged_checkpoint_is_left_listed_unless_the_run_resumes(tmp_path, capfd):
+    """Only a resume that goes ahead rewrites Ray Train's snapshot: not a look at the latest
+    checkpoint (the failure line), not a run refused for another config."""
+    from hybridray.runs import latest_checkpoint
+
+    train = str(shards(tmp_path / "shards"))
+    cfg = config(str(tmp_path / "runs"), train)
+    directory = sealed_checkpoints(cfg, [4, 8])
+    damage(storage.join(directory, "checkpoint_8", "deepspeed/model_states.pt"), "flipped byte")
+    snapshot = storage.read_text(storage.join(directory, "checkpoint_manager_snapshot.json"))
+    assert latest_checkpoint(directory)[0] == storage.join(directory, "checkpoint_4")
+    other = config(str(tmp_path / "runs"), train, **{"sampler.alpha": 0.9})
+    with pytest.raises(UserError, match="different config"):
+        plan_run(other, run_identity(other), overwrite=False)
+    assert storage.read_text(storage.join(directory, "checkpoint_manager_snapshot.json")) == snapshot
+    assert "warning" not in capfd.readouterr().err
+    assert plan_run(cfg, run_identity(cfg), overwrite=False).start_step == 4  # the resume repairs it
+    assert "checkpoint_8" not in storage.read_text(storage.join(directory, "checkpoint_manager_snapshot.json"))

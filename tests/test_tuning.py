@@ -59,6 +59,12 @@ def test_the_shipped_sweeps_are_valid():
         ("search_space: {loss.temperature: {loguniform: [0.0, 0.1]}}", "low > 0"),
         ("search_space: {loss.temperature: {uniform: [a, b]}}", "two numbers"),
         ("search_space: {loss.temperature: {uniform: [0.1, 0.01]}}", "low < high"),
+        ("search_space: {loss.temperature: {uniform: [0.01, .inf]}}", "both finite"),
+        ("search_space: [sampler.alpha]", "search_space: expected a mapping"),
+        ("metric: loss\nsearch_space: {sampler.alpha: {grid: [0.5]}}\nmetric: val_map", "line 3: key 'metric' given twice"),
+        ("search_space: {sampler.alpha: {grid: [0.5]}, sampler.alpha: {grid: [0.9]}}",
+         "line 1: key 'sampler.alpha' given twice"),
+        ("num_samples: true\nsearch_space: {sampler.alpha: {grid: [0.5]}}", "num_samples: expected a int, got a boolean"),
     ],
 )
 def test_bad_sweeps_name_the_problem(tmp_path, body, message):

@@ -55,12 +55,36 @@ def gold_sentence_index(paragraph: dict, answer_start: int) -> Optional[int]:
     return None
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _paragraph_problem(paragraph: dict) -> Optional[str]:
+    """Why a paragraph's questions cannot be paired with a sentence, or None."""
+    sentences, breaks = paragraph.get("sentences"), paragraph.get("sentence_breaks")
+    if not isinstance(paragraph.get("context"), str):
+        return "paragraph has no 'context' string"
+    if not (isinstance(sentences, list) and isinstance(breaks, list) and len(sentences) == len(breaks)):
+        return "paragraph has no matching 'sentences' / 'sentence_breaks'"
+    if not all(isinstance(x, str) for x in sentences):
+        return "paragraph 'sentences' must be strings"
+    if not all(isinstance(b, list) and len(b) == 2 and all(_is_int(v) for v in b) for b in breaks):
+        return "paragraph 'sentence_breaks' must be [start, end] integer pairs"
+    return None
+
+
 def find_language_files(source_dir: str | Path, langs: Optional[Iterable[str]] = None) -> dict[str, Path]:
     """``{lang: path}`` for the ``{lang}.json`` files of a LAReQA directory."""
     source_dir = Path(source_dir)
     if not source_dir.is_dir():
         raise UserError(f"{source_dir}: not a directory")
-    files = {p.stem: p for p in sorted(source_dir.glob("*.json")) if is_valid_lang(p.stem)}
+    candidates = [p for p in sorted(source_dir.glob("*.json")) if not p.name.startswith(".")]  # hidden: not data
+    files = {p.stem: p for p in candidates if is_valid_lang(p.stem)}
+    if langs is None:  # every visible *.json is a language file: none is skipped without a word
+        for path in candidates:
+            if path.stem not in files:
+                raise UserError(f"{path}: not a language file name ({{lang}}.json with a lower-case ISO 639-1 "
+                                "code, e.g. en.json); rename or move it, or name the languages with --langs")
     if langs is not None:
         missing = sorted(set(langs) - set(files))
         if missing:
@@ -76,14 +100,27 @@ def _question_problem(qa: dict, paragraph: dict) -> Optional[str]:
         return "missing question id"
     if not isinstance(qa.get("question"), str) or not qa["question"].strip():
         return "empty question"
-    if not qa.get("answers"):
+    answers = qa.get("answers")
+    if not answers:
         return "no answers"
-    start = qa["answers"][0].get("answer_start")
-    if not isinstance(start, int):
+    if not isinstance(answers, list) or not isinstance(answers[0], dict):
+        return "answers must be a list of objects"
+    start = answers[0].get("answer_start")
+    if not _is_int(start):
         return "answers[0].answer_start is not an integer"
-    if gold_sentence_index(paragraph, start) is None:
+    index = gold_sentence_index(paragraph, start)
+    if index is None:
         return f"answer_start {start} is in no sentence break"
+    if not paragraph["sentences"][index].strip():
+        return f"the answer sentence ({index}) is empty"
     return None
+
+
+def _structure(path: Path, where: str, value, kind: type, what: str):
+    """``value`` if it is a ``kind``, else a UserError naming the file and the place."""
+    if not isinstance(value, kind):
+        raise UserError(f"{path}: {where}: expected {what}, got {type(value).__name__}")
+    return value
 
 
 def read_lareqa(source_dir: str | Path, langs: Optional[Iterable[str]] = None) -> LareqaSource:
@@ -94,27 +131,23 @@ def read_lareqa(source_dir: str | Path, langs: Optional[Iterable[str]] = None) -
     files = find_language_files(local_copy(str(source_dir)), langs)
     source = LareqaSource(files=files, raw={})
     for lang, path in files.items():
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as exc:
-            raise UserError(f"{path}: cannot read SQuAD JSON: {exc}") from None
+        data = read_json(path)
         if not isinstance(data, dict) or not isinstance(data.get("data"), list):
             raise UserError(f"{path}: expected a SQuAD object with a 'data' list")
         source.raw[lang] = data
         seen: set[str] = set()
         for a, article in enumerate(data["data"]):
-            for p, paragraph in enumerate(article.get("paragraphs", [])):
-                sentences = paragraph.get("sentences")
-                breaks = paragraph.get("sentence_breaks")
-                paragraph_ok = isinstance(sentences, list) and isinstance(breaks, list) and len(sentences) == len(breaks)
-                for q, qa in enumerate(paragraph.get("qas", [])):
+            _structure(path, f"data[{a}]", article, dict, "an article object")
+            for p, paragraph in enumerate(_structure(path, f"data[{a}].paragraphs", article.get("paragraphs", []),
+                                                     list, "a list")):
+                _structure(path, f"data[{a}].paragraphs[{p}]", paragraph, dict, "a paragraph object")
+                paragraph_problem = _paragraph_problem(paragraph)
+                qas = _structure(path, f"data[{a}].paragraphs[{p}].qas", paragraph.get("qas", []), list, "a list")
+                for q, qa in enumerate(qas):
                     source.counts[lang] += 1
                     where = f"data[{a}].paragraphs[{p}].qas[{q}]"
-                    problem = (
-                        _question_problem(qa, paragraph)
-                        if paragraph_ok
-                        else "paragraph has no matching 'sentences' / 'sentence_breaks'"
-                    )
+                    _structure(path, where, qa, dict, "a question object")
+                    problem = paragraph_problem or _question_problem(qa, paragraph)
                     if problem is None and qa["id"] in seen:
                         problem = f"duplicate question id {qa['id']!r}"
                     if problem is not None:
@@ -124,11 +157,21 @@ def read_lareqa(source_dir: str | Path, langs: Optional[Iterable[str]] = None) -
                     index = gold_sentence_index(paragraph, qa["answers"][0]["answer_start"])
                     source.questions.append(
                         Question(
-                            qa["id"], lang, qa["question"].strip(), sentences[index].strip(),
+                            qa["id"], lang, qa["question"].strip(), paragraph["sentences"][index].strip(),
                             paragraph["context"], a, (a, p, q),
                         )
                     )
     return source
+
+
+def read_json(path: Path):
+    """A JSON file's value; anything unreadable (I/O, not UTF-8, not JSON, nested too deeply)
+    is one UserError naming the file."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        detail = "nested too deeply" if isinstance(exc, RecursionError) else exc
+        raise UserError(f"{path}: cannot read SQuAD JSON: {detail}") from None
 
 
 def article_clusters(questions: list[Question]) -> dict[tuple[str, int], str]:

@@ -32,7 +32,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from hybridray.data.sampler import Group
-from hybridray.data.schema import RowError, row_problem
+from hybridray.data.schema import MANIFEST_NAME, SCHEMA_VERSION, RowError, row_problem
 from hybridray.errors import UserError
 from hybridray import storage
 from hybridray.storage import filesystem_for, uri_of
@@ -115,13 +115,23 @@ def iter_file_rows(path: str, columns: Optional[Sequence[str]] = None) -> Iterat
                     row += 1
         return
     with fs.open_input_stream(fs_path) as f:
-        for line_no, raw in enumerate(io.TextIOWrapper(f, encoding="utf-8"), start=1):
+        # Lines are decoded one by one: a line of invalid UTF-8 is that line's problem, not
+        # the whole file's.
+        for line_no, data in enumerate(io.BufferedReader(f), start=1):
+            try:
+                raw = data.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                yield line_no, f"invalid UTF-8 at byte {exc.start} of the line"
+                continue
             if not raw.strip():
                 continue
             try:
                 record = json.loads(raw)
             except json.JSONDecodeError as exc:
                 yield line_no, f"invalid JSON: {exc.msg}"
+                continue
+            except RecursionError:
+                yield line_no, "invalid JSON: nested too deeply"
                 continue
             if not isinstance(record, dict):
                 yield line_no, f"not a JSON object but {type(record).__name__}"
@@ -151,8 +161,9 @@ def index_file(
                 add(row, reason=record)
                 continue
             reason = row_problem(record, max_text_chars=max_text_chars)
-            if reason:
-                add(row, reason=reason)
+            if reason:  # its language still counts for the manifest check
+                lang = record.get("lang")
+                add(row, lang=lang if isinstance(lang, str) else None, reason=reason)
                 continue
             negatives = record.get("hard_negatives") or ()
             add(row, record["group_id"], record["lang"], len(negatives),
@@ -215,6 +226,10 @@ class ShardIndex:
     filtered_rows: int = 0
     scattered_groups: int = 0  # groups whose rows are not adjacent in data order
     min_negatives: int = 0  # fewest hard negatives of any accepted row
+    #: Every row read, per file (accepted, rejected or filtered) and per language (rows whose
+    #: language could be read): what the dataset's manifest must agree with.
+    rows_per_file: list[int] = field(default_factory=list)
+    rows_read_per_language: dict[str, int] = field(default_factory=dict)
 
     @property
     def n_rows(self) -> int:
@@ -267,9 +282,14 @@ def merge_index(
             raise UserError(str(error))
         index.rejects.append(error)
 
+    index.rows_per_file = [0] * len(files)
+    read_per_language: Counter = Counter()
     for table in tables:
         cols = table.to_pydict()
         for fi, row, gid, lang, n_neg, filtered, reason in zip(*(cols[n] for n in INDEX_SCHEMA.names)):
+            if row >= 0:
+                index.rows_per_file[fi] += 1
+                read_per_language[lang] += 1
             if reason is not None:
                 reject(fi, row, reason)
                 continue
@@ -296,8 +316,58 @@ def merge_index(
         rows.sort()
         index.groups.append(Group(gid, tuple(r[0] for r in rows), tuple((r[1], r[2]) for r in rows)))
     index.rows_per_language = dict(sorted(counts.items()))
+    index.rows_read_per_language = {k: v for k, v in read_per_language.items() if k is not None}
     index.min_negatives = min_neg or 0
     return index
+
+
+def check_manifest(index: ShardIndex) -> None:
+    """UserError naming the manifest when a dataset directory's ``manifest.json`` disagrees
+    with the files read: its schema version, its file list, any file's row count, the total,
+    or the rows per language (a truncated, rewritten, added or lost shard). A dataset without
+    a manifest, a glob or a single file is not checked."""
+    path = index.path
+    if _GLOB.search(path) or not storage.is_dir(path):
+        return
+    uri = storage.join(path, MANIFEST_NAME)
+    text = storage.read_text(uri)
+    if text is None:
+        return
+    try:
+        manifest = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{uri}: not valid JSON ({exc})") from None
+    if not isinstance(manifest, dict):
+        raise UserError(f"{uri}: not a JSON object")
+    if manifest.get("schema_version") != SCHEMA_VERSION:
+        raise UserError(f"{uri}: schema_version {manifest.get('schema_version')!r}, this hybridray reads {SCHEMA_VERSION}")
+    root = filesystem_for(path)[1].rstrip("/")
+    found = dict(zip((filesystem_for(f)[1][len(root):].lstrip("/") for f in index.files), index.rows_per_file))
+    listed = manifest.get("files")
+    if listed is not None:
+        if not isinstance(listed, list) or not all(
+            isinstance(f, dict) and isinstance(f.get("path"), str) and type(f.get("rows")) is int for f in listed
+        ):
+            raise UserError(f"{uri}: 'files' must be a list of {{\"path\": ..., \"rows\": ...}}")
+        said = {f["path"]: f["rows"] for f in listed}
+        for name in sorted(set(said) | set(found)):
+            if name not in found:
+                raise UserError(f"{uri}: lists {name}, which is not in {path} (a lost shard?)")
+            if name not in said:
+                raise UserError(f"{uri}: does not list {storage.join(path, name)} (a shard added after the manifest?)")
+            if said[name] != found[name]:
+                raise UserError(f"{uri}: says {storage.join(path, name)} has {said[name]} rows, it has "
+                                f"{found[name]} (truncated or rewritten?)")
+    total = sum(index.rows_per_file)
+    if "rows" in manifest and manifest["rows"] != total:
+        raise UserError(f"{uri}: says the dataset has {manifest['rows']!r} rows, its files have {total}")
+    per_language = manifest.get("rows_per_language")
+    if per_language is not None and per_language != index.rows_read_per_language:
+        differ = sorted(k for k in set(per_language) | set(index.rows_read_per_language)
+                        if per_language.get(k) != index.rows_read_per_language.get(k))
+        raise UserError(f"{uri}: rows_per_language disagrees with the files for {differ[:5]} "
+                        f"(manifest {[per_language.get(k) for k in differ[:5]]}, files "
+                        f"{[index.rows_read_per_language.get(k, 0) for k in differ[:5]]})")
 
 
 def _index_batch(batch: pa.Table, max_text_chars: int, languages) -> pa.Table:
@@ -328,7 +398,10 @@ def index_shards(
         fn_kwargs={"max_text_chars": max_text_chars, "languages": languages},
     )
     ds.context.execution_options.preserve_order = True
-    return merge_index(path, files, ds.iter_batches(batch_size=None, batch_format="pyarrow"), strict=strict, locate=locate)
+    index = merge_index(path, files, ds.iter_batches(batch_size=None, batch_format="pyarrow"), strict=strict,
+                        locate=locate)
+    check_manifest(index)
+    return index
 
 
 def write_rejects(path: str, rejects: Iterable[RowError]) -> int:

@@ -98,7 +98,11 @@ def row_problem(row: dict, *, max_text_chars: int) -> Optional[str]:
         if not value.strip():
             return f"empty field {column!r}"
     if not is_valid_lang(row["lang"]):
-        return f"unknown language code {row['lang']!r}"
+        lang = row["lang"]
+        primary, _, rest = lang.partition("-")
+        fixed = primary.lower() + (f"-{rest}" if rest else "")
+        hint = f" (the language subtag is lower case: {fixed!r})" if is_valid_lang(fixed) else ""
+        return f"unknown language code {lang!r}{hint}"
     for column in ("query", "passage"):  # context is kept, never encoded: no length limit
         value = row.get(column)
         if isinstance(value, str) and len(value) > max_text_chars:

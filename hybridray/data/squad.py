@@ -24,7 +24,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Iterable, Iterator, Optional
 
-from hybridray.data.lareqa import find_language_files
+from hybridray.data.lareqa import find_language_files, read_json
 from hybridray.data.schema import RowError, row_problem
 from hybridray.data.shards import write_shards
 from hybridray.errors import UserError
@@ -35,10 +35,7 @@ SUMMARY_NAME = "_convert.json"
 
 def read_squad(path: Path) -> list[dict]:
     """The articles of a SQuAD v1.1 JSON file (``{"data": [...]}``)."""
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise UserError(f"{path}: cannot read SQuAD JSON: {exc}") from None
+    data = read_json(path)
     if not isinstance(data, dict) or not isinstance(data.get("data"), list):
         raise UserError(f"{path}: expected a SQuAD object with a 'data' list")
     return data["data"]
@@ -64,7 +61,8 @@ def iter_squad(path: Path) -> Iterator[tuple[str, int, str, Optional[dict]]]:
                 yield where, a, context, None
             for q, qa in enumerate(qas):
                 place = f"{where}.qas[{q}]"
-                if not isinstance(qa, dict) or not isinstance(qa.get("id"), (str, int)) or str(qa["id"]) == "":
+                qid = qa.get("id") if isinstance(qa, dict) else None
+                if isinstance(qid, bool) or not isinstance(qid, (str, int)) or str(qid) == "":
                     raise UserError(f"{path}: {place}: missing question 'id'")
                 if not isinstance(qa.get("question"), str) or not qa["question"].strip():
                     raise UserError(f"{path}: {place}: missing or empty 'question'")

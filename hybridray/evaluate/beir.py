@@ -40,55 +40,100 @@ class BeirData:
     qrels: dict[str, dict[str, int]]
 
 
-def _read_jsonl(path: Path) -> list[dict]:
+def _lines(path: Path, what: str):
+    """``(line number, text)`` of a UTF-8 text file's non-blank lines; a line that is not
+    UTF-8 is a UserError naming ``path:line``."""
     if not path.is_file():
-        raise UserError(f"{path}: missing (BEIR layout needs corpus.jsonl, queries.jsonl, qrels/)")
-    rows = []
-    with path.open(encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as exc:
-                    raise UserError(f"{path}:{line_no}: not JSON: {exc}") from None
-    return rows
-
-
-def _read_qrels(path: Path) -> dict[str, dict[str, int]]:
-    if not path.is_file():
-        raise UserError(f"{path}: missing qrels file")
-    qrels: dict[str, dict[str, int]] = {}
-    with path.open(encoding="utf-8", newline="") as f:
-        reader = csv.reader(f, delimiter="\t")
-        header = next(reader, None)
-        if header is None or [h.strip() for h in header[:3]] != ["query-id", "corpus-id", "score"]:
-            raise UserError(f"{path}: expected the header 'query-id<TAB>corpus-id<TAB>score'")
-        for line_no, row in enumerate(reader, 2):
-            if not row:
-                continue
+        raise UserError(f"{path}: missing ({what})")
+    with path.open("rb") as f:
+        for line_no, data in enumerate(f, 1):
             try:
-                qrels.setdefault(row[0], {})[row[1]] = int(row[2])
-            except (IndexError, ValueError):
-                raise UserError(f"{path}:{line_no}: expected query-id, corpus-id, integer score") from None
+                text = data.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise UserError(f"{path}:{line_no}: not UTF-8 (byte {exc.start})") from None
+            if text.strip():
+                yield line_no, text
+
+
+def _id(value) -> Optional[str]:
+    """A BEIR ``_id`` as text: a string or an integer, never empty."""
+    if isinstance(value, bool) or not isinstance(value, (str, int)) or str(value) == "":
+        return None
+    return str(value)
+
+
+def _read_records(path: Path, text_required: bool) -> dict[str, tuple[int, dict]]:
+    """``_id -> (line, record)`` of a BEIR jsonl file (corpus or queries), every record checked:
+    a JSON object with a unique ``_id``, ``text`` (and ``title``) strings or absent; queries
+    need a non-empty ``text``. Anything else is a UserError naming ``path:line``."""
+    out: dict[str, tuple[int, dict]] = {}
+    layout = "BEIR layout needs corpus.jsonl, queries.jsonl, qrels/"
+    for line_no, text in _lines(path, layout):
+        where = f"{path}:{line_no}"
+        try:
+            record = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{where}: not JSON: {exc}") from None
+        except RecursionError:
+            raise UserError(f"{where}: not JSON: nested too deeply") from None
+        if not isinstance(record, dict):
+            raise UserError(f"{where}: expected a JSON object, got {type(record).__name__}")
+        doc_id = _id(record.get("_id"))
+        if doc_id is None:
+            raise UserError(f"{where}: '_id' must be a non-empty string or integer, got {record.get('_id')!r}")
+        for key in ("title", "text"):
+            if record.get(key) is not None and not isinstance(record[key], str):
+                raise UserError(f"{where}: '{key}' must be a string, got {type(record[key]).__name__}")
+        if text_required and not (record.get("text") or "").strip():
+            raise UserError(f"{where}: query {doc_id!r} has no 'text'")
+        if doc_id in out:
+            raise UserError(f"{where}: duplicate _id {doc_id!r} (first at line {out[doc_id][0]})")
+        out[doc_id] = (line_no, record)
+    return out
+
+
+def _read_qrels(path: Path, queries, corpus) -> dict[str, dict[str, int]]:
+    """The judgments; each names a query of queries.jsonl and a document of corpus.jsonl, once."""
+    qrels: dict[str, dict[str, int]] = {}
+    lines = _lines(path, "missing qrels file")
+    header = next(lines, None)
+    if header is None or header[0] != 1 or [h.strip() for h in header[1].rstrip("\r\n").split("\t")[:3]] != [
+            "query-id", "corpus-id", "score"]:
+        raise UserError(f"{path}: expected the header 'query-id<TAB>corpus-id<TAB>score'")
+    for line_no, text in lines:
+        row = next(csv.reader([text.rstrip("\r\n")], delimiter="\t"), [])
+        try:
+            query, doc, score = row[0], row[1], int(row[2])
+        except (IndexError, ValueError):
+            raise UserError(f"{path}:{line_no}: expected query-id, corpus-id, integer score") from None
+        if query not in queries:
+            raise UserError(f"{path}:{line_no}: query {query!r} is not in queries.jsonl")
+        if doc not in corpus:
+            raise UserError(f"{path}:{line_no}: document {doc!r} is not in corpus.jsonl")
+        if doc in qrels.get(query, {}):
+            raise UserError(f"{path}:{line_no}: ({query!r}, {doc!r}) judged twice")
+        qrels.setdefault(query, {})[doc] = score
     return qrels
 
 
 def load_beir(path: str | Path, split: str = "test") -> BeirData:
-    """Read one BEIR-layout dataset directory."""
+    """Read one BEIR-layout dataset directory; every malformed line is a UserError naming
+    ``file:line``. Only queries with a judged-relevant document (score > 0) are kept (BEIR's
+    rule)."""
     path = Path(path)
-    corpus = _read_jsonl(path / "corpus.jsonl")
-    queries = {str(q["_id"]): q["text"] for q in _read_jsonl(path / "queries.jsonl")}
-    qrels = {q: docs for q, docs in _read_qrels(path / "qrels" / f"{split}.tsv").items()
-             if q in queries and any(score > 0 for score in docs.values())}
+    corpus = _read_records(path / "corpus.jsonl", text_required=False)
+    queries = _read_records(path / "queries.jsonl", text_required=True)
+    qrels = {q: docs for q, docs in _read_qrels(path / "qrels" / f"{split}.tsv", queries, corpus).items()
+             if any(score > 0 for score in docs.values())}
     if not qrels:
         raise UserError(f"{path}: no query of queries.jsonl has a relevant document in qrels/{split}.tsv")
     query_ids = sorted(qrels)
     return BeirData(
         name=path.name,
-        corpus_ids=[str(doc["_id"]) for doc in corpus],
-        corpus_texts=[f"{doc.get('title') or ''} {doc.get('text') or ''}".strip() for doc in corpus],
+        corpus_ids=list(corpus),
+        corpus_texts=[f"{doc.get('title') or ''} {doc.get('text') or ''}".strip() for _, doc in corpus.values()],
         query_ids=query_ids,
-        query_texts=[queries[q] for q in query_ids],
+        query_texts=[queries[q][1]["text"] for q in query_ids],
         qrels=qrels,
     )
 
