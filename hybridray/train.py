@@ -564,8 +564,9 @@ def _flush_log(write: Callable[[], None]) -> None:
 
 def failure_line(config: Config, error: BaseException, directory: str) -> str:
     """One line for a run that failed for good: the first worker's error (or the controller's),
-    and where it can resume from (``latest_checkpoint``, which writes nothing: the same command
-    run again checks that checkpoint again and repairs Ray Train's snapshot if need be)."""
+    and where it can resume from (``latest_checkpoint`` on seals and sizes, which downloads and
+    writes nothing: the same command run again checks the checksums too and repairs Ray Train's
+    snapshot if need be)."""
     from hybridray.runs import latest_checkpoint
 
     failures = getattr(error, "worker_failures", None) or {}
@@ -578,7 +579,7 @@ def failure_line(config: Config, error: BaseException, directory: str) -> str:
     text = " ".join(str(cause).split()) or type(cause).__name__
     who = f"worker rank {rank}" if rank is not None else "the run"
     try:
-        found = latest_checkpoint(directory)
+        found = latest_checkpoint(directory, checksums=False)
     except UserError as exc:
         found, where = None, f"its last checkpoint could not be checked ({exc})"
     else:
