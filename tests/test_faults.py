@@ -478,8 +478,8 @@ def test_in_run_faults_a_frozen_worker_storage_down_briefly_a_killed_worker(clus
                       "registered)", cases=1,
            lost_steps=restarts[1]["reached_step"] - second_from + 1,
            outcome=f"restarted from step {second_from} (reached step {restarts[1]['reached_step']}; "
-                   f"run.max_failures=2); after all three faults, all {STEPS} step digests, the held-out scores and the final weights "
-                   "equal the uninterrupted run")
+                   f"run.max_failures=2); after all three faults, all {STEPS} step digests, the held-out scores "
+                   "and the final weights equal the uninterrupted run")
 
 
 @pytest.fixture(scope="module")
