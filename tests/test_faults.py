@@ -413,6 +413,7 @@ def test_in_run_faults_a_frozen_worker_storage_down_briefly_a_killed_worker(clus
         while not s3.held.wait(0.05):
             assert run.proc.poll() is None and time.monotonic() < end, run.console()[-3000:]
         stopped = time.time()
+        uploading = {p.pid for p in run.workers()}  # the Ray Train workers the held request can come from
         s3.stop()
         time.sleep(outage)
         s3.start()
@@ -456,9 +457,18 @@ def test_in_run_faults_a_frozen_worker_storage_down_briefly_a_killed_worker(clus
     written = first_from - 1 + EVERY
     assert written <= 3 * EVERY, (first_from, registered)  # so the kill below comes after it
     held = CHECKPOINT_DIR.search(s3.held_request)
-    retry = re.search(r"RayTrainWorker pid=\d+[^\n]*?(hybridray: storage: s3://\S+/(checkpoint_\d[^/:\s]*): "
-                      r"cannot copy [^\n]*?retrying for up to 30 s)", console)
-    assert retry and held and retry.group(2) == held.group(1), (s3.held_request, console[-3000:])
+    assert held, s3.held_request
+    # A checkpoint upload's retry line: a local file copied into that checkpoint directory
+    # (``checkpointing.upload_checkpoint``), as the user sees it, and in the log of a Ray Train
+    # worker that was alive when the request was held (Ray 2.60 forwards it without a prefix).
+    upload = (rf"hybridray: storage: (s3://\S+/{re.escape(held.group(1))}): cannot copy /\S+ to \1: "
+              r"[^\n]*?retrying for up to 30 s \(run.storage_retry_s\)")
+    retry = re.search(upload, console)
+    assert retry, (s3.held_request, console[-3000:])
+    logs = Path(cluster.temp, "session_latest", "logs")
+    retried_by = [log.name for pid in uploading for log in logs.glob(f"**/worker-*-{pid}.err")  # old/: dead ones
+                  if re.search(upload, text := log.read_text(errors="replace")) and "RayTrainWorker" in text]
+    assert retried_by, (uploading, s3.held_request)
     times = {h["step"]: h["time"] for h in got["history"]}
     assert times[written] < stopped and back <= times[written + 1], (stopped, back, times)
 
@@ -471,9 +481,8 @@ def test_in_run_faults_a_frozen_worker_storage_down_briefly_a_killed_worker(clus
     record(test, kind=f"S3 server (moto) stopped for {outage} s from the first upload request of checkpoint "
                       f"{written} (that request held, then cut with the server)",
            cases=1, lost_steps=0,
-           outcome="the worker's checkpoint upload retried and said so (`"
-                   + retry.group(1)
-                   + "`), the upload went through; no restart")
+           outcome="the Ray Train worker's checkpoint upload retried and said so (`" + retry.group(0)
+                   + "`, also in its log " + retried_by[0] + "), the upload went through; no restart")
     record(test, kind=f"training worker SIGKILLed mid-run (same run, after checkpoint {registered['kill']} was "
                       "registered)", cases=1,
            lost_steps=restarts[1]["reached_step"] - second_from + 1,
