@@ -460,7 +460,8 @@ def test_in_run_faults_a_frozen_worker_storage_down_briefly_a_killed_worker(clus
     assert held, s3.held_request
     # A checkpoint upload's retry line: a local file copied into that checkpoint directory
     # (``checkpointing.upload_checkpoint``), as the user sees it, and in the log of a Ray Train
-    # worker that was alive when the request was held (Ray 2.60 forwards it without a prefix).
+    # worker that was alive when the request was held (forwarded without Ray's "(RayTrainWorker pid=...)"
+    # prefix: Ray 2.60 drops it when ray.init is given a logging_config, as train.init_ray does).
     upload = (rf"hybridray: storage: (s3://\S+/{re.escape(held.group(1))}): cannot copy /\S+ to \1: "
               r"[^\n]*?retrying for up to 30 s \(run.storage_retry_s\)")
     retry = re.search(upload, console)
