@@ -30,7 +30,7 @@ import psutil
 import pytest
 import torch
 
-from conftest import REPO
+from conftest import REPO, heldout_subset
 from reliability import record
 
 pytestmark = pytest.mark.ray
@@ -168,12 +168,7 @@ class Run:
 def small_heldout(tmp_path_factory, mlqa_prepared):
     """A small LAReQA held-out set (3 languages, the first 4 articles each): every run evaluates
     before training, at step 8 and at the end, so a resume is checked to evaluate the same."""
-    out = tmp_path_factory.mktemp("heldout-small")
-    for lang in ("de", "en", "es"):
-        data = json.loads((mlqa_prepared / "heldout-lareqa" / f"{lang}.json").read_text())
-        data["data"] = data["data"][:4]
-        (out / f"{lang}.json").write_text(json.dumps(data))
-    return out
+    return heldout_subset(tmp_path_factory.mktemp("heldout-small"), mlqa_prepared, articles=4)
 
 
 def write_config(tmp: Path, mlqa_prepared: Path, heldout: Path, storage_path: str) -> Path:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import SHARED_DATA
+from conftest import SHARED_DATA, heldout_subset
 from hybridray.config import build_config
 
 pytestmark = pytest.mark.ray
@@ -23,12 +23,7 @@ pytestmark = pytest.mark.ray
 @pytest.fixture(scope="module")
 def small_heldout(tmp_path_factory, mlqa_prepared):
     """A small LAReQA held-out dir: the first few held-out articles of 3 languages."""
-    out = tmp_path_factory.mktemp("heldout-small")
-    for lang in ("de", "en", "es"):
-        data = json.loads((mlqa_prepared / "heldout-lareqa" / f"{lang}.json").read_text())
-        data["data"] = data["data"][:6]
-        (out / f"{lang}.json").write_text(json.dumps(data))
-    return out
+    return heldout_subset(tmp_path_factory.mktemp("heldout-small"), mlqa_prepared, articles=6)
 
 
 def tiny_config(tmp_path, mlqa_prepared, heldout, **overrides):
