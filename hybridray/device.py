@@ -42,3 +42,19 @@ def cpu_threads(cpus_per_worker: float) -> int:
     step runs about 3x slower than it should.
     """
     return max(1, int(cpus_per_worker))
+
+
+def encode_actor_resources(workers: int, cluster: dict) -> dict:
+    """Ray resources of one actor of an encoding pool of ``workers`` (``hybridray eval
+    --workers``) on a cluster with ``cluster`` resources (``ray.cluster_resources()``): one GPU
+    each when the cluster has a GPU for every actor, else CPU encoding; and an equal share of
+    the CPUs (a whole number of them when there is one or more per actor: its thread count,
+    :func:`cpu_threads`). More actors than GPUs on a GPU cluster is refused, not silently
+    run on CPUs."""
+    from hybridray.errors import UserError
+
+    gpus, cpus = int(cluster.get("GPU", 0)), float(cluster.get("CPU", 1))
+    if 0 < gpus < workers:
+        raise UserError(f"--workers {workers}: the cluster has {gpus} GPU(s), one encoding actor per GPU")
+    share = cpus / workers
+    return {"num_cpus": float(int(share)) if share >= 1 else share, "num_gpus": 1 if gpus else 0}

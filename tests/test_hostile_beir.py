@@ -18,7 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hybridray.errors import UserError
-from hybridray.evaluate.beir import load_beir
+from hybridray.evaluate.beir import load_beir, read_corpus_chunk, scan_beir
 from reliability import Tally, record
 
 texts = st.text(alphabet=st.characters(exclude_categories=("Cs",)), max_size=12)
@@ -130,8 +130,13 @@ def test_beir_loader_reads_exactly_or_names_the_line(hostile, data):
             error = f"{root}: no query"
 
         try:
+            scanned = scan_beir(root)  # the streaming path checks the same lines the same way
+        except UserError as exc:
+            scanned = exc
+        try:
             loaded = load_beir(root)
         except UserError as exc:
+            assert isinstance(scanned, UserError) and str(scanned) == str(exc), (scanned, exc)
             assert error is not None, f"refused a good dataset: {exc}"
             assert str(exc).startswith(error) and "\n" not in str(exc), (str(exc), error)
             TALLY.add("rejected: " + ("qrels" if "test.tsv" in error else "corpus" if "corpus" in error
@@ -143,6 +148,11 @@ def test_beir_loader_reads_exactly_or_names_the_line(hostile, data):
         assert loaded.query_ids == sorted(relevant)
         assert loaded.query_texts == [asked[q]["text"] for q in sorted(relevant)]
         assert loaded.qrels == relevant
+        assert not isinstance(scanned, UserError), scanned
+        assert (scanned.corpus_ids, scanned.query_ids, scanned.query_texts, scanned.qrels) == (
+            loaded.corpus_ids, loaded.query_ids, loaded.query_texts, loaded.qrels)
+        size = data.draw(st.integers(1, 4), label="chunk size")
+        assert [t for _, source in scanned.chunks(size) for t in read_corpus_chunk(source)] == loaded.corpus_texts
         TALLY.add("accepted")
 
 

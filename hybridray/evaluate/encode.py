@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
-from typing import Iterator, Optional, Sequence
+from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -58,7 +58,13 @@ def encode_texts(
     only. ``device`` defaults to where the model's weights already are: the caller placed
     the model (with :func:`hybridray.device.default_device`), this function never moves it
     unless asked.
+
+    ``model`` may also be an encoding pool (:class:`hybridray.evaluate.pool.EncoderPool`,
+    ``hybridray eval --workers N``), which spreads the same encoding over its actors.
     """
+    if hasattr(model, "encode_texts"):  # a pool of actors (hybridray.evaluate.pool) encodes itself
+        return model.encode_texts(texts, prefix=prefix, max_length=max_length, batch_size=batch_size,
+                                  pooling=pooling, progress=progress)
     if len(texts) == 0:
         raise ValueError("encode_texts: no texts to encode")
     device = torch.device(device) if device is not None else next(model.parameters()).device
@@ -82,3 +88,22 @@ def encode_texts(
                 out = np.empty((len(texts), vectors.shape[-1]), dtype=np.float32)
             out[rows] = vectors.cpu().numpy()
     return out
+
+
+def encode_chunks(
+    model,
+    tokenizer,
+    chunks: Iterable[tuple[int, object]],
+    reader: Callable[[object], list[str]],
+    **settings,
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """``(rows, vectors)`` for each chunk ``(first row, source)`` of a corpus too large to hold:
+    ``reader(source)`` gives the chunk's texts, rows ``first .. first + len - 1``. One chunk's
+    texts are in memory at a time; a pool (``model.encode_chunks``) has its actors read them
+    and yields the chunks in any order. ``settings``: those of :func:`encode_texts`."""
+    if hasattr(model, "encode_chunks"):
+        yield from model.encode_chunks(chunks, reader, **settings)
+        return
+    for first, source in chunks:
+        texts = reader(source)
+        yield np.arange(first, first + len(texts)), encode_texts(model, tokenizer, texts, **settings)

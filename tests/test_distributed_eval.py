@@ -1,0 +1,202 @@
+"""Evaluation spread over workers scores exactly what one process scores.
+
+- Held-out evaluation inside training (``train.heldout_evaluation``): 2 gloo ranks under
+  DeepSpeed ZeRO-1 and ZeRO-3, each encoding its shard, against ``evaluate_lareqa`` in this
+  process on the same weights. The shards have different numbers of batches (and under
+  ZeRO-3 the rank with fewer runs filler passes), so a lockstep bug hangs or fails here.
+  The same through Ray Train is ``test_train.py::test_run_evaluates_before_and_after_and_exports``.
+- ``hybridray eval`` with a pool of 2 Ray Data actors against the single-process path.
+- The streaming BEIR path (corpus read and encoded in chunks, running top-k) against the
+  in-memory one.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+
+from conftest import MLQA_R
+from hybridray.config import build_config
+
+#: Small encoding batches: the shards of the held-out set need different numbers of batches.
+EVAL = {"batch_size": 5, "max_length": 32}
+
+
+def small_lareqa(directory: Path, articles: int = 2) -> Path:
+    """The first ``articles`` articles of three MLQA-R languages."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for lang in ("de", "en", "es"):
+        data = json.loads((MLQA_R / f"{lang}.json").read_text(encoding="utf-8"))
+        data["data"] = data["data"][:articles]
+        (directory / f"{lang}.json").write_text(json.dumps(data), encoding="utf-8")
+    return directory
+
+
+def train_config(stage: int):
+    return build_config({"model": {"name_or_path": "builtin:tiny"}, "sampler": {"batch_size": 8},
+                         "scaling": {"num_workers": 2}, "deepspeed": {"zero_stage": stage}, "eval": EVAL})
+
+
+def _ranks(rank, port, heldout_dir, out):
+    from hybridray.distributed import init_process_group
+    from hybridray.engine import TrainingModel, build_engine
+    from hybridray.evaluate.lareqa import load_lareqa
+    from hybridray.train import heldout_evaluation
+
+    torch.set_num_threads(1)
+    init_process_group(rank, 2, port, "gloo", timeout_s=120)
+    heldout = load_lareqa(heldout_dir)
+    results = {}
+    for stage in (1, 3):
+        cfg = train_config(stage)
+        engine = build_engine(TrainingModel.from_config(cfg), cfg, 2)
+        results[stage] = heldout_evaluation(engine, engine.module.encoder.tokenizer, heldout, cfg, "check")
+        results[f"{stage}-train-mode"] = all(m.training for m in engine.module.modules())
+    if rank == 0:
+        torch.save(results, out)
+    else:
+        assert all(results[stage] is None for stage in (1, 3))  # only rank 0 gets the report
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def assert_same_scores(got: dict, want: dict, rel: float = 1e-5) -> None:
+    """Every score of a LAReQA or BEIR report equal to float tolerance, the same keys."""
+    for part in ("summary", "per_language", "pairs", "per_dataset"):
+        if part in want:
+            assert set(_flat(got[part])) == set(_flat(want[part])), part
+            assert _flat(got[part]) == pytest.approx(_flat(want[part]), rel=rel, abs=1e-7, nan_ok=True), part
+
+
+def _flat(tree, prefix=""):
+    if isinstance(tree, dict):
+        return {k: v for key, value in tree.items() for k, v in _flat(value, f"{prefix}{key}.").items()}
+    return {prefix: float("nan") if tree is None else tree}  # report.json writes NaN as null
+
+
+def test_heldout_evaluation_on_two_ranks_equals_one_process(tmp_path):
+    import torch.multiprocessing as mp
+
+    from hybridray.data.tokenize import prefixes
+    from hybridray.distributed import free_port
+    from hybridray.evaluate.lareqa import evaluate_lareqa, load_lareqa
+    from hybridray.evaluate.sharding import shard_bounds
+    from hybridray.models import load_encoder
+
+    heldout_dir = small_lareqa(tmp_path / "heldout")
+    heldout = load_lareqa(heldout_dir)
+    n_questions = sum(len(q) for q in heldout.questions.values())
+    n_candidates = sum(len(c) for c in heldout.sentences.values())
+    batches = [math.ceil((hi - lo) / EVAL["batch_size"]) for lo, hi in (shard_bounds(n_candidates, 2, r) for r in (0, 1))]
+    assert n_questions % 2 and batches[0] > batches[1]  # uneven shards: rank 1 runs a filler pass under ZeRO-3
+    out = tmp_path / "ranks.pt"
+    mp.spawn(_ranks, args=(free_port(), heldout_dir, out), nprocs=2, join=True)
+    results = torch.load(out)
+
+    model, tokenizer = load_encoder("builtin:tiny")
+    cfg = train_config(1)
+    query_prefix, passage_prefix = prefixes(cfg.model)
+    want = evaluate_lareqa(model, tokenizer, heldout, query_prefix=query_prefix, passage_prefix=passage_prefix,
+                           pooling=cfg.model.pooling, **EVAL)
+    assert want["summary"]["map"]["multi"] < 0.99  # an untrained encoder: the scores are not all equal
+    for stage in (1, 3):
+        got = results[stage]
+        assert got["timing"]["encode_workers"] == 2 and got["model"] == "builtin:tiny (check)"
+        assert got["summary"]["n_queries"] == n_questions
+        assert_same_scores(got, want)
+        assert results[f"{stage}-train-mode"]  # back in train mode after evaluating
+
+
+# ----------------------------------------------------------------------------- streaming BEIR
+SCIFACT = MLQA_R.parent / "scifact-beir"
+
+
+def small_beir(directory: Path, n_queries: int = 30, n_corpus: int = 150) -> Path:
+    """A SciFact sub-set in BEIR layout: the first judged queries, their documents and others,
+    plus exact copies of two documents under new ids (equal scores: ties across chunks)."""
+    qrels = [line.split("\t") for line in (SCIFACT / "qrels" / "test.tsv").read_text().splitlines()[1:]]
+    queries = sorted({q for q, _, _ in qrels}, key=int)[:n_queries]
+    judged = [(q, d, s) for q, d, s in qrels if q in queries]
+    wanted = {d for _, d, _ in judged}
+    corpus = []
+    for line in (SCIFACT / "corpus.jsonl").read_text(encoding="utf-8").splitlines():
+        record = json.loads(line)
+        if record["_id"] in wanted or len(corpus) < n_corpus - len(wanted):
+            corpus.append(record)
+    corpus += [{**corpus[3], "_id": "copy-3"}, {**corpus[5], "_id": "copy-5"}, {**corpus[5], "_id": "copy-5b"}]
+    (directory / "qrels").mkdir(parents=True)
+    (directory / "corpus.jsonl").write_text("".join(json.dumps(r) + "\n" * (1 + (i % 7 == 0)) for i, r in enumerate(corpus)),
+                                           encoding="utf-8")  # some blank lines too
+    texts = {json.loads(line)["_id"]: line for line in (SCIFACT / "queries.jsonl").read_text(encoding="utf-8").splitlines()}
+    (directory / "queries.jsonl").write_text("".join(texts[q] + "\n" for q in queries), encoding="utf-8")
+    (directory / "qrels" / "test.tsv").write_text(
+        "query-id\tcorpus-id\tscore\n" + "".join(f"{q}\t{d}\t{s}\n" for q, d, s in judged))
+    return directory
+
+
+def test_running_top_k_is_search_of_the_whole_corpus():
+    """Chunked search merged by (score, key) returns exactly the whole corpus's top k, ties
+    included: a collapsed encoder (every score equal), duplicated rows, random vectors."""
+    from hybridray.evaluate.search import RunningTopK, search
+
+    rng = np.random.default_rng(0)
+    random = rng.standard_normal((500, 8)).astype(np.float32)
+    random /= np.linalg.norm(random, axis=1, keepdims=True)
+    duplicated = random.copy()
+    duplicated[100:300] = duplicated[7]  # 201 equal rows: ties that cross every cut
+    queries = np.concatenate([random[:20], duplicated[7:8]])
+    for corpus in (random, duplicated, np.ones((500, 8), np.float32) / np.sqrt(8)):
+        for k in (1, 10, 101, 600):
+            want = search(queries, corpus, k)
+            for size in (7, 64, 500):
+                top = RunningTopK(queries, k, len(corpus))
+                order = np.random.default_rng(size).permutation(range(0, len(corpus), size))  # any chunk order
+                for start in order:
+                    top.add(np.arange(start, min(start + size, len(corpus))), corpus[start:start + size])
+                got = top.result()
+                np.testing.assert_array_equal(got[1], want[1])
+                np.testing.assert_array_equal(got[0], want[0])
+
+
+def test_streaming_beir_equals_the_in_memory_evaluation(tmp_path):
+    from hybridray.evaluate.beir import evaluate_beir, load_beir, score_beir
+    from hybridray.evaluate.encode import encode_texts
+    from hybridray.models import load_encoder
+
+    root = small_beir(tmp_path / "beir" / "scifact-small")
+    model, tokenizer = load_encoder("builtin:tiny")
+    settings = dict(pooling="mean", max_length=48, batch_size=8)
+    data = load_beir(root)  # the in-memory reference: every text, one encoding, one search
+    want = score_beir(data, encode_texts(model, tokenizer, data.query_texts, prefix="query: ", **settings),
+                      encode_texts(model, tokenizer, data.corpus_texts, prefix="passage: ", **settings))
+    got = evaluate_beir(model, tokenizer, root, query_prefix="query: ", passage_prefix="passage: ",
+                        chunk_size=7, **settings)
+    assert want["n_corpus"] == len(data.corpus_ids) > 100 and 0 < want["ndcg@10"] < 1
+    assert got["per_dataset"]["scifact-small"] == pytest.approx(want, rel=1e-6)
+    whole = evaluate_beir(model, tokenizer, root, query_prefix="query: ", passage_prefix="passage: ", **settings)
+    assert whole["per_dataset"]["scifact-small"] == pytest.approx(want, rel=1e-6)
+
+
+# ----------------------------------------------------------------------------- hybridray eval, 2 actors
+@pytest.mark.ray
+def test_eval_on_two_actors_equals_one_process(ray_session, tmp_path):
+    """A suite (LAReQA + streaming BEIR) encoded by a pool of 2 Ray Data actors scores what one
+    process scores; the BEIR corpus chunks are read by the actors."""
+    from hybridray.config import EvalSuiteConfig
+    from hybridray.evaluate.suite import run_suite
+
+    suite = EvalSuiteConfig.model_validate({"batch_size": 8, "max_length": 48, "tasks": [
+        {"name": "lareqa", "kind": "lareqa", "path": str(small_lareqa(tmp_path / "lareqa", articles=1))},
+        {"name": "scifact", "kind": "beir", "path": str(small_beir(tmp_path / "beir" / "scifact-small"))},
+    ]})
+    one = run_suite(suite, "builtin:tiny", tmp_path / "one")
+    two = run_suite(suite, "builtin:tiny", tmp_path / "two", workers=2)
+    assert one["timing"]["encode_workers"] == 1 and two["timing"]["encode_workers"] == 2
+    for task in ("lareqa", "scifact"):
+        assert_same_scores(two["tasks"][task], one["tasks"][task])
+    assert [row["all"] for row in two["summary"]] == pytest.approx([row["all"] for row in one["summary"]], rel=1e-5)
