@@ -56,8 +56,12 @@ class _EncodeActor:
         from hybridray.evaluate.encode import encode_texts
 
         rows, vectors = [], []
+        parts = sorted((key for key in batch if key.startswith("source")), key=lambda key: int(key[6:]))
         for i, first in enumerate(batch["first"]):
-            texts = list(batch["texts"][i]) if self.reader is None else self.reader(batch["source"][i])
+            if self.reader is None:
+                texts = [str(text) for text in batch["texts"][i]]
+            else:
+                texts = self.reader(tuple(batch[key][i].item() for key in parts))
             vectors.append(encode_texts(self.model, self.tokenizer, texts, progress=False, **self.settings))
             rows.append(np.arange(int(first), int(first) + len(texts)))
         return {"row": np.concatenate(rows), "embedding": np.concatenate(vectors)}
@@ -96,14 +100,15 @@ class EncoderPool:
                       progress: bool = False, **settings) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """``(rows, vectors)`` of each chunk ``(first row, source)``, in any order; the actors
         read ``reader(source)`` themselves."""
-        items = [{"first": first, "source": source} for first, source in chunks]
+        # a source (path, start, end) travels as columns source0, source1, ...: one type each
+        items = [{"first": first, **{f"source{j}": part for j, part in enumerate(source)}} for first, source in chunks]
         yield from self._run(items, reader, prefix=prefix, **settings)
 
     def _run(self, items: list[dict], reader: Optional[Callable], **settings):
         import ray.data
 
         dataset = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-            _EncodeActor, batch_size=1, batch_format="numpy", concurrency=self.workers,
+            _EncodeActor, batch_size=1, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=self.workers),
             fn_constructor_kwargs={"weights": self._weights, "threads": self.threads, "reader": reader,
                                    "settings": settings},
             **self.resources,
@@ -123,7 +128,9 @@ def encoder_for(model, tokenizer, workers: int):
         from hybridray.device import default_device
 
         return model.to(default_device())
+    from hybridray.console import quiet_process
     from hybridray.train import init_ray
 
+    quiet_process()  # Ray Data's progress bars and INFO lines off, as in training (--verbose: on)
     init_ray()
     return EncoderPool(model, tokenizer, workers)
