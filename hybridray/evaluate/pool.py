@@ -28,6 +28,11 @@ CHUNKS_PER_WORKER = 10
 MAX_CHUNK = 5000
 
 
+def _python(value):
+    """A numpy scalar of a batch column as the Python value (a string column holds ``str``)."""
+    return value.item() if isinstance(value, np.generic) else value
+
+
 def chunk_length(n: int, workers: int, largest: int) -> int:
     """Texts per chunk of ``n``: all of them for one worker (up to ``largest``), else about
     :data:`CHUNKS_PER_WORKER` chunks per worker."""
@@ -61,7 +66,7 @@ class _EncodeActor:
             if self.reader is None:
                 texts = [str(text) for text in batch["texts"][i]]
             else:
-                texts = self.reader(tuple(batch[key][i].item() for key in parts))
+                texts = self.reader(tuple(_python(batch[key][i]) for key in parts))
             vectors.append(encode_texts(self.model, self.tokenizer, texts, progress=False, **self.settings))
             rows.append(np.arange(int(first), int(first) + len(texts)))
         return {"row": np.concatenate(rows), "embedding": np.concatenate(vectors)}
