@@ -5,7 +5,9 @@ exactly its documents, queries and judgments, or names the first bad line as ``f
 Lines are valid records, blank lines, non-objects, invalid JSON, invalid UTF-8, missing, empty,
 boolean or list ``_id``s, ``1`` next to ``"1"`` (the same id), non-string texts, queries without
 text; judgments with too few columns, non-integer scores, unknown queries or documents, and the
-same pair twice.
+same pair twice. ``scan_beir`` (the streaming path: no corpus text kept, the corpus read again
+in chunks) accepts and refuses exactly the same datasets, with the same message, and its
+chunks read back exactly the loaded texts.
 """
 from __future__ import annotations
 
