@@ -116,9 +116,15 @@ def test_heldout_evaluation_on_two_ranks_equals_one_process(tmp_path):
 SCIFACT = MLQA_R.parent / "scifact-beir"
 
 
+#: Unjudged copies of judged-relevant documents (new id -> which relevant document, in corpus
+#: order), appended at the end: far from their originals, so in other chunks.
+COPIES = {"copy-a": 0, "copy-b": 2, "copy-b2": 2, "copy-c": 9}
+
+
 def small_beir(directory: Path, n_queries: int = 30, n_corpus: int = 150) -> Path:
     """A SciFact sub-set in BEIR layout: the first judged queries, their documents and others,
-    plus exact copies of two documents under new ids (equal scores: ties across chunks)."""
+    plus exact copies of judged-relevant documents under new, unjudged ids (:data:`COPIES`):
+    equal scores across chunks, whose order (the seeded key) moves nDCG and MRR."""
     qrels = [line.split("\t") for line in (SCIFACT / "qrels" / "test.tsv").read_text().splitlines()[1:]]
     queries = sorted({q for q, _, _ in qrels}, key=int)[:n_queries]
     judged = [(q, d, s) for q, d, s in qrels if q in queries]
@@ -127,8 +133,10 @@ def small_beir(directory: Path, n_queries: int = 30, n_corpus: int = 150) -> Pat
     for line in (SCIFACT / "corpus.jsonl").read_text(encoding="utf-8").splitlines():
         record = json.loads(line)
         if record["_id"] in wanted or len(corpus) < n_corpus - len(wanted):
-            corpus.append(record)
-    corpus += [{**corpus[3], "_id": "copy-3"}, {**corpus[5], "_id": "copy-5"}, {**corpus[5], "_id": "copy-5b"}]
+            words = record["text"].split()  # 3-32 words: under max_length, so batches pad and neighbours matter
+            corpus.append({**record, "text": " ".join(words[: 3 + (len(corpus) * 13) % 30])})
+    relevant = [r for r in corpus if r["_id"] in {d for _, d, grade in judged if int(grade) > 0}]
+    corpus += [{**relevant[i], "_id": new} for new, i in COPIES.items()]
     (directory / "qrels").mkdir(parents=True)
     (directory / "corpus.jsonl").write_text("".join(json.dumps(r) + "\n" * (1 + (i % 7 == 0)) for i, r in enumerate(corpus)),
                                            encoding="utf-8")  # some blank lines too
@@ -180,6 +188,81 @@ def test_streaming_beir_equals_the_in_memory_evaluation(tmp_path):
     assert got["per_dataset"]["scifact-small"] == pytest.approx(want, rel=1e-6)
     whole = evaluate_beir(model, tokenizer, root, query_prefix="query: ", passage_prefix="passage: ", **settings)
     assert whole["per_dataset"]["scifact-small"] == pytest.approx(want, rel=1e-6)
+
+
+def test_copies_of_relevant_documents_in_other_chunks_are_ordered_by_the_key(tmp_path):
+    """A judged-relevant passage and its unjudged copy, in different chunks, get bit-identical
+    vectors and rank next to each other in the order of their seeded keys, as in one search of
+    the whole corpus."""
+    from hybridray.evaluate.beir import read_corpus_chunk, same_text_same_vector, scan_beir
+    from hybridray.evaluate.encode import encode_chunks, encode_texts
+    from hybridray.evaluate.metrics import tiebreak_keys
+    from hybridray.evaluate.search import RunningTopK, search
+    from hybridray.models import load_encoder
+
+    root = small_beir(tmp_path / "scifact-small")
+    data = scan_beir(root)
+    n = len(data.corpus_ids)
+    copies = data.duplicate_of
+    assert sorted(copies) == list(range(n - len(COPIES), n)) and len(set(copies.values())) == 3
+    assert all(data.corpus_ids[copy] in COPIES and copy - original > 3 for copy, original in copies.items())
+    relevant = {doc for judged in data.qrels.values() for doc, grade in judged.items() if grade > 0}
+    assert all(data.corpus_ids[original] in relevant and data.corpus_ids[copy] not in relevant
+               for copy, original in copies.items())
+    model, tokenizer = load_encoder("builtin:tiny")
+    settings = dict(pooling="mean", max_length=128, batch_size=4, prefix="passage: ")  # chunks of 3: copy and
+    # original padded with different neighbours differ by ~2e-8 (builtin:tiny) unless the copy takes the original's vector
+    queries = encode_texts(model, tokenizer, data.query_texts, prefix="query: ", pooling="mean", max_length=48)
+    top, vectors = RunningTopK(queries, 101, n), np.zeros((n, queries.shape[1]), np.float32)
+    for rows, chunk in same_text_same_vector(encode_chunks(model, tokenizer, data.chunks(3), read_corpus_chunk,
+                                                           **settings), data.duplicate_of):
+        top.add(rows, chunk)
+        vectors[rows] = chunk
+    for copy, original in copies.items():
+        np.testing.assert_array_equal(vectors[copy], vectors[original])
+    scores, hits = top.result()
+    keys = tiebreak_keys(n)
+    groups = [[original] + [c for c, o in copies.items() if o == original] for original in set(copies.values())]
+    ranked = 0
+    for i in range(len(queries)):
+        for group in groups:
+            ranks = sorted(rank for rank, row in enumerate(hits[i]) if row in group)
+            if len(ranks) == len(group):  # side by side, in descending key order
+                assert ranks == list(range(ranks[0], ranks[0] + len(group)))
+                assert list(hits[i][ranks]) == sorted(group, key=lambda row: -keys[row])
+                ranked += 1
+    assert ranked >= len(groups) * 5  # the groups are in many queries' top 101
+    np.testing.assert_array_equal(hits, search(queries, vectors, 101)[1])  # one search of the whole
+
+
+def test_same_text_same_vector_waits_for_an_original_in_a_later_chunk():
+    from hybridray.evaluate.beir import same_text_same_vector
+
+    chunks = [(np.array([4, 5]), np.array([[4.0], [5.0]])),  # 5 copies 1, which comes later
+              (np.array([0, 1]), np.array([[0.0], [1.0]])),
+              (np.array([2, 3]), np.array([[2.0], [3.0]]))]  # 3 copies 0, already there
+    got = {int(r): float(v[0]) for rows, vectors in same_text_same_vector(chunks, {5: 1, 3: 0})
+           for r, v in zip(rows, vectors)}
+    assert got == {0: 0.0, 1: 1.0, 2: 2.0, 3: 0.0, 4: 4.0, 5: 1.0}
+    with pytest.raises(RuntimeError, match="never came"):
+        list(same_text_same_vector(chunks[:1], {5: 1}))
+
+
+def test_equal_texts_get_identical_vectors_whatever_the_batch():
+    """A text padded beside others and alone differs by float noise; encode_texts encodes each
+    distinct text once, so every occurrence of a text gets the same bits."""
+    from hybridray.evaluate.encode import encode_texts
+    from hybridray.models import load_encoder
+
+    model, tokenizer = load_encoder("builtin:tiny")
+    text = "the same passage twice"
+    texts = [text, "a much longer passage " * 6, "short", text, "x " * 20, text]
+    got = encode_texts(model, tokenizer, texts, batch_size=2, progress=False)
+    np.testing.assert_array_equal(got[0], got[3])
+    np.testing.assert_array_equal(got[0], got[5])
+    alone = encode_texts(model, tokenizer, [text, "a much longer passage " * 6, "short", "x " * 20], batch_size=2,
+                         progress=False)
+    np.testing.assert_allclose(got[[0, 1, 2, 4]], alone, atol=1e-6)
 
 
 # ----------------------------------------------------------------------------- hybridray eval, 2 actors

@@ -12,11 +12,12 @@ dropped (BEIR's ``ignore_identical_ids``, which matters for ArguAna and Quora).
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Iterable, Iterator, Optional
 
 import numpy as np
 
@@ -174,6 +175,8 @@ class BeirScan:
     query_ids: list[str]
     query_texts: list[str]
     qrels: dict[str, dict[str, int]]
+    #: row -> the first row with the same text, for every row whose text came earlier
+    duplicate_of: dict[int, int] = field(default_factory=dict)
 
     def chunks(self, size: int) -> list[tuple[int, tuple[str, int, int]]]:
         """``(first row, (path, start byte, end byte))`` of consecutive runs of ``size`` records."""
@@ -186,11 +189,13 @@ def scan_beir(path: str | Path, split: str = "test") -> BeirScan:
     corpus of millions of passages is read in chunks later); the same errors, naming
     ``file:line``."""
     path = Path(path)
-    corpus_ids, offsets = [], []
-    for _, offset, doc_id, _ in _records(path / "corpus.jsonl", text_required=False):
+    corpus_ids, offsets, digests = [], [], bytearray()
+    for _, offset, doc_id, record in _records(path / "corpus.jsonl", text_required=False):
         corpus_ids.append(doc_id)
         offsets.append(offset)
+        digests += hashlib.blake2b(document_text(record).encode("utf-8"), digest_size=16).digest()
     offsets.append((path / "corpus.jsonl").stat().st_size)
+    duplicate_of = _duplicates(np.frombuffer(bytes(digests), dtype="V16"))
     queries = _read_records(path / "queries.jsonl", text_required=True)
     qrels = {q: docs for q, docs in _read_qrels(path / "qrels" / f"{split}.tsv", queries, set(corpus_ids)).items()
              if any(score > 0 for score in docs.values())}
@@ -198,7 +203,54 @@ def scan_beir(path: str | Path, split: str = "test") -> BeirScan:
         raise UserError(f"{path}: no query of queries.jsonl has a relevant document in qrels/{split}.tsv")
     query_ids = sorted(qrels)
     return BeirScan(name=path.name, corpus_path=str(path / "corpus.jsonl"), corpus_ids=corpus_ids, offsets=offsets,
-                    query_ids=query_ids, query_texts=[queries[q][1]["text"] for q in query_ids], qrels=qrels)
+                    query_ids=query_ids, query_texts=[queries[q][1]["text"] for q in query_ids], qrels=qrels,
+                    duplicate_of=duplicate_of)
+
+
+def _duplicates(digests: np.ndarray) -> dict[int, int]:
+    """``row -> first row`` with the same text digest, for every row that repeats an earlier one
+    (16 bytes a passage while scanning, instead of the texts)."""
+    if len(digests) == 0:
+        return {}
+    _, first, inverse = np.unique(digests, return_index=True, return_inverse=True)
+    first = first[inverse.reshape(-1)]
+    repeats = np.flatnonzero(first != np.arange(len(digests)))
+    return dict(zip(repeats.tolist(), first[repeats].tolist()))
+
+
+def same_text_same_vector(chunks: Iterable[tuple[np.ndarray, np.ndarray]],
+                          duplicate_of: dict[int, int]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """The ``(rows, vectors)`` of ``chunks`` with every repeated text given the vector of its
+    first occurrence (which may come in a later chunk: such rows wait for it). A text's vector
+    depends a little on the batch it was padded with, so without this a passage and its copy
+    in another chunk would be ordered by float noise, not by the seeded tie-break key. Holds
+    the vectors of the repeated texts only."""
+    originals = set(duplicate_of.values())
+    kept: dict[int, np.ndarray] = {}
+    waiting: dict[int, list[int]] = {}
+    for rows, vectors in chunks:
+        rows, vectors = np.asarray(rows), np.array(vectors, dtype=np.float32)
+        for i, row in enumerate(rows.tolist()):
+            if row in originals:
+                kept[row] = vectors[i].copy()
+        ready = np.ones(len(rows), dtype=bool)
+        for i, row in enumerate(rows.tolist()):
+            first = duplicate_of.get(row)
+            if first is None:
+                continue
+            if first in kept:
+                vectors[i] = kept[first]
+            else:
+                waiting.setdefault(first, []).append(row)
+                ready[i] = False
+        if ready.any():
+            yield rows[ready], vectors[ready]
+        released = [first for first in waiting if first in kept]
+        for first in released:
+            late = np.array(waiting.pop(first), dtype=np.int64)
+            yield late, np.repeat(kept[first][None], len(late), axis=0)
+    if waiting:
+        raise RuntimeError(f"same_text_same_vector: {len(waiting)} original row(s) never came")
 
 
 def read_corpus_chunk(source: tuple[str, int, int]) -> list[str]:
@@ -284,7 +336,8 @@ def evaluate_beir(
     then read and encoded ``chunk_size`` passages at a time (default :data:`CORPUS_CHUNK`,
     smaller so that every actor of a pool gets work), each chunk searched and merged into a
     running top-k (:class:`hybridray.evaluate.search.RunningTopK`: the same hits, ties
-    included, as one search of the whole corpus). Only the queries' embeddings and one chunk
+    included, as one search of the whole corpus); a passage whose text repeats an earlier one
+    gets that one's vector (:func:`same_text_same_vector`), so copies tie exactly. Only the queries' embeddings and one chunk
     per worker are held. Returns the report dict: ``per_dataset[name]`` with ``ndcg@10``,
     ``recall@100``, ``mrr@10``, ``n_queries``, ``n_corpus``; ``summary`` with the macro
     average over datasets of the three metrics. Example::
@@ -305,8 +358,8 @@ def evaluate_beir(
         query_emb = encode_texts(model, tokenizer, data.query_texts, prefix=query_prefix, **encode)
         size = chunk_size or chunk_length(len(data.corpus_ids), getattr(model, "workers", 1), CORPUS_CHUNK)
         top = RunningTopK(query_emb, max(CUTOFFS.values()) + 1, len(data.corpus_ids))  # +1: a dropped identical id
-        for rows, vectors in encode_chunks(model, tokenizer, data.chunks(size), read_corpus_chunk,
-                                           prefix=passage_prefix, **encode):
+        chunks = encode_chunks(model, tokenizer, data.chunks(size), read_corpus_chunk, prefix=passage_prefix, **encode)
+        for rows, vectors in same_text_same_vector(chunks, data.duplicate_of):
             top.add(rows, vectors)
         per_dataset[data.name] = score_hits(data, top.result()[1])
     names = [f"{m}@{k}" for m, k in CUTOFFS.items()]

@@ -89,9 +89,13 @@ class EncoderPool:
         self._weights = [ray.put((model.to("cpu"), tokenizer))]  # in a list: Ray Data must not resolve it
 
     def encode_texts(self, texts: Sequence[str], *, prefix: str = "", progress: bool = False, **settings) -> np.ndarray:
-        """As :func:`hybridray.evaluate.encode.encode_texts`, rows in input order."""
+        """As :func:`hybridray.evaluate.encode.encode_texts`, rows in input order; each distinct
+        text is encoded once, in one chunk, so equal texts get bit-identical vectors."""
+        from hybridray.evaluate.encode import distinct
+
         if len(texts) == 0:
             raise ValueError("encode_texts: no texts to encode")
+        texts, where = distinct(texts)
         size = chunk_length(len(texts), self.workers, MAX_CHUNK)
         chunks = [{"first": i, "texts": list(texts[i:i + size])} for i in range(0, len(texts), size)]
         out: Optional[np.ndarray] = None
@@ -99,7 +103,7 @@ class EncoderPool:
             if out is None:
                 out = np.empty((len(texts), vectors.shape[1]), dtype=np.float32)
             out[rows] = vectors
-        return out
+        return out[where]
 
     def encode_chunks(self, chunks: Iterable[tuple[int, object]], reader: Callable, *, prefix: str = "",
                       progress: bool = False, **settings) -> Iterator[tuple[np.ndarray, np.ndarray]]:

@@ -33,16 +33,18 @@ def encode_sharded(model, tokenizer, texts: Sequence[str], *, prefix: str, locks
                    batch_size: int, **encode) -> np.ndarray:
     """``encode_texts`` of ``texts`` with the work split over the process group (collective:
     every rank calls it with the same texts). Returns ``[len(texts), dim]`` on every rank,
-    rows in input order. ``lockstep``: every rank runs the same number of forward passes
+    rows in input order; each distinct text is encoded by one rank once, so equal texts get
+    bit-identical vectors. ``lockstep``: every rank runs the same number of forward passes
     (ZeRO-3). Without a process group (or with one rank) it is ``encode_texts``."""
     import torch
 
     from hybridray.distributed import all_gather_no_grad, rank, world_size
-    from hybridray.evaluate.encode import encode_texts
+    from hybridray.evaluate.encode import distinct, encode_texts
 
     world = world_size()
     if world == 1:
         return encode_texts(model, tokenizer, texts, prefix=prefix, batch_size=batch_size, **encode)
+    texts, where = distinct(texts)  # each distinct text on one rank only: equal texts, equal vectors
     lo, hi = shard_bounds(len(texts), world, rank())
     own = list(texts[lo:hi])
     passes = math.ceil(len(own) / batch_size)
@@ -56,4 +58,4 @@ def encode_sharded(model, tokenizer, texts: Sequence[str], *, prefix: str, locks
         for _ in range(most - passes):
             encode_texts(model, tokenizer, [FILLER], prefix=prefix, batch_size=batch_size, **encode)
     device = next(model.parameters()).device  # NCCL gathers CUDA tensors, gloo CPU ones
-    return all_gather_no_grad(torch.from_numpy(local).to(device)).cpu().numpy()
+    return all_gather_no_grad(torch.from_numpy(local).to(device)).cpu().numpy()[where]
