@@ -5,7 +5,8 @@
   process on the same weights. The shards have different numbers of batches (and under
   ZeRO-3 the rank with fewer runs filler passes), so a lockstep bug hangs or fails here.
   The same through Ray Train is ``test_train.py::test_run_evaluates_before_and_after_and_exports``.
-- ``hybridray eval`` with a pool of 2 Ray Data actors against the single-process path.
+- ``hybridray eval`` with a pool of 2 Ray actors (started once for the suite) against the
+  single-process path.
 - The streaming BEIR path (corpus read and encoded in chunks, running top-k) against the
   in-memory one.
 """
@@ -268,7 +269,7 @@ def test_equal_texts_get_identical_vectors_whatever_the_batch():
 # ----------------------------------------------------------------------------- hybridray eval, 2 actors
 @pytest.mark.ray
 def test_eval_on_two_actors_equals_one_process(ray_session, tmp_path):
-    """A suite (LAReQA + streaming BEIR) encoded by a pool of 2 Ray Data actors scores what one
+    """A suite (LAReQA + streaming BEIR) encoded by one pool of 2 Ray actors scores what one
     process scores; the BEIR corpus chunks are read by the actors."""
     from hybridray.config import EvalSuiteConfig
     from hybridray.evaluate.suite import run_suite
@@ -283,3 +284,63 @@ def test_eval_on_two_actors_equals_one_process(ray_session, tmp_path):
     for task in ("lareqa", "scifact"):
         assert_same_scores(two["tasks"][task], one["tasks"][task])
     assert [row["all"] for row in two["summary"]] == pytest.approx([row["all"] for row in one["summary"]], rel=1e-5)
+
+
+def test_encoding_actors_are_sized_per_node_with_cpu_left_for_the_driver():
+    """An actor lives on one node: shares come from each node's resources, never the cluster's
+    sum, and half a CPU of the driver's node stays free; what cannot be placed is a UserError."""
+    from hybridray.device import encode_actor_resources
+    from hybridray.errors import UserError
+
+    def node(name, cpus, gpus=0, alive=True):
+        return {"NodeID": name, "Alive": alive, "Resources": {"CPU": cpus, **({"GPU": gpus} if gpus else {})}}
+
+    gpu_cluster = [node("head", 64), node("a", 8, 1), node("b", 8, 1)]
+    assert encode_actor_resources(2, gpu_cluster, "head") == {"num_cpus": 8.0, "num_gpus": 1}
+    assert encode_actor_resources(2, gpu_cluster + [node("c", 6, 2)], "head") == {"num_cpus": 3.0, "num_gpus": 1}
+    with pytest.raises(UserError, match="--workers 3: the cluster has 2 GPU"):
+        encode_actor_resources(3, gpu_cluster, "head")
+    # 1 + 3 CPUs: the driver keeps half of its node; both actors fit on the 3-CPU node
+    assert encode_actor_resources(2, [node("head", 1), node("a", 3)], "head") == {"num_cpus": 1.0, "num_gpus": 0}
+    assert encode_actor_resources(2, [node("head", 2)], "head") == {"num_cpus": 0.75, "num_gpus": 0}  # this machine
+    assert encode_actor_resources(1, [node("head", 2)], "head") == {"num_cpus": 1.0, "num_gpus": 0}
+    assert encode_actor_resources(4, [node("head", 4), node("a", 8)], "head") == {"num_cpus": 2.0, "num_gpus": 0}
+    assert encode_actor_resources(2, [node("head", 2), node("gone", 64, alive=False)], "head")["num_cpus"] == 0.75
+    with pytest.raises(UserError, match="--workers 2: the cluster has 0 free CPU"):
+        encode_actor_resources(2, [node("head", 0.5)], "head")
+
+
+@pytest.mark.ray
+def test_one_actor_pool_serves_every_call_and_keeps_input_order(ray_session, monkeypatch):
+    """The pool's actors start once and serve every call (texts, then a streamed corpus), rows
+    come back in input order equal to one process's, repeated texts bit-identical; the actors
+    are gone after the ``with`` block. Actors no node can host are a UserError, not a hang."""
+    import ray
+
+    import hybridray.evaluate.pool as pool_module
+    from hybridray.errors import UserError
+    from hybridray.evaluate.encode import encode_chunks, encode_texts
+    from hybridray.models import load_encoder
+
+    model, tokenizer = load_encoder("builtin:tiny")
+    texts = [f"sentence {i} " + "word " * (i % 17) for i in range(200)] + ["sentence 3 word word word "] * 3
+    settings = dict(pooling="mean", max_length=32, batch_size=8)
+    want = encode_texts(model, tokenizer, texts, prefix="query: ", progress=False, **settings)
+    with pool_module.encoder_for(model, tokenizer, 2) as pool:
+        actors = list(pool.actors)
+        got = encode_texts(pool, tokenizer, texts, prefix="query: ", **settings)
+        np.testing.assert_allclose(got, want, atol=1e-6)
+        np.testing.assert_array_equal(got[200], got[201])
+        chunks = [(first, texts[first:first + 30]) for first in range(0, len(texts), 30)]
+        rows = {}
+        for part, vectors in encode_chunks(pool, tokenizer, chunks, list, prefix="query: ", **settings):
+            rows.update(zip(part.tolist(), vectors))
+        np.testing.assert_allclose(np.stack([rows[i] for i in range(len(texts))]), want, atol=1e-6)
+        assert pool.actors == actors and len(actors) == 2  # the same actors served both calls
+    with pytest.raises(ray.exceptions.RayActorError):
+        ray.get(actors[0].ready.remote(), timeout=30)
+
+    monkeypatch.setattr(pool_module, "START_TIMEOUT_S", 3)
+    monkeypatch.setattr("hybridray.device.encode_actor_resources", lambda *args: {"num_cpus": 64.0, "num_gpus": 0})
+    with pytest.raises(UserError, match="--workers 2: 2 of 2 encoding actors could not be started within 3 s"):
+        pool_module.EncoderPool(model, tokenizer, 2)

@@ -1,21 +1,28 @@
 """``hybridray eval --workers N``: encoding spread over a pool of N Ray actors.
 
-The texts are cut into chunks; a Ray Data ``map_batches`` actor pool (one actor per GPU, or
-an equal share of the CPUs each: :func:`hybridray.device.encode_actor_resources`) encodes one
-chunk per call with the same ``encode_texts`` as one process, and the driver puts each chunk's
-rows back in input order -- sentence-transformers' ``encode_multi_process`` design (chunks to
-a pool of workers, results reassembled by position), with Ray placing the workers across a
-cluster. The weights go to the object store once; each actor loads them once per dataset.
+The texts are cut into chunks; N long-lived Ray actors (one per GPU, or a share of the CPUs
+each: :func:`hybridray.device.encode_actor_resources`) encode one chunk per call with the same
+``encode_texts`` as one process, and the driver puts each chunk's rows back in input order --
+sentence-transformers' ``encode_multi_process`` design (chunks to a pool of workers, results
+reassembled by position), with Ray placing the workers across a cluster. The actors are
+started once per ``hybridray eval`` run (:func:`encoder_for`): each loads the weights from the
+object store once and serves every encoding call of every task (queries, corpora), and is
+killed at the end.
 
 A chunk is either texts (held by the driver anyway) or a byte range of a BEIR
 ``corpus.jsonl`` that the actor reads itself (:func:`hybridray.evaluate.beir.read_corpus_chunk`),
-so a corpus of millions of passages never sits in one process. The file must then be readable
-at the same path on every node that runs an actor (one machine, or a shared filesystem).
+so neither a corpus's texts nor its embeddings sit in one process (the driver holds its ids,
+byte offsets and a 16-byte digest per passage, the queries and their embeddings, the qrels
+and the running top-k). The file must then be readable at the same path on every node that
+runs an actor (one machine, or a shared filesystem). An ``s3://`` BEIR task is downloaded to
+the driver's cache first, so on a cluster of several nodes it needs ``--workers 1`` (or a
+cache directory on a shared filesystem) -- not fixed yet.
 
 One worker never starts Ray: ``hybridray eval`` then encodes in its own process, as before.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Callable, Iterable, Iterator, Optional, Sequence
 
@@ -26,11 +33,8 @@ import numpy as np
 CHUNKS_PER_WORKER = 10
 #: The largest in-memory chunk, in texts.
 MAX_CHUNK = 5000
-
-
-def _python(value):
-    """A numpy scalar of a batch column as the Python value (a string column holds ``str``)."""
-    return value.item() if isinstance(value, np.generic) else value
+#: Seconds for every actor of a pool to be placed and load the model before it is a UserError.
+START_TIMEOUT_S = 300
 
 
 def chunk_length(n: int, workers: int, largest: int) -> int:
@@ -44,7 +48,7 @@ def chunk_length(n: int, workers: int, largest: int) -> int:
 class _EncodeActor:
     """One actor of the pool: the model loaded once, then ``encode_texts`` per chunk."""
 
-    def __init__(self, weights: list, threads: int, reader: Optional[Callable], settings: dict):
+    def __init__(self, weights: list, threads: int):
         import ray
         import torch
 
@@ -55,80 +59,98 @@ class _EncodeActor:
         torch.set_num_threads(threads)
         self.model, self.tokenizer = ray.get(weights[0])
         self.model.to(default_device())
-        self.reader, self.settings = reader, settings
 
-    def __call__(self, batch: dict) -> dict:
+    def ready(self) -> bool:
+        return True
+
+    def encode(self, first: int, source, reader: Optional[Callable], settings: dict) -> tuple[np.ndarray, np.ndarray]:
+        """``(rows, vectors)`` of one chunk: ``source`` is its texts, or what ``reader`` reads them from."""
         from hybridray.evaluate.encode import encode_texts
 
-        rows, vectors = [], []
-        parts = sorted((key for key in batch if key.startswith("source")), key=lambda key: int(key[6:]))
-        for i, first in enumerate(batch["first"]):
-            if self.reader is None:
-                texts = [str(text) for text in batch["texts"][i]]
-            else:
-                texts = self.reader(tuple(_python(batch[key][i]) for key in parts))
-            vectors.append(encode_texts(self.model, self.tokenizer, texts, progress=False, **self.settings))
-            rows.append(np.arange(int(first), int(first) + len(texts)))
-        return {"row": np.concatenate(rows), "embedding": np.concatenate(vectors)}
+        texts = list(source) if reader is None else reader(source)
+        vectors = encode_texts(self.model, self.tokenizer, texts, progress=False, **settings)
+        return np.arange(first, first + len(texts)), vectors
 
 
 class EncoderPool:
-    """``encode_texts`` and ``encode_chunks`` on ``workers`` Ray actors.
+    """``encode_texts`` and ``encode_chunks`` on ``workers`` Ray actors, started here and kept
+    until :meth:`close` (``with encoder_for(...)`` closes it).
 
     Pass it where an evaluator takes the model: ``hybridray.evaluate.encode.encode_texts``
-    hands the work to it. Ray must be initialised (``hybridray.train.init_ray``)."""
+    hands the work to it. Ray must be initialised (``hybridray.train.init_ray``). Actors that
+    cannot all be placed within :data:`START_TIMEOUT_S` are a UserError, not a hang."""
 
     def __init__(self, model, tokenizer, workers: int):
         import ray
 
         from hybridray.device import cpu_threads, encode_actor_resources
+        from hybridray.errors import UserError
 
         self.workers = workers
-        self.resources = encode_actor_resources(workers, ray.cluster_resources())
+        self.resources = encode_actor_resources(workers, ray.nodes(), ray.get_runtime_context().get_node_id())
         self.threads = cpu_threads(self.resources["num_cpus"])
-        self._weights = [ray.put((model.to("cpu"), tokenizer))]  # in a list: Ray Data must not resolve it
+        weights = [ray.put((model.to("cpu"), tokenizer))]  # in a list: the actors fetch it, once each
+        actor = ray.remote(**self.resources)(_EncodeActor)
+        self.actors = [actor.remote(weights, self.threads) for _ in range(workers)]
+        ready, missing = ray.wait([a.ready.remote() for a in self.actors], num_returns=workers,
+                                  timeout=START_TIMEOUT_S)
+        if missing:
+            self.close()
+            raise UserError(f"--workers {workers}: {len(missing)} of {workers} encoding actors could not be started "
+                            f"within {START_TIMEOUT_S} s (each needs {self.resources}); use fewer workers")
+        ray.get(ready)  # an actor that failed to load the model raises here
 
     def encode_texts(self, texts: Sequence[str], *, prefix: str = "", progress: bool = False, **settings) -> np.ndarray:
         """As :func:`hybridray.evaluate.encode.encode_texts`, rows in input order; each distinct
-        text is encoded once, in one chunk, so equal texts get bit-identical vectors."""
+        text is encoded once, in one chunk, so equal texts get bit-identical vectors.
+        ``progress`` is ignored (the actors' bars would interleave)."""
         from hybridray.evaluate.encode import distinct
 
         if len(texts) == 0:
             raise ValueError("encode_texts: no texts to encode")
         texts, where = distinct(texts)
         size = chunk_length(len(texts), self.workers, MAX_CHUNK)
-        chunks = [{"first": i, "texts": list(texts[i:i + size])} for i in range(0, len(texts), size)]
         out: Optional[np.ndarray] = None
+        written = np.zeros(len(texts), dtype=np.int64)
+        chunks = [(i, texts[i:i + size]) for i in range(0, len(texts), size)]
         for rows, vectors in self._run(chunks, None, prefix=prefix, **settings):
             if out is None:
                 out = np.empty((len(texts), vectors.shape[1]), dtype=np.float32)
             out[rows] = vectors
+            written[rows] += 1
+        if not (written == 1).all():
+            raise RuntimeError(f"EncoderPool: {int((written != 1).sum())} of {len(texts)} rows not written exactly once")
         return out[where]
 
     def encode_chunks(self, chunks: Iterable[tuple[int, object]], reader: Callable, *, prefix: str = "",
                       progress: bool = False, **settings) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """``(rows, vectors)`` of each chunk ``(first row, source)``, in any order; the actors
         read ``reader(source)`` themselves."""
-        # a source (path, start, end) travels as columns source0, source1, ...: one type each
-        items = [{"first": first, **{f"source{j}": part for j, part in enumerate(source)}} for first, source in chunks]
-        yield from self._run(items, reader, prefix=prefix, **settings)
+        yield from self._run(list(chunks), reader, prefix=prefix, **settings)
 
-    def _run(self, items: list[dict], reader: Optional[Callable], **settings):
-        import ray.data
+    def _run(self, chunks: list[tuple[int, object]], reader: Optional[Callable], **settings):
+        """Each chunk to the next free actor (one chunk in flight per actor), results as they finish."""
+        from ray.util import ActorPool
 
-        dataset = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-            _EncodeActor, batch_size=1, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=self.workers),
-            fn_constructor_kwargs={"weights": self._weights, "threads": self.threads, "reader": reader,
-                                   "settings": settings},
-            **self.resources,
-        )
-        for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
-            yield batch["row"], np.asarray(batch["embedding"], dtype=np.float32)
+        pool = ActorPool(self.actors)
+        for rows, vectors in pool.map_unordered(
+                lambda actor, chunk: actor.encode.remote(chunk[0], chunk[1], reader, settings), chunks):
+            yield rows, np.asarray(vectors, dtype=np.float32)
+
+    def close(self) -> None:
+        """Kill the actors (their resources go back to the cluster)."""
+        import ray
+
+        for actor in self.actors:
+            ray.kill(actor)
+        self.actors = []
 
 
+@contextlib.contextmanager
 def encoder_for(model, tokenizer, workers: int):
-    """What evaluators encode with: the model itself on this process's device (one worker), or
-    an :class:`EncoderPool` of ``workers`` actors (Ray started here if it is not up yet)."""
+    """What evaluators encode with, for the ``with`` block: the model itself on this process's
+    device (one worker), or an :class:`EncoderPool` of ``workers`` actors (Ray started here if
+    it is not up yet) for every task of the run, its actors killed at the end."""
     from hybridray.errors import UserError
 
     if workers < 1:
@@ -136,10 +158,15 @@ def encoder_for(model, tokenizer, workers: int):
     if workers == 1:
         from hybridray.device import default_device
 
-        return model.to(default_device())
+        yield model.to(default_device())
+        return
     from hybridray.console import quiet_process
     from hybridray.train import init_ray
 
-    quiet_process()  # Ray Data's progress bars and INFO lines off, as in training (--verbose: on)
+    quiet_process()  # Ray's INFO lines off, as in training (--verbose: on)
     init_ray()
-    return EncoderPool(model, tokenizer, workers)
+    pool = EncoderPool(model, tokenizer, workers)
+    try:
+        yield pool
+    finally:
+        pool.close()

@@ -92,7 +92,7 @@ def run_eval(args: argparse.Namespace) -> int:
     ``args.out``, print it."""
     from hybridray.models import POOLING_MODES
 
-    if args.workers < 1:
+    if args.workers < 1:  # before any data is read (encoder_for checks it too, for library callers)
         raise UserError(f"--workers {args.workers}: expected 1 or more")
     if args.pooling is not None and args.pooling not in POOLING_MODES:
         raise UserError(f"--pooling {args.pooling!r}: expected one of {', '.join(POOLING_MODES)}")
@@ -127,7 +127,8 @@ def _run_one(args: argparse.Namespace, overrides: dict) -> int:
     settings = resolve_settings(EvalSuiteConfig(tasks=[task], **DEFAULTS), model_path, overrides,
                                 progress=not args.no_progress)
     model, tokenizer = load_encoder(model_path)
-    report = evaluate_task(encoder_for(model, tokenizer, args.workers), tokenizer, task, data, settings)
+    with encoder_for(model, tokenizer, args.workers) as encoder:
+        report = evaluate_task(encoder, tokenizer, task, data, settings)
     report = {"model": args.model, **report, "data": {**report["data"], "path": task.path}}
     report["timing"].update(total_seconds=time.perf_counter() - started, encode_workers=args.workers)
     print(write_report(report, args.out))

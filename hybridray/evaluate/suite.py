@@ -277,20 +277,20 @@ def run_suite(
     model_path = model_location(model_name)
     settings = resolve_settings(suite, model_path, overrides, progress)
     model, tokenizer = load_encoder(model_path)
-    model = encoder_for(model, tokenizer, workers)
-    reports, rows, panels, seconds, markdown = {}, [], {}, {}, []
-    for task in suite.tasks:
-        task_started = time.perf_counter()
-        report = evaluate_task(model, tokenizer, task, data[task.name], settings, groups)
-        report = {"model": model_name, **report, "data": {**report["data"], "path": task.path}}
-        seconds[task.name] = time.perf_counter() - task_started
-        report["timing"].update(total_seconds=seconds[task.name], encode_workers=workers)
-        reports[task.name] = report
-        rows.extend(summary_rows(task, report, seconds[task.name], groups))
-        low = low_resource_values(task, report, groups)
-        if low:
-            panels[task.name] = low
-        markdown.append(f"---\n\n*Task `{task.name}`*\n\n" + MARKDOWN[task.kind](report))
+    with encoder_for(model, tokenizer, workers) as encoder:  # one actor pool for every task
+        reports, rows, panels, seconds, markdown = {}, [], {}, {}, []
+        for task in suite.tasks:
+            task_started = time.perf_counter()
+            report = evaluate_task(encoder, tokenizer, task, data[task.name], settings, groups)
+            report = {"model": model_name, **report, "data": {**report["data"], "path": task.path}}
+            seconds[task.name] = time.perf_counter() - task_started
+            report["timing"].update(total_seconds=seconds[task.name], encode_workers=workers)
+            reports[task.name] = report
+            rows.extend(summary_rows(task, report, seconds[task.name], groups))
+            low = low_resource_values(task, report, groups)
+            if low:
+                panels[task.name] = low
+            markdown.append(f"---\n\n*Task `{task.name}`*\n\n" + MARKDOWN[task.kind](report))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     chart = plot_low_resource(panels, {t.name: HEADLINE[t.kind] for t in suite.tasks}, out_dir / "low_resource.png")
