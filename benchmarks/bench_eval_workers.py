@@ -154,7 +154,8 @@ def main() -> None:
     row("`hybridray eval --workers 2` (Ray actor pool)", 2, half, seconds, vectors, note)
     with tempfile.TemporaryDirectory() as scratch:
         seconds, vectors = process_group(texts, half, scratch)
-    row("held-out in training (2 gloo ranks, `encode_sharded`)", 2, half, seconds, vectors)
+    row("`encode_sharded`, 2 gloo processes (the code held-out evaluation runs on every rank)", 2, half, seconds, vectors,
+        "no Ray Train, no DeepSpeed: ZeRO-3's filler passes not measured")
     seconds, vectors = one_process(texts, half)
     row("1 process", 1, half, seconds, vectors)
 
