@@ -311,14 +311,16 @@ def test_encoding_actors_are_sized_per_node_with_cpu_left_for_the_driver():
 
 
 @pytest.mark.ray
-def test_one_actor_pool_serves_every_call_and_keeps_input_order(ray_session, monkeypatch):
+def test_one_actor_pool_serves_every_call_and_keeps_input_order(ray_session, monkeypatch, tmp_path):
     """The pool's actors start once and serve every call (texts, then a streamed corpus), rows
     come back in input order equal to one process's, repeated texts bit-identical; the actors
-    are gone after the ``with`` block. Actors no node can host are a UserError, not a hang."""
+    are gone after the ``with`` block. A chunk an actor cannot read, and actors no node can
+    host, are a UserError (one line), not a Ray traceback or a hang."""
     import ray
 
     import hybridray.evaluate.pool as pool_module
     from hybridray.errors import UserError
+    from hybridray.evaluate.beir import read_corpus_chunk
     from hybridray.evaluate.encode import encode_chunks, encode_texts
     from hybridray.models import load_encoder
 
@@ -337,6 +339,9 @@ def test_one_actor_pool_serves_every_call_and_keeps_input_order(ray_session, mon
             rows.update(zip(part.tolist(), vectors))
         np.testing.assert_allclose(np.stack([rows[i] for i in range(len(texts))]), want, atol=1e-6)
         assert pool.actors == actors and len(actors) == 2  # the same actors served both calls
+        gone = [(0, (str(tmp_path / "gone" / "corpus.jsonl"), 0, 10, 10))]
+        with pytest.raises(UserError, match=r"gone/corpus.jsonl: not readable on .*--workers 1$"):
+            list(encode_chunks(pool, tokenizer, gone, read_corpus_chunk, prefix="passage: ", **settings))
     with pytest.raises(ray.exceptions.RayActorError):
         ray.get(actors[0].ready.remote(), timeout=30)
 
@@ -344,3 +349,54 @@ def test_one_actor_pool_serves_every_call_and_keeps_input_order(ray_session, mon
     monkeypatch.setattr("hybridray.device.encode_actor_resources", lambda *args: {"num_cpus": 64.0, "num_gpus": 0})
     with pytest.raises(UserError, match="--workers 2: 2 of 2 encoding actors could not be started within 3 s"):
         pool_module.EncoderPool(model, tokenizer, 2)
+
+
+#: Text lists for encode_sharded on 2 ranks: one text (rank 1 has none), shards of 2 and 1
+#: batches, and copies only (one distinct text: rank 1 has none again).
+SHARD_CASES = [["only one"], ["first text", "second, longer text here", "third"], ["same", "same", "same"],
+               ["a b", "c", "a b", "d e f", "c", "g"]]
+
+
+def _sharded_ranks(rank, port, out):
+    from hybridray.distributed import init_process_group
+    from hybridray.evaluate.sharding import encode_sharded
+    from hybridray.models import load_encoder
+
+    torch.set_num_threads(1)
+    init_process_group(rank, 2, port, "gloo", timeout_s=60)
+    model, tokenizer = load_encoder("builtin:tiny")
+    forwards = [0]
+    model.register_forward_hook(lambda *_: forwards.__setitem__(0, forwards[0] + 1))
+    results = []
+    for texts in SHARD_CASES:
+        forwards[0] = 0
+        vectors = encode_sharded(model, tokenizer, texts, prefix="", lockstep=True, batch_size=1, pooling="mean",
+                                 max_length=16, progress=False)
+        counts = [torch.zeros(1, dtype=torch.int64) for _ in range(2)]
+        dist.all_gather(counts, torch.tensor([forwards[0]]))
+        results.append((vectors, [int(c) for c in counts]))
+    if rank == 0:
+        torch.save(results, out)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def test_encode_sharded_with_an_empty_shard_and_copies_keeps_order_and_lockstep(tmp_path):
+    """encode_sharded on 2 gloo ranks: rows in input order equal to one process's, copies
+    bit-identical, and under lockstep both ranks run the same number of forward passes, also
+    when one rank has no text at all (its filler pass)."""
+    import torch.multiprocessing as mp
+
+    from hybridray.distributed import free_port
+    from hybridray.evaluate.encode import encode_texts
+    from hybridray.models import load_encoder
+
+    out = tmp_path / "sharded.pt"
+    mp.spawn(_sharded_ranks, args=(free_port(), out), nprocs=2, join=True)
+    model, tokenizer = load_encoder("builtin:tiny")
+    for texts, (vectors, forwards) in zip(SHARD_CASES, torch.load(out, weights_only=False)):
+        want = encode_texts(model, tokenizer, texts, batch_size=1, pooling="mean", max_length=16, progress=False)
+        np.testing.assert_allclose(vectors, want, atol=1e-6)
+        for i, text in enumerate(texts):
+            np.testing.assert_array_equal(vectors[i], vectors[texts.index(text)])
+        assert forwards[0] == forwards[1] == max(1, math.ceil(len(set(texts)) / 2)), (texts, forwards)

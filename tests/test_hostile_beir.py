@@ -165,3 +165,21 @@ def record_figures():
     if TALLY.cases:
         record("test_hostile_beir.py::test_beir_loader_reads_exactly_or_names_the_line",
                kind="BEIR loader: corpus, queries, qrels lines", cases=TALLY.cases, outcome=TALLY.summary())
+
+def test_a_corpus_changed_or_gone_after_the_scan_is_a_user_error(tmp_path):
+    """An actor reads its chunk by byte offsets of the scan: a corpus rewritten since, or not
+    there (another machine without a shared filesystem), is one line naming the path."""
+    root = tmp_path / "ds"
+    (root / "qrels").mkdir(parents=True)
+    (root / "corpus.jsonl").write_text('{"_id": "d1", "text": "one"}\n{"_id": "d2", "text": "two"}\n')
+    (root / "queries.jsonl").write_text('{"_id": "q1", "text": "which"}\n')
+    (root / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\nq1\td2\t1\n")
+    scanned = scan_beir(root)
+    [(_, source)] = scanned.chunks(10)
+    assert read_corpus_chunk(source) == ["one", "two"]
+    (root / "corpus.jsonl").write_text('{"_id": "d1", "text": "one, longer"}\n{"_id": "d2", "text": "two"}\n')
+    with pytest.raises(UserError, match=r"corpus.jsonl: changed while it was evaluated \(58 bytes when checked, 66 now\)"):
+        read_corpus_chunk(source)
+    (root / "corpus.jsonl").unlink()
+    with pytest.raises(UserError, match=r"corpus.jsonl: not readable on .*: an encoding actor on another machine"):
+        read_corpus_chunk(source)

@@ -178,10 +178,12 @@ class BeirScan:
     #: row -> the first row with the same text, for every row whose text came earlier
     duplicate_of: dict[int, int] = field(default_factory=dict)
 
-    def chunks(self, size: int) -> list[tuple[int, tuple[str, int, int]]]:
-        """``(first row, (path, start byte, end byte))`` of consecutive runs of ``size`` records."""
+    def chunks(self, size: int) -> list[tuple[int, tuple[str, int, int, int]]]:
+        """``(first row, (path, start byte, end byte, file size when scanned))`` of consecutive
+        runs of ``size`` records."""
         n = len(self.corpus_ids)
-        return [(i, (self.corpus_path, self.offsets[i], self.offsets[min(i + size, n)])) for i in range(0, n, size)]
+        return [(i, (self.corpus_path, self.offsets[i], self.offsets[min(i + size, n)], self.offsets[-1]))
+                for i in range(0, n, size)]
 
 
 def scan_beir(path: str | Path, split: str = "test") -> BeirScan:
@@ -253,10 +255,22 @@ def same_text_same_vector(chunks: Iterable[tuple[np.ndarray, np.ndarray]],
         raise RuntimeError(f"same_text_same_vector: {len(waiting)} original row(s) never came")
 
 
-def read_corpus_chunk(source: tuple[str, int, int]) -> list[str]:
+def read_corpus_chunk(source: tuple[str, int, int, int]) -> list[str]:
     """The texts of the corpus records in bytes ``[start, end)`` of a corpus.jsonl that
-    :func:`scan_beir` checked (so nothing here can be malformed)."""
-    path, start, end = source
+    :func:`scan_beir` checked (so nothing here can be malformed). A file missing here (an
+    actor on another machine) or of another size than when it was scanned is a UserError."""
+    import os
+    import socket
+
+    path, start, end, size = source
+    try:
+        now = os.stat(path).st_size
+    except OSError as exc:
+        raise UserError(f"{path}: not readable on {socket.gethostname()} ({exc.strerror}): an encoding actor on "
+                        f"another machine needs the corpus at the same path (a shared filesystem), "
+                        f"or use --workers 1") from None
+    if now != size:
+        raise UserError(f"{path}: changed while it was evaluated ({size} bytes when checked, {now} now)")
     with open(path, "rb") as f:
         f.seek(start)
         lines = f.read(end - start).split(b"\n")

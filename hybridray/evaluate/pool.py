@@ -132,9 +132,22 @@ class EncoderPool:
         """Each chunk to the next free actor (one chunk in flight per actor), results as they finish."""
         from ray.util import ActorPool
 
+        from ray.exceptions import RayTaskError
+
+        from hybridray.errors import UserError
+
         pool = ActorPool(self.actors)
-        for rows, vectors in pool.map_unordered(
-                lambda actor, chunk: actor.encode.remote(chunk[0], chunk[1], reader, settings), chunks):
+        results = pool.map_unordered(lambda actor, chunk: actor.encode.remote(chunk[0], chunk[1], reader, settings),
+                                     chunks)
+        while True:
+            try:
+                rows, vectors = next(results)
+            except StopIteration:
+                return
+            except RayTaskError as exc:  # a UserError in an actor (a corpus it cannot read): its one line
+                if isinstance(exc.cause, UserError):
+                    raise UserError(str(exc.cause.args[0]) if exc.cause.args else str(exc.cause)) from None
+                raise
             yield rows, np.asarray(vectors, dtype=np.float32)
 
     def close(self) -> None:
