@@ -28,9 +28,10 @@ from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 
-#: Chunks per actor of an in-memory text list (as sentence-transformers: small enough that a
-#: slow actor does not hold up the end, large enough that each call sorts a useful batch).
-CHUNKS_PER_WORKER = 10
+#: Chunks per actor when the texts fit in fewer than MAX_CHUNK-sized chunks: one. Each chunk is
+#: length-sorted and batched on its own, so small chunks pad far more: 3,000 MLQA-R sentences
+#: in chunks of 150 cost each actor twice the CPU of chunks of 1,500 (BENCHMARKS.md).
+CHUNKS_PER_WORKER = 1
 #: The largest in-memory chunk, in texts.
 MAX_CHUNK = 5000
 #: Seconds for every actor of a pool to be placed and load the model before it is a UserError.
