@@ -302,8 +302,9 @@ class RunConfig(_Section):
     max_failures: int = Field(1, ge=-1)
     #: Seconds a collective (torch all-reduce/barrier, Ray Train's report barrier) may wait for
     #: a peer before the run is taken as failed (then retried as run.max_failures allows); above
-    #: the longest held-out evaluation, which the other ranks wait for. A worker that stops
-    #: answering Ray's health check is failed after min(this, 600 s: Ray's default).
+    #: the longest held-out evaluation (a rank's share of the encoding, then rank 0 scoring),
+    #: which the ranks wait for. A worker that stops answering Ray's health check is failed
+    #: after min(this, 600 s: Ray's default).
     hang_timeout_s: int = Field(1800, ge=5)
     #: Seconds an S3 operation that fails transiently (throttled, 5xx, connection refused or
     #: dropped: the endpoint down) is retried before the run fails with one line naming the URI.
