@@ -1,10 +1,10 @@
 """``hybridray tune``: sweep files are validated up front; trials' resources come from the
 cluster; the held-out subset is fixed and self-consistent; and three real Ray Tune sweeps
 (tiny encoder, 2 CPUs): a grid with ASHA where trials are stopped early, its outputs and a
-``best.yaml`` that trains; an Optuna sweep whose driver is killed and resumed by running the
-same command again, without repeating its finished trial.
+``best.yaml`` that is the best trial's run; an Optuna sweep whose driver is killed and resumed by
+running the same command again, without repeating its finished trial.
 
-Each trial is a Ray Train fit (~45 s of fixed overhead here): this file runs 4 + 1 + 2."""
+Each trial is a Ray Train fit (~30 s of fixed overhead here, one worker each): this file runs 4 + 2."""
 from __future__ import annotations
 
 import json
@@ -117,7 +117,7 @@ def test_heldout_subset_is_fixed_and_self_consistent(mlqa_prepared):
     assert subset_lareqa(full, 10**6) is full
 
 
-def sweep_config(tmp_path, mlqa_prepared, **train):
+def sweep_config(tmp_path, mlqa_prepared, workers=2, **train):
     return {
         "name": f"sweep-{uuid.uuid4().hex[:6]}",
         "model": {"name_or_path": "builtin:tiny", "max_query_length": 24, "max_passage_length": 32},
@@ -128,11 +128,12 @@ def sweep_config(tmp_path, mlqa_prepared, **train):
                   "eval_max_queries": 60, "log_every": 1, **train},
         "run": {"storage_path": str(tmp_path / "runs"), "max_failures": 0},
         "eval": {"batch_size": 32, "max_length": 32},
+        "scaling": {"num_workers": workers, "cpus_per_worker": 1.0 / workers},
     }
 
 
 @pytest.mark.ray
-def test_asha_grid_stops_weak_trials_writes_results_and_best_yaml_trains(ray_session, tmp_path, mlqa_prepared,
+def test_asha_grid_stops_weak_trials_writes_results_and_best_yaml_is_the_best_trial(ray_session, tmp_path, mlqa_prepared,
                                                                           capsys):
     """α × lr grid, run in Tune's order (keys sorted by name, the first varies fastest):
     (1e-4, α 0), (0.5, α 0), (1e-4, α 1), (0.5, α 1). lr=0.5 wrecks the encoder, and ASHA
@@ -140,10 +141,12 @@ def test_asha_grid_stops_weak_trials_writes_results_and_best_yaml_trains(ray_ses
     is alone at every rung and runs to the end. Every trial after a stopped one needs the CPUs
     the stopped one held (one trial fills this 2-CPU Ray), so their finishing shows a stopped
     trial frees its resources."""
-    from hybridray.train import run_training
+    from hybridray.runs import run_identity
     from hybridray.tuning import run_sweep
 
-    config = build_config(sweep_config(tmp_path, mlqa_prepared))
+    # one worker of 1 CPU per trial: the same footprint as two of 0.5 (one trial fills this
+    # 2-CPU Ray), one Train worker process fewer to start for each of the four trials
+    config = build_config(sweep_config(tmp_path, mlqa_prepared, workers=1))
     sweep = tmp_path / "sweep.yaml"
     sweep.write_text(yaml.safe_dump({
         "metric": "val_map", "mode": "max",
@@ -184,9 +187,13 @@ def test_asha_grid_stops_weak_trials_writes_results_and_best_yaml_trains(ray_ses
     assert best.name == f"{config.name}-best" and best.optim.lr == 1e-4
     assert best.sampler.alpha == summary["best"]["params"]["sampler.alpha"]
     assert best.train.eval_max_queries == 60 and best.train.max_steps == 6
-    trained = run_training(best)
-    assert trained["metrics"]["step"] == 6 and 0.0 < trained["metrics"]["val_map"] <= 1.0
-    assert (tmp_path / "runs" / best.name / "model").is_dir()
+    # training best.yaml trains what the best trial trained: the same run identity (defining
+    # config values and training data) as the one its final checkpoint recorded
+    trial_dir = directory / "trials" / f"{config.name}-{summary['best']['trial']}"
+    states = sorted(trial_dir.glob("checkpoint_*/trainer_state.json"))
+    assert states, f"no checkpoint in {trial_dir}"
+    recorded = json.loads(states[-1].read_text())["run"]
+    assert run_identity(best).fingerprint == recorded["fingerprint"], run_identity(best).differences(recorded)
 
 
 HYBRIDRAY = [sys.executable, "-m", "hybridray.cli"]
@@ -216,7 +223,7 @@ def test_optuna_sweep_killed_and_resumed_does_not_repeat_finished_trials(tmp_pat
     anything) while its second trial trains; the same command again keeps the first trial as
     it was and finishes the second; a changed base config under the same name is refused."""
     config_path = tmp_path / "config.yaml"
-    config_path.write_text(yaml.safe_dump(sweep_config(tmp_path, mlqa_prepared, max_steps=4)))
+    config_path.write_text(yaml.safe_dump(sweep_config(tmp_path, mlqa_prepared, workers=1, max_steps=4)))
     sweep_path = tmp_path / "sweep.yaml"
     sweep_path.write_text(yaml.safe_dump({
         "metric": "val_map", "mode": "max", "num_samples": 2, "search": {"algorithm": "optuna", "seed": 3},
