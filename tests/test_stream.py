@@ -2,12 +2,14 @@
 stream, the same resume, and never more than two chunks held.
 
 The chunking and the reader thread are checked without Ray first (fake datasets that record
-when they are started); then the real pipeline runs on the session's Ray with chunks of 3
-steps against one chunk for the whole run, from step 0 and resumed inside a window, inside a
-chunk and at a chunk boundary.
+when they are started, what they produce and when they are closed); then the real pipeline
+runs on the session's Ray with chunks of 3 steps (windows of 2 split across chunks) and of 4
+steps (windows of 6) against one chunk for the whole run, from step 0 and resumed inside a
+window, inside a chunk and at a chunk boundary.
 """
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 
@@ -16,6 +18,7 @@ import pytest
 
 from hybridray.data.pipeline import build_train_dataset, iter_worker_batches
 from hybridray.data.sampler import Segment
+from hybridray.data import stream as stream_module
 from hybridray.data.stream import CHUNKS_HELD, StepStream, drained
 from test_pipeline import W, assert_same_tensors, config, data  # noqa: F401  (data: a fixture)
 
@@ -34,23 +37,41 @@ def stream_of(segments, chunk_steps: int, start_step: int = 0, stop_step: int = 
                       materialise=None, tokenise=None, task_cpus=0.25)
 
 
-def test_chunks_are_whole_windows_of_at_least_chunk_steps():
+def cut(stream: StepStream, start_step: int = 0) -> list[list[tuple[int, int, int]]]:
+    """The chunks as (window, lo, hi) per piece."""
+    return [[(p.segment.window, p.lo, p.hi) for p in c] for c in stream.chunks(start_step)]
+
+
+def test_chunks_are_cut_at_steps_not_windows():
+    assert cut(stream_of(windows(5), 3)) == [[(0, 0, 3)], [(0, 3, 5)]]  # a window longer than a chunk
     segs = windows(2, 2, 5, 1, 1, 3)  # steps 0-1, 2-3, 4-8, 9, 10, 11-13
     s = stream_of(segs, 3)
-    assert [[x.window for x in c] for c in s.chunks()] == [[0, 1], [2], [3, 4, 5]]
-    assert [[x.window for x in c] for c in stream_of(segs, 0).chunks()] == [[0, 1, 2, 3, 4, 5]]
-    assert [[x.window for x in c] for c in stream_of(segs, 100).chunks()] == [[0, 1, 2, 3, 4, 5]]
+    assert cut(s) == [[(0, 0, 2), (1, 2, 3)], [(1, 3, 4), (2, 4, 6)], [(2, 6, 9)], [(3, 9, 10), (4, 10, 11), (5, 11, 12)],
+                      [(5, 12, 14)]]
+    assert cut(stream_of(segs, 0)) == cut(stream_of(segs, 100)) == [[(w, s.first_step, s.first_step + s.n_steps)
+                                                                      for w, s in enumerate(segs)]]
     # from step 3 on: window 0 is skipped, window 1 counts one step
-    assert [[x.window for x in c] for c in s.chunks(start_step=3)] == [[1, 2], [3, 4, 5]]
+    assert cut(s, start_step=3) == [[(1, 3, 4), (2, 4, 6)], [(2, 6, 9)], [(3, 9, 10), (4, 10, 11), (5, 11, 12)],
+                                    [(5, 12, 14)]]
     # a stream built for steps [5, 12): window 2 has 4 of its steps, window 5 one
     built = stream_of(segs[2:], 3, start_step=5, stop_step=12)
     assert [built.steps_in(x) for x in built.segments] == [4, 1, 1, 1]
-    assert [[x.window for x in c] for c in built.chunks()] == [[2], [3, 4, 5]]
+    assert cut(built) == [[(2, 5, 8)], [(2, 8, 9), (3, 9, 10), (4, 10, 11)], [(5, 11, 12)]]
     assert built.chunks(start_step=12) == [] and stream_of((), 3).chunks() == []
+    # the bound: no chunk over chunk_steps, whatever the windows
+    big = stream_of(windows(3125, 3125, 17), 2000)
+    assert max(sum(p.n_steps for p in c) for c in big.chunks()) == 2000
+    assert sum(p.n_steps for c in big.chunks() for p in c) == 3125 * 2 + 17
+
+
+def test_a_stream_prints_short():
+    s = stream_of(windows(*[25] * 4000), 2000, stop_step=100_000)
+    assert repr(s) == str(s) == "StepStream(steps 0-100000, 4000 segments, chunks of 2000)"
 
 
 class FakeChunk:
-    """A dataset of ``n`` rows that records when it is started and when it is closed."""
+    """A dataset of ``n`` rows that records when it is started, each row it produces, and when
+    it is closed."""
 
     def __init__(self, k: int, n: int, log: list):
         self.k, self.n, self.log = k, n, log
@@ -59,6 +80,7 @@ class FakeChunk:
         self.log.append(("start", self.k))
         try:
             for i in range(self.n):
+                self.log.append(("row", self.k))
                 yield {"chunk": np.array([self.k]), "i": np.array([i])}
         finally:
             self.log.append(("closed", self.k))
@@ -68,16 +90,48 @@ def makers(log: list, n_chunks: int, rows: int = 5):
     return [lambda k=k: FakeChunk(k, rows, log) for k in range(n_chunks)]
 
 
-def test_the_reader_is_at_most_one_chunk_ahead():
+class RecordedRoom(threading.Semaphore):
+    """The reader's semaphore, logging each time the reader thread waits for room."""
+
     log: list = []
-    seen = []
-    for row in drained(makers(log, 6)):
+
+    def acquire(self, *args, **kwargs):
+        if threading.current_thread().name == "hybridray-drain":
+            self.log.append(("wait", None))
+        return super().acquire(*args, **kwargs)
+
+
+def test_the_reader_waits_with_no_executor_alive_and_holds_two_chunks(monkeypatch):
+    """The two properties the design rests on: the reader blocks only once the chunk it
+    drained is closed (no executor is ever left waiting on the consumer), and at most two
+    chunks of rows are produced and not yet consumed."""
+    log: list = []
+    monkeypatch.setattr(RecordedRoom, "log", log)
+    monkeypatch.setattr(stream_module.threading, "Semaphore", RecordedRoom)
+    n_chunks, rows = 6, 5
+    consumed = 0
+    for row in drained(makers(log, n_chunks, rows)):
         k = int(row["chunk"])
-        started = [c for what, c in log if what == "start"]
-        assert max(started) < k + CHUNKS_HELD, (k, started)  # chunk k and k+1 at most
-        seen.append((k, int(row["i"])))
-    assert seen == [(k, i) for k in range(6) for i in range(5)]
-    assert [c for what, c in log if what == "closed"] == list(range(6))  # each executor ran to its end
+        consumed += 1
+        # let the reader get as far ahead as it may: chunk k+1 drained once chunk k started
+        want = min(n_chunks, k + CHUNKS_HELD) * rows
+        deadline = time.monotonic() + 10
+        while sum(1 for e in list(log) if e[0] == "row") < want and time.monotonic() < deadline:
+            time.sleep(0.001)
+        time.sleep(0.005)
+        produced = sum(1 for e in list(log) if e[0] == "row")
+        assert produced >= want, (k, produced)  # the reader did run ahead
+        assert produced - consumed <= CHUNKS_HELD * rows, (k, produced, consumed)
+    assert consumed == n_chunks * rows
+    waits = [i for i, e in enumerate(log) if e[0] == "wait"]
+    assert len(waits) == n_chunks  # once before each chunk
+    for i in waits:
+        started = {c for what, c in log[:i] if what == "start"}
+        closed = {c for what, c in log[:i] if what == "closed"}
+        assert started == closed, (i, log[:i])
+    for j in range(1, n_chunks):
+        assert log.index(("closed", j - 1)) < log.index(("start", j))
+    assert [c for what, c in log if what == "closed"] == list(range(n_chunks))  # each executor ran to its end
 
 
 def test_a_stopped_consumer_stops_the_reader_waiting_for_room():
@@ -100,6 +154,38 @@ def test_an_error_in_a_chunk_reaches_the_consumer():
     assert [int(r["i"]) for r in (next(rows), next(rows))] == [0, 1]
     with pytest.raises(OSError, match="shard gone"):
         next(rows)
+
+
+class StuckChunk:
+    """A dataset whose first batch does not come until ``release`` is set (a chunk's first
+    window being planned and read)."""
+
+    def __init__(self, release: threading.Event):
+        self.release = release
+
+    def iter_batches(self, **_):
+        self.release.wait(30)
+        yield {"chunk": np.array([1]), "i": np.array([0])}
+
+
+def test_a_reader_that_cannot_stop_does_not_hide_the_consumers_error(monkeypatch, caplog):
+    """Closed by an error, the stream logs that its reader did not stop and lets the error
+    go on; closed by a plain ``close()``, it raises that the reader did not stop."""
+    monkeypatch.setattr(stream_module, "DRAIN_JOIN_TIMEOUT_S", 0.2)
+    release = threading.Event()
+    try:
+        with pytest.raises(ValueError, match="the training step failed"):
+            rows = drained([lambda: FakeChunk(0, 1, []), lambda: StuckChunk(release)])
+            with contextlib.closing(rows):
+                for _ in rows:
+                    raise ValueError("the training step failed")
+        assert "did not stop within 0 s" in caplog.text
+        rows = drained([lambda: FakeChunk(0, 1, []), lambda: StuckChunk(release)])
+        next(rows)
+        with pytest.raises(RuntimeError, match="did not stop within 0 s"):
+            rows.close()
+    finally:
+        release.set()
 
 
 # ----------------------------------------------------------------------------- through Ray
@@ -128,12 +214,12 @@ def runs(ray_session, data):  # noqa: F811
 def test_chunked_stream_gives_the_batches_of_one_stream(runs):
     chunked, _, want = runs
     stream, _ = build_train_dataset(chunked, rejects_path=None)
-    assert [sum(stream.steps_in(s) for s in c) for c in stream.chunks()] == [4, 4, 4, 2]
+    assert [sum(p.n_steps for p in c) for c in stream.chunks()] == [3, 3, 3, 3, 2]  # windows of 2 split
     assert {s["batch_type"] for s in want[0]} == {"mono", "cross"}
     assert_same_steps(collect(stream), want)
 
 
-@pytest.mark.parametrize("start_step", [5, 8])  # inside a window and a chunk; at a chunk boundary
+@pytest.mark.parametrize("start_step", [5, 9])  # inside a window and a chunk; at a chunk boundary inside a window
 def test_chunked_resume_gives_the_tail(runs, start_step):
     chunked, reference, want = runs
     tail = [r[start_step:] for r in want]
@@ -144,8 +230,22 @@ def test_chunked_resume_gives_the_tail(runs, start_step):
 
 def test_worker_side_resume_crosses_a_chunk_boundary(runs):
     """A worker that learns its step from a checkpoint (after the stream was built from step
-    0) skips the chunks before it and crosses into the next chunk after one step."""
+    0) starts its chunks there, in the middle of a window."""
     chunked, _, want = runs
     stream, _ = build_train_dataset(chunked, rejects_path=None)
-    assert [c[0].first_step for c in stream.chunks(start_step=7)] == [6, 10]  # chunk 6-9, then 10-13
+    assert [(c[0].lo, c[-1].hi) for c in stream.chunks(start_step=7)] == [(7, 10), (10, 13), (13, 14)]
     assert_same_steps(collect(stream, 7), [r[7:] for r in want])
+
+
+def test_windows_longer_than_a_chunk_give_the_batches_of_one_stream(data):  # noqa: F811
+    """Windows of 6 steps (all 49 groups) in chunks of 4: every window is split, and chunks
+    span windows and epochs."""
+    big = {"sampler.window_groups": 48, "loss.hard_negatives": 1}
+    chunked, _ = build_train_dataset(config(data, **big, **{"data.stream_chunk_steps": 4}), rejects_path=None)
+    whole, _ = build_train_dataset(config(data, **big, **{"data.stream_chunk_steps": 0}), rejects_path=None)
+    assert [s.n_steps for s in chunked.segments] == [6, 6, 6]
+    assert [[(p.lo, p.hi) for p in c] for c in chunked.chunks()] == [
+        [(0, 4)], [(4, 6), (6, 8)], [(8, 12)], [(12, 14)]]
+    got, want = collect(chunked), collect(whole)
+    assert len(want[0]) == 14 and {s["batch_type"] for s in want[0]} == {"mono", "cross"}
+    assert_same_steps(got, want)

@@ -26,7 +26,9 @@ stage       where                what
 ==========  ===================  ============================================================
 index       Ray Data, per file   validate rows, compact index to the driver (``reader``)
 plan        driver               windows, their step counts, the segments of this run
-materialise Ray Data, per window plan the window (``sampler.plan_window``), read its texts
+materialise Ray Data, per piece  plan the piece's window (``sampler.plan_window``), read the
+                                 texts of the piece's steps (a window split across chunks is
+                                 planned once per piece)
 tokenise    Ray Data, per step   prefixes, truncation, padding to the global batch's longest
 drain       worker               a chunk of steps at a time, one chunk ahead (``stream``)
 slice       worker               this rank's rows, trimmed to its longest, as torch tensors
@@ -269,10 +271,12 @@ def _materialise(
     batch: pa.Table, *, sampler_cfg, seed: int, start_step: int, stop_step: int,
     files: list[list[str]], main_refs, extra_refs, extra_meta: Sequence[ExtraSource], k_negatives: int,
 ) -> Iterator[pa.Table]:
-    """One window (segment): plan it, read the texts of the steps in range, emit step rows."""
+    """One piece of a window (``stream.Piece.row``: a segment and its step range ``[lo, hi)``):
+    plan the whole window, read the texts of the piece's steps, emit their step rows."""
     import ray
 
     for d in batch.to_pylist():
+        lo, hi = d.pop("lo"), d.pop("hi")
         seg = Segment(**d)
         groups = ray.get(main_refs[seg.window])
         extra_groups = [
@@ -282,7 +286,7 @@ def _materialise(
         plans = [
             p for p in sampler.plan_window(groups, sampler_cfg, seed=seed, segment=seg,
                                            extra=extra_meta, extra_groups=extra_groups)
-            if start_step <= p.step < stop_step
+            if max(start_step, lo) <= p.step < min(stop_step, hi)
         ]
         sources = [groups, *extra_groups]
         texts = _read_texts(plans, sources, files, k_negatives)
@@ -431,7 +435,7 @@ def iter_worker_batches(
     stop_step: Optional[int] = None,
 ) -> Iterator[dict[str, Any]]:
     """This worker's slice of every global step from ``start_step`` on, in step order, read
-    from a ``StepStream`` (chunk after chunk, skipping the segments before ``start_step``), a
+    from a ``StepStream`` (chunk after chunk, from the chunk that holds ``start_step``), a
     Ray Data dataset or iterator, or any iterable of step rows.
 
     Yields dicts of torch tensors: ``query_input_ids`` / ``query_attention_mask`` ``[B/W, Lq]``,

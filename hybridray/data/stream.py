@@ -8,11 +8,15 @@ thread drains each stream as fast as Ray produces it, and the executor finishes 
 
 Drained as one dataset, the whole run would pile up in the worker (about 75 KB per global
 step of 32 pairs at 48/96 tokens: 7 GB for 100k steps). So the run is cut into chunks of
-whole segments (planning windows) of about ``data.stream_chunk_steps`` steps, one Ray Data
-dataset each, built inside the worker when its turn comes. The reader thread drains a chunk
-completely (its executor ends), then starts the next one only while the consumer is still
-on the chunk before it: a worker holds at most two chunks of tokenised steps however long
-the run, and no executor is ever left waiting on the consumer.
+exactly ``data.stream_chunk_steps`` steps (the last may be shorter), one Ray Data dataset
+each, built inside the worker when its turn comes. Chunks are cut at step boundaries, not at
+planning windows: a window longer than a chunk is split into pieces, each piece plans the
+whole window again (no tokenising; ``sampler.plan_window`` is a pure function of the window)
+and reads and tokenises only its own steps. The reader thread drains a chunk completely (its
+executor ends), then starts the next one only while the consumer is still on the chunk
+before it: a worker holds at most ``2 * data.stream_chunk_steps`` tokenised steps (plus the
+few rows Ray Data prefetches), whatever ``sampler.window_groups`` and the run's length are,
+and no executor is ever left waiting on the consumer.
 
 Ray Train hands an unsplit dataset to each worker as ``dataset.iterator()``, which executes
 in the worker's own process (``ray.train.DataConfig.configure``); building each chunk's
@@ -22,17 +26,39 @@ Train copied from the driver into every worker.
 from __future__ import annotations
 
 import functools
+import logging
 import queue
+import sys
 import threading
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterable, Iterator
 
 from hybridray.data.sampler import Segment
 
 #: Chunks held at once: the one being consumed and the one drained ahead of it.
 CHUNKS_HELD = 2
-#: How long a stopped consumer waits for the reader thread (one Ray Data batch at most).
+#: How long a stopped consumer waits for the reader thread: one Ray Data batch, which at a
+#: chunk's start can be a whole window planned and its texts read.
 DRAIN_JOIN_TIMEOUT_S = 60.0
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Piece:
+    """The steps ``[lo, hi)`` of one segment (a planning window): a chunk is a run of pieces."""
+
+    segment: Segment
+    lo: int
+    hi: int
+
+    @property
+    def n_steps(self) -> int:
+        return self.hi - self.lo
+
+    def row(self) -> dict[str, int]:
+        """The segment's fields plus its step range: one input row of ``pipeline._materialise``."""
+        return {**asdict(self.segment), "lo": self.lo, "hi": self.hi}
 
 
 @dataclass(frozen=True)
@@ -41,53 +67,64 @@ class StepStream:
     datasets, one per chunk: small and picklable (segments, the stages with the object refs
     of the run's windows), handed to every worker by the driver.
 
-    ``materialise`` turns segment rows into step rows (texts), ``tokenise`` step rows into
-    padded ids (``pipeline._materialise`` / ``pipeline._tokenise`` with their arguments bound).
+    ``materialise`` turns piece rows (``Piece.row``) into step rows (texts), ``tokenise`` step
+    rows into padded ids (``pipeline._materialise`` / ``pipeline._tokenise`` with their
+    arguments bound).
     """
 
-    segments: tuple[Segment, ...]
+    segments: tuple[Segment, ...] = field(repr=False)
     start_step: int
     stop_step: int
-    #: Steps per chunk, whole segments (a chunk is at least one window); 0 = one chunk.
+    #: Steps per chunk (the last chunk may be shorter); 0 = the whole run as one chunk.
     chunk_steps: int
-    materialise: Callable
-    tokenise: Callable
+    materialise: Callable = field(repr=False)
+    tokenise: Callable = field(repr=False)
     task_cpus: float
+
+    def __repr__(self) -> str:  # short: Ray Train may str() the loop config into its run state
+        chunks = f"chunks of {self.chunk_steps}" if self.chunk_steps else "one chunk"
+        return (f"StepStream(steps {self.start_step}-{self.stop_step}, {len(self.segments)} segments, "
+                f"{chunks})")
 
     def steps_in(self, segment: Segment, start_step: int = 0) -> int:
         """How many of ``segment``'s steps this stream yields from ``start_step`` on."""
-        lo = max(segment.first_step, self.start_step, start_step)
-        return max(0, min(segment.first_step + segment.n_steps, self.stop_step) - lo)
+        lo, hi = self._range(segment, start_step)
+        return max(0, hi - lo)
 
-    def chunks(self, start_step: int = 0) -> list[tuple[Segment, ...]]:
-        """The segments with steps at ``start_step`` or later, grouped into chunks of whole
-        segments of at least ``chunk_steps`` steps (the last one may be shorter)."""
-        live = [s for s in self.segments if self.steps_in(s, start_step)]
-        if not self.chunk_steps:
-            return [tuple(live)] if live else []
-        out: list[tuple[Segment, ...]] = []
-        current: list[Segment] = []
+    def _range(self, segment: Segment, start_step: int) -> tuple[int, int]:
+        return (max(segment.first_step, self.start_step, start_step),
+                min(segment.first_step + segment.n_steps, self.stop_step))
+
+    def chunks(self, start_step: int = 0) -> list[tuple[Piece, ...]]:
+        """The steps from ``start_step`` on, cut into chunks of ``chunk_steps`` consecutive
+        steps (the last one may be shorter); a window is split wherever a chunk ends."""
+        out: list[tuple[Piece, ...]] = []
+        current: list[Piece] = []
         n = 0
-        for segment in live:
-            current.append(segment)
-            n += self.steps_in(segment, start_step)
-            if n >= self.chunk_steps:
-                out.append(tuple(current))
-                current, n = [], 0
+        for segment in self.segments:
+            lo, hi = self._range(segment, start_step)
+            while lo < hi:
+                take = hi - lo if not self.chunk_steps else min(hi - lo, self.chunk_steps - n)
+                current.append(Piece(segment, lo, lo + take))
+                n, lo = n + take, lo + take
+                if n == self.chunk_steps:
+                    out.append(tuple(current))
+                    current, n = [], 0
         if current:
             out.append(tuple(current))
         return out
 
-    def dataset(self, chunk: tuple[Segment, ...]):
+    def dataset(self, chunk: tuple[Piece, ...]):
         """The Ray Data dataset of one chunk's steps, in step order."""
         import ray.data
 
         ds = (
-            ray.data.from_items([asdict(s) for s in chunk], override_num_blocks=len(chunk))
+            ray.data.from_items([p.row() for p in chunk], override_num_blocks=len(chunk))
             .map_batches(self.materialise, batch_size=1, batch_format="pyarrow", num_cpus=self.task_cpus)
             .map_batches(self.tokenise, batch_size=1, batch_format="pyarrow", num_cpus=self.task_cpus)
         )
         ds.context.execution_options.preserve_order = True  # this dataset only, not the global context
+        ds.set_name(f"train-steps-{chunk[0].lo}-{chunk[-1].hi}")  # its name in Ray Data's logs and dashboard
         return ds
 
     def chunk_datasets(self, start_step: int = 0) -> list[Callable[[], Any]]:
@@ -152,7 +189,21 @@ def drained(chunks: Iterable[Callable[[], Any]]) -> Iterator[dict[str, Any]]:
         room.release()  # a thread waiting for room wakes up, sees the stop and returns
         thread.join(timeout=DRAIN_JOIN_TIMEOUT_S)
         if thread.is_alive():
-            raise RuntimeError(
-                f"the batch stream's reader thread did not stop within {DRAIN_JOIN_TIMEOUT_S:.0f} s "
-                "of its consumer: it would go on calling into Ray"
-            )
+            message = (f"the batch stream's reader thread did not stop within {DRAIN_JOIN_TIMEOUT_S:.0f} s "
+                       "of its consumer: it would go on calling into Ray")
+            if _closing_on_error():
+                log.error("%s (not raised: the error that stopped the consumer goes on)", message)
+            else:
+                raise RuntimeError(message)
+
+
+def _closing_on_error() -> bool:
+    """Whether this generator is being closed because of an error (not a ``break`` or a normal
+    close): an exception other than ``GeneratorExit`` in the chain being handled. Raising the
+    join failure then would hide the real cause behind it."""
+    exc = sys.exc_info()[1]
+    while exc is not None:
+        if not isinstance(exc, GeneratorExit):
+            return True
+        exc = exc.__context__
+    return False
