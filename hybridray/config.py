@@ -189,8 +189,8 @@ class DataConfig(_Section):
     #: CPUs each Ray Data task of the batch pipeline asks for (fractional: on a 2-core
     #: machine, train workers plus whole-CPU data tasks starve each other).
     task_cpus: float = Field(0.25, gt=0.0)
-    #: Global steps per Ray Data dataset a worker streams at a time (whole planning windows; a
-    #: worker holds at most two such chunks of tokenised steps); 0 = the whole run as one.
+    #: Global steps per Ray Data dataset a worker streams at a time, cut at steps (a window may
+    #: span chunks): a worker holds at most 2x this many tokenised steps; 0 = the run as one.
     stream_chunk_steps: int = Field(2000, ge=0)
 
 

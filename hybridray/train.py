@@ -352,8 +352,9 @@ def build_trainer(
 ):
     """The ``TorchTrainer`` of a run: workers, resources, storage, retention and failures
     from the config; the hybrid-batch stream from ``start_step`` on, given whole to every
-    worker (a ``StepStream`` in the loop config: each worker runs it chunk by chunk); the run's identity (``hybridray.runs.run_identity``, computed if not given) saved
-    with every checkpoint.
+    worker (a ``StepStream`` in the loop config: each worker runs it chunk by chunk); the
+    run's identity (``hybridray.runs.run_identity``, computed if not given) saved with every
+    checkpoint.
 
     ``board`` (``hybridray.console.new_board``) receives rank 0's per-step progress records.
     A worker that makes no progress for ``run.hang_timeout_s`` fails (``hang_timeouts``)."""
