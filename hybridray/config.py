@@ -189,6 +189,9 @@ class DataConfig(_Section):
     #: CPUs each Ray Data task of the batch pipeline asks for (fractional: on a 2-core
     #: machine, train workers plus whole-CPU data tasks starve each other).
     task_cpus: float = Field(0.25, gt=0.0)
+    #: Global steps per Ray Data dataset a worker streams at a time, cut at steps (a window may
+    #: span chunks): a worker holds at most 2x this many tokenised steps; 0 = the run as one.
+    stream_chunk_steps: int = Field(2000, ge=0)
 
 
 class SamplerConfig(_Section):
@@ -514,7 +517,7 @@ OPERATIONAL_KEYS = frozenset({
     "name", "run.storage_path", "run.checkpoints_to_keep", "run.max_failures", "run.hang_timeout_s", "run.storage_retry_s",
     "train.log_every", "train.checkpoint_every", "train.eval_every", "train.eval_before",
     "scaling.cpus_per_worker", "scaling.gpus_per_worker", "scaling.resources_per_worker",
-    "run.s3_endpoint", "data.task_cpus", "data.strict",
+    "run.s3_endpoint", "data.task_cpus", "data.strict", "data.stream_chunk_steps",
     # memory levers: the same computation, laid out differently (the tests compare them)
     "model.activation_checkpointing", "deepspeed.offload_optimizer", "deepspeed.offload_param",
     # a suite of extra evaluations after training: more reports, the same model

@@ -183,7 +183,7 @@ def train_func(loop_config: dict) -> None:
     window_start = time.perf_counter()
     last_step = config.train.max_steps - 1
     batches = iter_worker_batches(
-        ray.train.get_dataset_shard("train"), rank=rank(), world_size=world_size(),
+        loop_config["stream"], rank=rank(), world_size=world_size(),
         start_step=start_step, stop_step=config.train.max_steps,
     )
     upload = upload_checkpoint(config.run.storage_path)
@@ -352,8 +352,9 @@ def build_trainer(
 ):
     """The ``TorchTrainer`` of a run: workers, resources, storage, retention and failures
     from the config; the hybrid-batch stream from ``start_step`` on, given whole to every
-    worker; the run's identity (``hybridray.runs.run_identity``, computed if not given) saved
-    with every checkpoint.
+    worker (a ``StepStream`` in the loop config: each worker runs it chunk by chunk); the
+    run's identity (``hybridray.runs.run_identity``, computed if not given) saved with every
+    checkpoint.
 
     ``board`` (``hybridray.console.new_board``) receives rank 0's per-step progress records.
     A worker that makes no progress for ``run.hang_timeout_s`` fails (``hang_timeouts``)."""
@@ -362,14 +363,14 @@ def build_trainer(
 
     from hybridray import storage
     from hybridray.console import is_verbose, train_logging_config
-    from hybridray.data.pipeline import build_train_dataset, ray_data_config
+    from hybridray.data.pipeline import build_train_dataset
     from hybridray.device import dist_backend
     from hybridray.runs import run_identity
 
     name = run_dir_name or config.name
     identity = identity or run_identity(config)
     rejects = storage.join(config.run.storage_path, name, "rejects.jsonl")
-    dataset, info = build_train_dataset(config, rejects_path=rejects, start_step=start_step)
+    stream, info = build_train_dataset(config, rejects_path=rejects, start_step=start_step)
     # Ray Train reads and writes the run's storage through the same filesystem as hybridray
     # (S3 endpoint, retries); for a local path it is the local filesystem.
     filesystem, storage_path = storage.train_filesystem(config.run.storage_path, config.run.storage_retry_s)
@@ -380,7 +381,7 @@ def build_trainer(
     trainer = TorchTrainer(
         train_func,
         train_loop_config={"config": config.model_dump(), "run": identity.as_dict(),
-                           "board": board, "verbose": is_verbose()},
+                           "board": board, "verbose": is_verbose(), "stream": stream},
         torch_config=TorchConfig(backend=dist_backend("cuda" if scaling.use_gpu else "cpu"),
                                  timeout_s=hang_timeouts(config)),
         scaling_config=ScalingConfig(
@@ -395,8 +396,6 @@ def build_trainer(
             callbacks=callbacks,
             logging_config=train_logging_config(),
         ),
-        datasets={"train": dataset},
-        dataset_config=ray_data_config(),
     )
     return trainer, info
 

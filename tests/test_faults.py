@@ -382,12 +382,14 @@ def test_in_run_faults_a_frozen_worker_storage_down_briefly_a_killed_worker(clus
     retries (``run.storage_retry_s``) with no restart; a worker SIGKILLed after checkpoint 12.
     Each restart is from the last checkpoint Ray Train had registered at the fault (or a later
     one registered before the restart), never an older one. Still every step once with the same
-    pairs, scores and weights."""
+    pairs, scores and weights. The workers stream the run in chunks of 3 steps
+    (``data.stream_chunk_steps``; the reference in one chunk), so every restart resumes a few
+    chunks into the same stream."""
     outage = 6
     uri = f"s3://{s3.bucket}/in-run"
     run_dir = f"{uri}/faulty"
     run = Run(cluster, write_config(tmp_path, mlqa_prepared, small_heldout, uri), "run.max_failures=2",
-              f"run.hang_timeout_s={HANG}", f"run.s3_endpoint={s3.endpoint}", "run.storage_retry_s=30")
+              "data.stream_chunk_steps=3", f"run.hang_timeout_s={HANG}", f"run.s3_endpoint={s3.endpoint}", "run.storage_retry_s=30")
     frozen = killed = None
     try:
         wait_for_checkpoint(run, run_dir, EVERY)
@@ -518,7 +520,8 @@ def killed_driver(cluster, tmp_path_factory, mlqa_prepared, small_heldout):
 def test_the_driver_killed_then_the_same_command_again_resumes_with_the_same_weights(cluster, reference,
                                                                                     killed_driver):
     assert killed_driver["outlived"] == [], f"the killed driver's training processes outlived it"
-    code, console = Run(cluster, killed_driver["config"]).finish()
+    # resumed in chunks of 2 steps (an operational key: the killed run streamed one chunk)
+    code, console = Run(cluster, killed_driver["config"], "data.stream_chunk_steps=2").finish()
     assert code == 0, console[-3000:]
     resumed = re.search(rf"resuming run 'faulty' from step (\d+)/{STEPS}", console)
     assert resumed, console[-3000:]

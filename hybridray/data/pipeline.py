@@ -4,11 +4,13 @@ Lockstep across ranks
 =====================
 
 The pipeline is ONE ordered stream whose rows are whole global steps (``step`` = 0, 1, ...).
-Every worker receives that stream unsplit (``ray_data_config()``: ``datasets_to_split=[]``,
-``preserve_order=True``) and keeps its slice ``[rank*B/W, (rank+1)*B/W)``. So at every step
-all slices come from one global batch (one batch type, one language for mono steps), and
-every worker runs exactly ``train.max_steps - start_step`` steps: no rank can wait for a batch
-that never comes. ``iter_worker_batches`` checks the step numbers it sees are consecutive.
+Every worker runs that stream unsplit -- the driver hands each worker the same small
+``StepStream`` (``data.stream``) and the worker runs it as Ray Data datasets, one per chunk
+of steps, order preserved -- and keeps its slice ``[rank*B/W, (rank+1)*B/W)``. So at every
+step all slices come from one global batch (one batch type, one language for mono steps),
+and every worker runs exactly ``train.max_steps - start_step`` steps: no rank can wait for a
+batch that never comes. ``iter_worker_batches`` checks the step numbers it sees are
+consecutive.
 
 Why not ``streaming_split``: it hands rows to whichever worker asks first, so which worker
 gets which step is not deterministic, and global batches would need W rows each with an
@@ -24,23 +26,24 @@ stage       where                what
 ==========  ===================  ============================================================
 index       Ray Data, per file   validate rows, compact index to the driver (``reader``)
 plan        driver               windows, their step counts, the segments of this run
-materialise Ray Data, per window plan the window (``sampler.plan_window``), read its texts
+materialise Ray Data, per piece  plan the piece's window (``sampler.plan_window``), read the
+                                 texts of the piece's steps (a window split across chunks is
+                                 planned once per piece)
 tokenise    Ray Data, per step   prefixes, truncation, padding to the global batch's longest
+drain       worker               a chunk of steps at a time, one chunk ahead (``stream``)
 slice       worker               this rank's rows, trimmed to its longest, as torch tensors
 ==========  ===================  ============================================================
 
 Resuming at ``start_step`` skips whole windows by their step counts (no planning, no reading)
 and plans -- without tokenising -- only the skipped part of the first window. Pass
 ``start_step`` to ``build_train_dataset`` when the driver knows it (nothing skipped is ever
-tokenised); ``iter_worker_batches(start_step=...)`` also drops earlier steps, so a worker
-that learns its step from a checkpoint after the dataset was built resumes correctly too.
+tokenised); ``iter_worker_batches(start_step=...)`` skips the same way, so a worker that
+learns its step from a checkpoint after the stream was built resumes correctly too.
 """
 from __future__ import annotations
 
 import functools
-import queue
-import threading
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
@@ -48,13 +51,12 @@ import pyarrow as pa
 
 from hybridray.data import hf_source, reader, sampler
 from hybridray.data.sampler import MAIN, NO_GROUP, ExtraSource, Group, Segment
+from hybridray.data.stream import StepStream, drained
 from hybridray.data.tokenize import TokenizerSpec, encode, load_tokenizer, prefixes, tokenizer_spec
 from hybridray.errors import UserError
 
 #: Steps per block out of the materialise stage (small: the stream starts flowing at once).
 _STEPS_PER_BLOCK = 8
-
-_NO_SEGMENT = Segment(epoch=-1, window=-1, ordinal=-1, first_step=0, n_steps=0)
 
 _STEP_SCHEMA = pa.schema(
     [
@@ -109,19 +111,6 @@ class PipelineInfo:
 
 
 # ----------------------------------------------------------------------------- driver side
-def ray_data_config():
-    """The Ray Train ``DataConfig`` this pipeline needs: the stream unsplit, order preserved.
-
-    Ray Train overwrites each dataset's execution options with its DataConfig's, so
-    ``preserve_order`` must be set here, not only on the driver's DataContext.
-    """
-    import ray.train
-
-    options = ray.train.DataConfig.default_ingest_options()
-    options.preserve_order = True
-    return ray.train.DataConfig(datasets_to_split=[], execution_options=options)
-
-
 def _index(path: str, config, strict: bool, hf=None, key: str = "data.hf"):
     kwargs = dict(max_text_chars=config.data.max_text_chars, languages=config.data.languages,
                   strict=strict, task_cpus=config.data.task_cpus)
@@ -150,14 +139,14 @@ def _check_negatives(index: reader.ShardIndex, k: int) -> None:
 
 
 def build_train_dataset(config, *, rejects_path: Optional[str], start_step: int = 0):
-    """``(dataset, PipelineInfo)``: the ordered stream of global steps ``[start_step, max_steps)``.
+    """``(StepStream, PipelineInfo)``: the ordered stream of global steps ``[start_step, max_steps)``.
 
     Runs the index pass now (so bad data fails here, on the driver, with its file:row); the
-    rest runs lazily when workers iterate. Give the dataset to ``TorchTrainer`` with
-    ``dataset_config=ray_data_config()`` and read it with ``iter_worker_batches``.
+    rest runs lazily when workers iterate. Hand the stream to every worker (it is small and
+    picklable; the driver keeps its windows in the object store while it holds it) and read
+    it there with ``iter_worker_batches``.
     """
     import ray
-    import ray.data
 
     cfg, scfg = config, config.sampler
     if not 0 <= start_step <= cfg.train.max_steps:
@@ -209,12 +198,11 @@ def build_train_dataset(config, *, rejects_path: Optional[str], start_step: int 
         ), q_prefix=q_prefix, p_prefix=p_prefix,
         max_query=cfg.model.max_query_length, max_passage=cfg.model.max_passage_length, k_negatives=k,
     )
-    ds = (
-        ray.data.from_items([asdict(s) for s in segs] or [asdict(_NO_SEGMENT)], override_num_blocks=max(1, len(segs)))
-        .map_batches(materialise, batch_size=1, batch_format="pyarrow", num_cpus=cfg.data.task_cpus)
-        .map_batches(tokenise, batch_size=1, batch_format="pyarrow", num_cpus=cfg.data.task_cpus)
+    stream = StepStream(
+        segments=tuple(segs), start_step=start_step, stop_step=cfg.train.max_steps,
+        chunk_steps=cfg.data.stream_chunk_steps, materialise=materialise, tokenise=tokenise,
+        task_cpus=cfg.data.task_cpus,
     )
-    ds.context.execution_options.preserve_order = True  # this dataset only, not the global context
 
     info = PipelineInfo(
         languages=sorted(main.rows_per_language), rows_per_language=main.rows_per_language,
@@ -231,7 +219,7 @@ def build_train_dataset(config, *, rejects_path: Optional[str], start_step: int 
         ],
         notes=notes,
     )
-    return ds, info
+    return stream, info
 
 
 def unused_extra_languages(extra_configs, extras, main_rows: dict[str, int], batch_size: int) -> list[str]:
@@ -283,13 +271,13 @@ def _materialise(
     batch: pa.Table, *, sampler_cfg, seed: int, start_step: int, stop_step: int,
     files: list[list[str]], main_refs, extra_refs, extra_meta: Sequence[ExtraSource], k_negatives: int,
 ) -> Iterator[pa.Table]:
-    """One window (segment): plan it, read the texts of the steps in range, emit step rows."""
+    """One piece of a window (``stream.Piece.row``: a segment and its step range ``[lo, hi)``):
+    plan the whole window, read the texts of the piece's steps, emit their step rows."""
     import ray
 
     for d in batch.to_pylist():
+        lo, hi = d.pop("lo"), d.pop("hi")
         seg = Segment(**d)
-        if seg.n_steps == 0:
-            continue  # the placeholder of an empty run (start_step == max_steps)
         groups = ray.get(main_refs[seg.window])
         extra_groups = [
             ray.get(extra_refs[k][sampler.extra_window_for(m, seg.ordinal, seed, k)[1]])
@@ -298,7 +286,7 @@ def _materialise(
         plans = [
             p for p in sampler.plan_window(groups, sampler_cfg, seed=seed, segment=seg,
                                            extra=extra_meta, extra_groups=extra_groups)
-            if start_step <= p.step < stop_step
+            if max(start_step, lo) <= p.step < min(stop_step, hi)
         ]
         sources = [groups, *extra_groups]
         texts = _read_texts(plans, sources, files, k_negatives)
@@ -428,65 +416,15 @@ def slice_step(row: dict[str, Any], *, rank: int, world_size: int) -> dict[str, 
     return out
 
 
-_END = object()
-#: How long a stopped consumer waits for the reader thread (one Ray Data batch at most).
-_DRAIN_JOIN_TIMEOUT_S = 60.0
-
-
 def _drained(source) -> Iterator[dict[str, Any]]:
-    """Rows of a Ray Data stream, pulled by a background thread as fast as Ray produces them.
-
-    Why: the pipeline is 45-900x faster than training, so a consumer that reads at the
-    training pace keeps Ray Data's streaming executor backpressured, and a backpressured
-    executor with no task in flight busy-loops in its scheduling thread, holding the GIL
-    next to the training thread (measured: a 2-worker e5-small step went from 5 s to 15 s).
-    Draining lets the executor finish and exit. The cost: this worker holds the tokenised
-    stream of the run (about 75 KB per global step of 32 pairs at 48/96 tokens).
-
-    The thread lives exactly as long as the consumer: when the consumer stops early (an error,
-    a ``break``, the generator closed or collected), the thread closes Ray Data's iterator
-    (which shuts its executor down) and is joined before this generator returns. A thread
-    left pulling after its consumer is gone would go on calling into Ray after
-    ``ray.shutdown()``, where it auto-starts a second cluster or trips Ray's own checks and
-    kills the process (seen in the test suite: a process exit with no message).
-    """
-    rows: queue.Queue = queue.Queue()
-    stop = threading.Event()
-
-    def pull() -> None:
-        batches = source.iter_batches(batch_size=1, batch_format="numpy", prefetch_batches=2)
-        try:
-            for batch in batches:
-                if stop.is_set():
-                    return
-                rows.put({k: v[0] for k, v in batch.items()})
-            rows.put(_END)
-        except BaseException as exc:  # handed to the consumer, which re-raises it
-            rows.put(exc)
-        finally:
-            close = getattr(batches, "close", None)
-            if close is not None:
-                close()
-
-    thread = threading.Thread(target=pull, name="hybridray-drain", daemon=True)
-    thread.start()
-    try:
-        while (row := rows.get()) is not _END:
-            if isinstance(row, BaseException):
-                raise row
-            yield row
-    finally:
-        stop.set()
-        thread.join(timeout=_DRAIN_JOIN_TIMEOUT_S)
-        if thread.is_alive():
-            raise RuntimeError(
-                f"the batch stream's reader thread did not stop within {_DRAIN_JOIN_TIMEOUT_S:.0f} s "
-                "of its consumer: it would go on calling into Ray"
-            )
+    """All rows of one Ray Data dataset or DataIterator, drained as one chunk (``stream.drained``)."""
+    return drained([lambda: source])
 
 
-def _step_rows(source) -> Iterator[dict[str, Any]]:
-    if hasattr(source, "iter_batches"):  # ray.data.Dataset or a Ray Train DataIterator
+def _step_rows(source, start_step: int) -> Iterator[dict[str, Any]]:
+    if isinstance(source, StepStream):  # a chunk at a time, from the chunk that holds start_step
+        yield from drained(source.chunk_datasets(start_step))
+    elif hasattr(source, "iter_batches"):  # ray.data.Dataset or a Ray Train DataIterator
         yield from _drained(source)
     else:
         yield from source
@@ -496,7 +434,9 @@ def iter_worker_batches(
     dataset_or_iterable, *, rank: int, world_size: int, start_step: int = 0,
     stop_step: Optional[int] = None,
 ) -> Iterator[dict[str, Any]]:
-    """This worker's slice of every global step from ``start_step`` on, in step order.
+    """This worker's slice of every global step from ``start_step`` on, in step order, read
+    from a ``StepStream`` (chunk after chunk, from the chunk that holds ``start_step``), a
+    Ray Data dataset or iterator, or any iterable of step rows.
 
     Yields dicts of torch tensors: ``query_input_ids`` / ``query_attention_mask`` ``[B/W, Lq]``,
     ``passage_*`` ``[B/W, Lp]``, optional ``negative_*`` ``[B/W*k, Ln]``, ``group_ids`` int64
@@ -507,7 +447,7 @@ def iter_worker_batches(
     stream ends before it (a run must never end short of ``train.max_steps`` as if complete).
     """
     expected = start_step
-    rows = _step_rows(dataset_or_iterable)
+    rows = _step_rows(dataset_or_iterable, start_step)
     try:
         for row in rows:
             step = int(row["step"])
