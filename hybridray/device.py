@@ -55,8 +55,9 @@ def encode_actor_resources(workers: int, nodes: list[dict], driver_node: str = "
     each when the cluster has a GPU for every actor, with the CPUs every GPU node can give per
     GPU; else the largest equal share of CPUs (whole CPUs when one or more: its thread count,
     :func:`cpu_threads`) such that ``workers`` actors fit on the nodes. More actors than
-    GPUs, or than the CPUs can hold, is a UserError naming ``--workers``, never a pool that
-    waits forever for an actor no node can host."""
+    GPUs, or than the cluster has whole CPUs (each actor runs a thread and loads the model), or
+    than the CPUs can hold, is a UserError naming ``--workers``, never a pool that waits
+    forever for an actor no node can host, nor 150 model copies on two cores."""
     from hybridray.errors import UserError
 
     free = []  # (cpus, gpus) of each live node
@@ -72,6 +73,11 @@ def encode_actor_resources(workers: int, nodes: list[dict], driver_node: str = "
     if gpus:
         share = min(c / g for c, g in free if g)
         return {"num_cpus": float(int(share)) if share >= 1 else share, "num_gpus": 1}
+
+    whole = int(sum(float(n.get("Resources", {}).get("CPU", 0)) for n in nodes if n.get("Alive", True)) + 1e-9)
+    if workers > whole:  # each actor runs at least one thread and holds its own copy of the model
+        raise UserError(f"--workers {workers}: the cluster has {whole} CPU(s) and no GPU; each encoding actor "
+                        f"runs at least one thread and loads its own copy of the model: use at most {whole}")
 
     def fits(share: float) -> bool:
         return sum(int(c / share + 1e-9) for c, _ in free) >= workers

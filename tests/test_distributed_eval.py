@@ -85,16 +85,18 @@ def test_heldout_evaluation_on_two_ranks_equals_one_process(tmp_path):
 
     from hybridray.data.tokenize import prefixes
     from hybridray.distributed import free_port
-    from hybridray.evaluate.lareqa import evaluate_lareqa, load_lareqa
+    from hybridray.evaluate.encode import distinct
+    from hybridray.evaluate.lareqa import evaluate_lareqa, lareqa_texts, load_lareqa
     from hybridray.evaluate.sharding import shard_bounds
     from hybridray.models import load_encoder
 
     heldout_dir = small_lareqa(tmp_path / "heldout")
     heldout = load_lareqa(heldout_dir)
     n_questions = sum(len(q) for q in heldout.questions.values())
-    n_candidates = sum(len(c) for c in heldout.sentences.values())
-    batches = [math.ceil((hi - lo) / EVAL["batch_size"]) for lo, hi in (shard_bounds(n_candidates, 2, r) for r in (0, 1))]
-    assert n_questions % 2 and batches[0] > batches[1]  # uneven shards: rank 1 runs a filler pass under ZeRO-3
+    questions, candidates = lareqa_texts(heldout)  # the ranks shard the distinct texts
+    n_distinct = [len(distinct(texts)[0]) for texts in (questions, candidates)]
+    batches = [math.ceil((hi - lo) / EVAL["batch_size"]) for lo, hi in (shard_bounds(n_distinct[1], 2, r) for r in (0, 1))]
+    assert n_distinct[0] % 2 and batches[0] > batches[1]  # uneven shards: rank 1 runs a filler pass under ZeRO-3
     out = tmp_path / "ranks.pt"
     mp.spawn(_ranks, args=(free_port(), heldout_dir, out), nprocs=2, join=True)
     results = torch.load(out)
@@ -306,8 +308,13 @@ def test_encoding_actors_are_sized_per_node_with_cpu_left_for_the_driver():
     assert encode_actor_resources(1, [node("head", 2)], "head") == {"num_cpus": 1.0, "num_gpus": 0}
     assert encode_actor_resources(4, [node("head", 4), node("a", 8)], "head") == {"num_cpus": 2.0, "num_gpus": 0}
     assert encode_actor_resources(2, [node("head", 2), node("gone", 64, alive=False)], "head")["num_cpus"] == 0.75
-    with pytest.raises(UserError, match="--workers 2: the cluster has 0 free CPU"):
+    with pytest.raises(UserError, match="--workers 2: the cluster has 0 CPU"):
         encode_actor_resources(2, [node("head", 0.5)], "head")
+    # more actors than whole CPUs: each would run a thread and hold a model copy on 2 cores
+    with pytest.raises(UserError, match="--workers 3: the cluster has 2 CPU.*use at most 2"):
+        encode_actor_resources(3, [node("head", 2)], "head")
+    with pytest.raises(UserError, match="--workers 150: the cluster has 2 CPU"):
+        encode_actor_resources(150, [node("head", 2)], "head")
 
 
 @pytest.mark.ray

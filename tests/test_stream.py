@@ -237,7 +237,7 @@ def test_worker_side_resume_crosses_a_chunk_boundary(runs):
     assert_same_steps(collect(stream, 7), [r[7:] for r in want])
 
 
-def test_windows_longer_than_a_chunk_give_the_batches_of_one_stream(data):  # noqa: F811
+def test_windows_longer_than_a_chunk_give_the_batches_of_one_stream(ray_session, data):  # noqa: F811
     """Windows of 6 steps (all 49 groups) in chunks of 4: every window is split, and chunks
     span windows and epochs."""
     big = {"sampler.window_groups": 48, "loss.hard_negatives": 1}

@@ -4,7 +4,8 @@ cluster; the held-out subset is fixed and self-consistent; and three real Ray Tu
 ``best.yaml`` that is the best trial's run; an Optuna sweep whose driver is killed and resumed by
 running the same command again, without repeating its finished trial.
 
-Each trial is a Ray Train fit (~30 s of fixed overhead here, one worker each): this file runs 4 + 2."""
+Each trial is a Ray Train fit (~30-40 s of fixed overhead here): this file runs 4 trials of one
+worker (ASHA) and 2 of two workers (Optuna: the held-out evaluation sharded across a trial's workers)."""
 from __future__ import annotations
 
 import json
@@ -141,7 +142,7 @@ def test_asha_grid_stops_weak_trials_writes_results_and_best_yaml_is_the_best_tr
     is alone at every rung and runs to the end. Every trial after a stopped one needs the CPUs
     the stopped one held (one trial fills this 2-CPU Ray), so their finishing shows a stopped
     trial frees its resources."""
-    from hybridray.runs import run_identity
+    from hybridray.runs import plan_run, run_dir, run_identity
     from hybridray.tuning import run_sweep
 
     # one worker of 1 CPU per trial: the same footprint as two of 0.5 (one trial fills this
@@ -162,6 +163,8 @@ def test_asha_grid_stops_weak_trials_writes_results_and_best_yaml_is_the_best_tr
     assert rows[0]["steps"] == 6 and not rows[0]["stopped_early"]  # the first trial is alone at every rung
     assert summary["stopped_early"] == sum(r["steps"] < 6 for r in rows) >= 2
     assert summary["best"]["params"]["optim.lr"] == 1e-4 and summary["best"]["steps"] == 6
+    complete = [r for r in rows if r["status"] == "complete"]  # the best is the highest final val_map of those
+    assert summary["best"]["trial"] == max(complete, key=lambda r: r["final"])["trial"]
     for r in rows:
         assert 0.0 < r["final"] <= 1.0 and r["best"] >= r["final"] and r["wall_s"] > 0
         assert r["val_map_mono"] is not None and r["val_rank_distance"] is not None
@@ -194,6 +197,9 @@ def test_asha_grid_stops_weak_trials_writes_results_and_best_yaml_is_the_best_tr
     assert states, f"no checkpoint in {trial_dir}"
     recorded = json.loads(states[-1].read_text())["run"]
     assert run_identity(best).fingerprint == recorded["fingerprint"], run_identity(best).differences(recorded)
+    plan = plan_run(best, run_identity(best), overwrite=False)  # what `hybridray train best.yaml` does first:
+    assert plan.start_step == 0 and not plan.complete  # a new run of its own, not a trial's directory
+    assert run_dir(best) == str(tmp_path / "runs" / best.name)
 
 
 HYBRIDRAY = [sys.executable, "-m", "hybridray.cli"]
@@ -223,7 +229,7 @@ def test_optuna_sweep_killed_and_resumed_does_not_repeat_finished_trials(tmp_pat
     anything) while its second trial trains; the same command again keeps the first trial as
     it was and finishes the second; a changed base config under the same name is refused."""
     config_path = tmp_path / "config.yaml"
-    config_path.write_text(yaml.safe_dump(sweep_config(tmp_path, mlqa_prepared, workers=1, max_steps=4)))
+    config_path.write_text(yaml.safe_dump(sweep_config(tmp_path, mlqa_prepared, max_steps=4))  # 2 workers: the sharded held-out val_map Tune decides on)
     sweep_path = tmp_path / "sweep.yaml"
     sweep_path.write_text(yaml.safe_dump({
         "metric": "val_map", "mode": "max", "num_samples": 2, "search": {"algorithm": "optuna", "seed": 3},

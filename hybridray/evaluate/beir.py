@@ -204,7 +204,7 @@ def scan_beir(path: str | Path, split: str = "test") -> BeirScan:
     if not qrels:
         raise UserError(f"{path}: no query of queries.jsonl has a relevant document in qrels/{split}.tsv")
     query_ids = sorted(qrels)
-    return BeirScan(name=path.name, corpus_path=str(path / "corpus.jsonl"), corpus_ids=corpus_ids, offsets=offsets,
+    return BeirScan(name=path.name, corpus_path=str((path / "corpus.jsonl").resolve()), corpus_ids=corpus_ids, offsets=offsets,
                     query_ids=query_ids, query_texts=[queries[q][1]["text"] for q in query_ids], qrels=qrels,
                     duplicate_of=duplicate_of)
 
