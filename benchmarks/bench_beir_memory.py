@@ -68,6 +68,23 @@ print(json.dumps({{"held": held, "peak": peak, "ids": ids, "offsets": offsets, "
 """
 
 
+#: A child that reads one corpus chunk and tokenises it as ``encode_texts`` does (all at once).
+CHUNK = """
+import json, psutil
+from hybridray.evaluate.beir import CORPUS_CHUNK, read_corpus_chunk, scan_beir
+from hybridray.models import load_encoder
+model, tokenizer = load_encoder({model!r})
+source = scan_beir({path!r}).chunks(CORPUS_CHUNK)[0][1]
+rss = psutil.Process().memory_info
+before = rss().rss
+texts = read_corpus_chunk(source)
+read = rss().rss
+features = tokenizer(texts, truncation=True, max_length=min(256, tokenizer.model_max_length))
+print(json.dumps({{"n": len(texts), "texts": read - before, "tokenised": rss().rss - read,
+                  "tokens": sum(map(len, features["input_ids"])) / len(texts)}}))
+"""
+
+
 def words(rng: np.random.Generator, n: int) -> list[str]:
     """``n`` distinct pronounceable words of 2-4 syllables."""
     syllables = [c + v for c in "bdfgklmnprstvz" for v in "aeiou"]
@@ -87,7 +104,7 @@ def write_dataset(directory: Path, n: int, n_queries: int, seed: int = 0) -> dic
     lengths = rng.integers(20, 41, size=n)
     picks = rng.integers(0, len(vocab), size=int(lengths.sum()))
     titled = rng.random(n) < 0.3
-    relevant = rng.choice(n, size=(n_queries, 3), replace=False if n >= 3 * n_queries else True)
+    relevant = rng.choice(n, size=(n_queries, 3), replace=n < 3 * n_queries)
     wanted = {int(d) for d in relevant.ravel()}
     texts: dict[int, str] = {}
     with (directory / "corpus.jsonl").open("w", encoding="utf-8") as f:
@@ -158,7 +175,7 @@ def timeline(samples: list[tuple[float, int]], points: int = 10) -> list[int]:
 
 
 def child_json(code: str, env: dict) -> dict:
-    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    run = subprocess.run([sys.executable, "-c", code], check=False, env=env, capture_output=True, text=True)
     if run.returncode != 0:
         raise SystemExit(f"child failed:\n{run.stderr[-3000:]}")
     return json.loads(run.stdout.strip().splitlines()[-1])
@@ -182,6 +199,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1,
                         help="OMP_NUM_THREADS of the children (default 1: the other core stays free on a shared "
                              "2-core machine; memory does not depend on it)")
+    parser.add_argument("--no-eval", action="store_true",
+                        help="only the two checks on the largest size (scan_beir's holdings, one chunk tokenised)")
     parser.add_argument("--out", default=None, help="also write the markdown table here")
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
@@ -196,7 +215,7 @@ def main() -> None:
     baseline = child_json(BASELINE.format(model=MODEL), env)["rss"]
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench_beir_memory_") as tmp:
-        for n in sizes:
+        for n in [] if args.no_eval else sizes:
             data = Path(tmp) / f"synthetic-{n}"
             started = time.perf_counter()
             written = write_dataset(data, n, args.queries)
@@ -212,47 +231,56 @@ def main() -> None:
                          "ndcg": metrics["ndcg@10"], "n_queries": metrics["n_queries"]})
             print(f"N={n}: peak {run['peak_kernel'] / MB:.0f} MB (sampled {run['peak_sampled'] / MB:.0f}), "
                   f"{run['seconds']:.1f} s", flush=True)
-        scan = child_json(SCAN.format(path=str(Path(tmp) / f"synthetic-{sizes[-1]}")), env)
-    print(table(rows, baseline, scan, sizes[-1], args))
+        largest = str(Path(tmp) / f"synthetic-{sizes[-1]}")
+        if not rows:  # --no-eval: the dataset for the two checks below
+            write_dataset(Path(largest), sizes[-1], args.queries)
+        scan = child_json(SCAN.format(path=largest), env)
+        chunk = child_json(CHUNK.format(model=MODEL, path=largest), env)
+    text = table(rows, baseline, scan, chunk, sizes[-1], args)
+    print(text)
     if args.out:
-        Path(args.out).write_text(table(rows, baseline, scan, sizes[-1], args) + "\n", encoding="utf-8")
+        Path(args.out).write_text(text + "\n", encoding="utf-8")
 
 
-def table(rows: list[dict], baseline: int, scan: dict, n_scan: int, args) -> str:
+def table(rows: list[dict], baseline: int, scan: dict, chunk: dict, n_scan: int, args) -> str:
     dim = 64  # builtin:tiny's hidden size
-    lines = [f"Machine: {machine()}. Date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC. "
-             f"Children at OMP_NUM_THREADS={args.threads}.",
-             f"Baseline (modules imported, `{MODEL}` loaded, no data): {baseline / MB:.0f} MB RSS.", "",
-             "| passages | corpus.jsonl | chunk | queries | peak RSS (kernel) | peak RSS (sampled 0.2 s) "
-             "| peak above baseline | texts + embeddings of the corpus, for scale | wall s | CPU s |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [(f"Machine: {machine()}. Date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC. "
+             f"Children at OMP_NUM_THREADS={args.threads}."),
+             f"Baseline (modules imported, `{MODEL}` loaded, no data): {baseline / MB:.0f} MB RSS."]
+    if rows:
+        lines += ["", ("| passages | corpus.jsonl | chunk | queries | peak RSS (kernel) | peak RSS (sampled 0.2 s) "
+             "| peak above baseline | texts + embeddings of the corpus, for scale | wall s | CPU s |"),
+                  "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         above = r["peak_kernel"] - baseline
         whole = r["corpus_bytes"] + r["n"] * dim * 4
         lines.append(f"| {r['n']:,} | {r['corpus_bytes'] / MB:.0f} MB | {r['chunk']:,} | {r['n_queries']} "
                      f"| {r['peak_kernel'] / MB:.0f} MB | {r['peak_sampled'] / MB:.0f} MB | {above / MB:.0f} MB "
                      f"| ≥ {whole / MB:.0f} MB | {r['seconds']:.1f} | {r['cpu_seconds']:.1f} |")
-    lines += [""] + [f"RSS at each tenth of the run, {r['n']:,} passages (MB): "
+    lines += [""] * bool(rows) + [f"RSS at each tenth of the run, {r['n']:,} passages (MB): "
                      + " ".join(f"{x / MB:.0f}" for x in r["timeline"]) for r in rows]
     if len(rows) > 1:
         a, b = rows[-2], rows[-1]  # both past one chunk: the difference is what grows per passage
         growth = (b["peak_kernel"] - a["peak_kernel"]) / (b["n"] - a["n"])
-        lines += ["", f"Peak growth from {a['n']:,} to {b['n']:,} passages: "
+        lines += ["", (f"Peak growth from {a['n']:,} to {b['n']:,} passages: "
                       f"{(b['peak_kernel'] - a['peak_kernel']) / MB:.0f} MB, {growth:.0f} bytes per passage "
                       f"(corpus.jsonl: {b['corpus_bytes'] / b['n']:.0f} bytes per passage; its embeddings at "
-                      f"dim {dim}: {dim * 4} bytes, at dim 384 (e5-small): {384 * 4} bytes)."]
+                      f"dim {dim}: {dim * 4} bytes, at dim 384 (e5-small): {384 * 4} bytes).")]
     n = n_scan
-    lines += ["", f"`scan_beir` alone on {n:,} passages (tracemalloc, Python heap): held after the scan "
+    lines += ["", (f"`scan_beir` alone on {n:,} passages (tracemalloc, Python heap): held after the scan "
                   f"{scan['held'] / MB:.1f} MB ({scan['held'] / n:.0f} B/passage), peak during it "
                   f"{scan['peak'] / MB:.1f} MB ({scan['peak'] / n:.0f} B/passage); of what it holds: ids "
                   f"{scan['ids'] / n:.0f} B/passage (list + str objects), byte offsets {scan['offsets'] / n:.0f} "
                   f"B/passage (list + int objects), duplicates map {scan['duplicates']} B "
-                  f"({scan['n_duplicates']} repeated texts), {scan['n_queries']} queries with their qrels.",
-              "", f"nDCG@10 of the random `{MODEL}` (meaningless, a check that the run scored): "
-                  + ", ".join(f"{r['ndcg']:.4f}" for r in rows) + ".",
+                  f"({scan['n_duplicates']} repeated texts), {scan['n_queries']} queries with their qrels."),
+              "", (f"One chunk of {chunk['n']:,} passages read ({chunk['texts'] / MB:.0f} MB of RSS for its texts) and "
+                  f"tokenised at once as `encode_texts` does ({chunk['tokens']:.1f} tokens a passage): "
+                  f"+{chunk['tokenised'] / MB:.0f} MB RSS ({chunk['tokenised'] / chunk['n'] / 1024:.1f} KiB a passage)."),
+              *(["", f"nDCG@10 of the random `{MODEL}` (meaningless, a check that the run scored): "
+                  + ", ".join(f"{r['ndcg']:.4f}" for r in rows) + "."] if rows else []),
               "", "```bash",
               f"flock /tmp/hybridray-heavy.lock env PYTHONPATH=$PWD .venv/bin/python benchmarks/bench_beir_memory.py "
-              f"--sizes {args.sizes} --queries {args.queries} --threads {args.threads}",
+              f"--sizes {args.sizes} --queries {args.queries} --threads {args.threads}" + (" --no-eval" if args.no_eval else ""),
               "```"]
     return "\n".join(lines)
 
