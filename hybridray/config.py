@@ -123,6 +123,10 @@ class ModelConfig(_Section):
     activation_checkpointing: bool = False
     #: LoRA adapters (``{r, alpha, dropout, target_modules}``); None = train the full model.
     lora: Optional[LoraSection] = None
+    #: Training forward in this many chunks of similar length per side (texts sorted by length,
+    #: each chunk padded only to its own longest): less padding, the same loss (embeddings go
+    #: back in pair order); only float rounding and dropout masks differ. 1 = one forward.
+    length_buckets: int = Field(1, ge=1, le=64)
 
 
 class HFSourceConfig(_Section):

@@ -121,6 +121,61 @@ def test_param_groups_skip_frozen_and_decay_only_matrices():
     assert decayed | spared == trainable
 
 
+def tiny_decoder():
+    from transformers import MistralConfig, MistralModel
+
+    torch.manual_seed(0)
+    model = MistralModel(MistralConfig(
+        vocab_size=1000, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, attention_dropout=0.0,
+    ))
+    model.config.use_cache = False
+    return model
+
+
+@pytest.mark.parametrize("padding_side", ["right", "left"])
+def test_length_buckets_keep_the_loss_and_gradients(padding_side):
+    """Chunks of similar length (``model.length_buckets``) give every text the embedding the
+    whole batch gives it: the same loss and gradients, with fewer padded tokens encoded.
+    Left padding is the decoder recipe's (positions counted from each row's first token)."""
+    from hybridray.engine import length_chunks
+
+    gen = torch.Generator().manual_seed(3)
+    inputs = batch(3, rows=PAIRS)
+    for side, width in (("query", 6), ("passage", 10)):
+        lengths = torch.randint(2, width + 1, (PAIRS,), generator=gen)
+        lengths[0] = width  # someone uses the full width
+        cols = torch.arange(width)
+        mask = cols[None] < lengths[:, None] if padding_side == "right" else cols[None] >= width - lengths[:, None]
+        inputs[f"{side}_attention_mask"] = mask.long()
+        inputs[f"{side}_input_ids"] = inputs[f"{side}_input_ids"].masked_fill(~mask, 0)
+
+    mask = inputs["passage_attention_mask"]
+    order, chunks = length_chunks(mask, 3)
+    assert sorted(torch.cat([rows for rows, _ in chunks]).tolist()) == list(range(PAIRS))
+    assert len(chunks) == 3 and (mask.sum(1)[order].diff() >= 0).all()
+    for rows, cols in chunks:  # each chunk exactly as wide as its longest row, no real token cut
+        assert cols.stop - cols.start == int(mask[rows].sum(1).max())
+        assert mask[rows][:, cols].sum() == mask[rows].sum()
+    assert sum(len(rows) * (cols.stop - cols.start) for rows, cols in chunks) < mask.numel()
+    assert len(length_chunks(mask, 64)[1]) == PAIRS  # never more chunks than rows
+
+    results = []
+    for buckets in (1, 3):
+        encoder = DualEncoder(tiny_bert()) if padding_side == "right" else DualEncoder(tiny_decoder(), "last")
+        model = TrainingModel(encoder, InfoNCELoss(0.05), length_buckets=buckets)
+        loss = model(**inputs)
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+    (loss1, grads1), (loss3, grads3) = results
+    torch.testing.assert_close(loss3, loss1, rtol=1e-5, atol=1e-6)
+    assert grads1.keys() == grads3.keys() and grads1
+    for name in grads1:
+        torch.testing.assert_close(grads3[name], grads1[name], rtol=1e-4, atol=1e-6, msg=name)
+    assert config(model={"length_buckets": 4}).model.length_buckets == 4
+    assert TrainingModel.from_config(config(model={"length_buckets": 4}), tiny_bert()).length_buckets == 4
+
+
 # ----------------------------------------------------------------------------- engines
 def _train(stage, engine, local):
     """``STEPS`` steps on one fixed batch: losses, LRs used, and the word-embedding table and
