@@ -173,6 +173,8 @@ def test_length_buckets_keep_the_loss_and_gradients(padding_side):
     for name in grads1:
         torch.testing.assert_close(grads3[name], grads1[name], rtol=1e-4, atol=1e-6, msg=name)
     assert config(model={"length_buckets": 4}).model.length_buckets == 4
+    with pytest.raises(UserError, match="model.length_buckets"):
+        config(model={"length_buckets": 0})
     assert TrainingModel.from_config(config(model={"length_buckets": 4}), tiny_bert()).length_buckets == 4
 
 
