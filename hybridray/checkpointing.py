@@ -127,10 +127,12 @@ def upload_checkpoint(storage_uri: str):
     return upload
 
 
-def checkpoint_problem(uri: str) -> Optional[str]:
+def checkpoint_problem(uri: str, *, checksums: bool = True) -> Optional[str]:
     """Why the checkpoint at ``uri`` (local or ``s3://``) cannot be trusted, or None when every
     rank's seal is there and every file it lists has its size and checksum. A checkpoint
-    written before seals existed (no ``world_size`` in its trainer state) is taken as it is."""
+    written before seals existed (no ``world_size`` in its trainer state) is taken as it is.
+    ``checksums=False`` checks the seals and the sizes only (a listing, no download): enough to
+    name where a failed run stands; a resume checks the checksums as well."""
     from hybridray import storage
 
     text = storage.read_text(storage.join(uri, STATE_FILE))
@@ -138,9 +140,13 @@ def checkpoint_problem(uri: str) -> Optional[str]:
         return f"no {STATE_FILE}"
     try:
         state = json.loads(text)
-        ranks = int(state["world_size"]) if "world_size" in state else None
-    except (ValueError, TypeError, KeyError):
+    except ValueError:
         return f"{STATE_FILE} is not valid JSON"
+    if not isinstance(state, dict):
+        return f"{STATE_FILE} is not a JSON object"
+    ranks = state.get("world_size")
+    if ranks is not None and type(ranks) is not int:
+        return f"{STATE_FILE} has no whole-number world_size ({ranks!r:.40})"
     if ranks is None:
         return None
     if ranks < 1:
@@ -158,12 +164,12 @@ def checkpoint_problem(uri: str) -> Optional[str]:
             return f"{SEAL_PREFIX}{r}.json is unreadable ({unreadable})"
         for name, (size, digest) in sorted(listed.items()):
             file_uri = storage.join(uri, name)
-            found = storage.file_sha256(file_uri)
+            found = storage.file_sha256(file_uri) if checksums else storage.file_size(file_uri)
             if found is None:
                 return f"{name} is missing"
             if found[0] != size:
                 return f"{name} has {found[0]} bytes, {size} were written (truncated?)"
-            if found[1] != digest:
+            if checksums and found[1] != digest:
                 return f"{name} does not match its checksum (corrupted)"
     return None
 

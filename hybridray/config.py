@@ -300,12 +300,15 @@ class RunConfig(_Section):
     #: None = ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL`` or AWS itself. Never credentials:
     #: those come from the environment or the node's role only.
     s3_endpoint: Optional[str] = None
+    #: How many checkpoints Ray Train keeps. 1 gives up the fallback: a damaged latest checkpoint
+    #: then has no intact one before it to resume from (see RELIABILITY.md).
     checkpoints_to_keep: int = Field(2, ge=1)
     max_failures: int = Field(1, ge=-1)
     #: Seconds a collective (torch all-reduce/barrier, Ray Train's report barrier) may wait for
     #: a peer before the run is taken as failed (then retried as run.max_failures allows); above
-    #: the longest held-out evaluation, which the other ranks wait for. A worker that stops
-    #: answering Ray's health check is failed after min(this, 600 s: Ray's default).
+    #: the longest held-out evaluation (a rank's share of the encoding, then rank 0 scoring),
+    #: which the ranks wait for. A worker that stops answering Ray's health check is failed
+    #: after min(this, 600 s: Ray's default).
     hang_timeout_s: int = Field(1800, ge=5)
     #: Seconds an S3 operation that fails transiently (throttled, 5xx, connection refused or
     #: dropped: the endpoint down) is retried before the run fails with one line naming the URI.
@@ -451,6 +454,10 @@ def load_suite(path: str | Path) -> EvalSuiteConfig:
         raise UserError(f"{path}: {_describe(exc)}") from None
 
 
+#: The longest run ``name`` (a sweep's trials add ``-<trial id>`` to it: see ``tuning.load_sweep``).
+NAME_MAX_CHARS = 128
+
+
 class Config(_Section):
     """A whole run: see ``configs/local.yaml`` for a documented example."""
 
@@ -472,7 +479,7 @@ class Config(_Section):
     @field_validator("name")
     @classmethod
     def _one_path_part(cls, value: str) -> str:
-        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", value):
+        if not re.fullmatch(rf"[A-Za-z0-9][A-Za-z0-9._-]{{0,{NAME_MAX_CHARS - 1}}}", value):
             raise ValueError(
                 f"{value!r} is not a plain directory name (letters, digits, '.', '_', '-'; no '/' "
                 "and no leading '.'): a run's name must not point outside run.storage_path"
@@ -569,7 +576,9 @@ def parse_override(text: str) -> tuple[str, Any]:
     if not sep or not key or not all(key.split(".")):
         raise UserError(f"override {text!r}: expected KEY=VALUE, e.g. sampler.alpha=0.5")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = yaml.load(raw, Loader=_UniqueKeyLoader) if raw.strip() else ""
+    except _RepeatedKey as exc:
+        raise UserError(f"{key}: {exc.args[0].removeprefix('line 1: ')}") from None
     except yaml.YAMLError as exc:
         problem = getattr(exc, "problem", None) or str(exc)
         raise UserError(f"{key}: cannot parse value {raw!r}: {' '.join(str(problem).split())}") from None

@@ -42,3 +42,45 @@ def cpu_threads(cpus_per_worker: float) -> int:
     step runs about 3x slower than it should.
     """
     return max(1, int(cpus_per_worker))
+
+
+#: CPUs of the driver's node left to the driver (Ray Data reads, the running top-k merges).
+DRIVER_CPUS = 0.5
+
+
+def encode_actor_resources(workers: int, nodes: list[dict], driver_node: str = "") -> dict:
+    """Ray resources of one actor of an encoding pool of ``workers`` (``hybridray eval
+    --workers``), sized per node (``ray.nodes()``; an actor lives on one node), with
+    :data:`DRIVER_CPUS` of the driver's node (``driver_node``, a node id) left free. One GPU
+    each when the cluster has a GPU for every actor, with the CPUs every GPU node can give per
+    GPU; else the largest equal share of CPUs (whole CPUs when one or more: its thread count,
+    :func:`cpu_threads`) such that ``workers`` actors fit on the nodes. More actors than
+    GPUs, or than the CPUs can hold, is a UserError naming ``--workers``, never a pool that
+    waits forever for an actor no node can host."""
+    from hybridray.errors import UserError
+
+    free = []  # (cpus, gpus) of each live node
+    for node in nodes:
+        if not node.get("Alive", True):
+            continue
+        resources = node.get("Resources", {})
+        cpus = float(resources.get("CPU", 0)) - (DRIVER_CPUS if node.get("NodeID") == driver_node else 0)
+        free.append((max(cpus, 0.0), int(resources.get("GPU", 0))))
+    gpus = sum(g for _, g in free)
+    if 0 < gpus < workers:
+        raise UserError(f"--workers {workers}: the cluster has {gpus} GPU(s), one encoding actor per GPU")
+    if gpus:
+        share = min(c / g for c, g in free if g)
+        return {"num_cpus": float(int(share)) if share >= 1 else share, "num_gpus": 1}
+
+    def fits(share: float) -> bool:
+        return sum(int(c / share + 1e-9) for c, _ in free) >= workers
+
+    candidates = [c / m for c, _ in free for m in range(1, workers + 1) if c > 0]
+    feasible = [s for s in candidates if fits(s)]
+    if not feasible or max(feasible) < 0.01:
+        cpus = sum(c for c, _ in free)
+        raise UserError(f"--workers {workers}: the cluster has {cpus:g} free CPU(s) for encoding actors "
+                        f"(after {DRIVER_CPUS} for the driver); use fewer workers")
+    share = max(feasible)
+    return {"num_cpus": float(int(share)) if share >= 1 else share, "num_gpus": 0}

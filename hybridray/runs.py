@@ -113,28 +113,24 @@ def run_dir(config: Config) -> str:
     return storage.join(config.run.storage_path, config.name)
 
 
-def latest_checkpoint(directory: str, *, repair: bool = False) -> Optional[tuple[str, dict, dict]]:
+def latest_checkpoint(directory: str, *, checksums: bool = True) -> Optional[tuple[str, dict, dict]]:
     """``(checkpoint URI, its trainer state, the metrics reported with it)`` of the checkpoint
-    a resume starts from, or None if the run has none.
+    a resume starts from, or None if the run has none. Writes nothing.
 
     That is the latest checkpoint of Ray Train's run snapshot when it is intact
     (``checkpointing.checkpoint_problem``: every rank's seal there, every file its size and
-    checksum). A damaged one (a truncated upload, a lost or corrupted file) is passed over for
-    the newest intact one before it. With ``repair`` (a resume that goes ahead: ``plan_run``,
-    once the run is known to be this config's), a warning names both and the snapshot is
-    rewritten without the damaged ones, so that Ray Train resumes from the same checkpoint the
-    driver planned from (and the data stream is built for); without it nothing is written.
-    No intact checkpoint at all is a UserError."""
-    found = _find_checkpoint(directory)
+    checksum; ``checksums=False``: seals and sizes only). A damaged one (a truncated upload, a
+    lost or corrupted file) is passed over for the newest intact one before it; only
+    ``plan_run``, for a resume that goes ahead, warns about it and rewrites Ray Train's
+    snapshot. No intact checkpoint at all is a UserError."""
+    found = _find_checkpoint(directory, checksums=checksums)
     if found is None:
         return None
-    checkpoint, state, result, damaged = found
-    if repair and damaged:
-        _repair_snapshot(directory, checkpoint, state, result, damaged)
+    checkpoint, state, result, _ = found
     return checkpoint, state, result.get("metrics") or {}
 
 
-def _find_checkpoint(directory: str):
+def _find_checkpoint(directory: str, checksums: bool = True):
     """``(checkpoint, state, snapshot result, [(damaged checkpoint, problem), ...])`` or None."""
     from hybridray.checkpointing import checkpoint_problem
 
@@ -142,7 +138,14 @@ def _find_checkpoint(directory: str):
     text = storage.read_text(path)
     if text is None:
         return None
-    snapshot = _json(path, text)
+    try:
+        snapshot = _json(path, text)
+    except UserError as exc:  # never advise --overwrite: it would delete intact checkpoints too
+        kept = [name for name in storage.child_dirs(directory) if name.startswith("checkpoint_")]
+        raise UserError(f"{str(exc).split(': the run directory')[0]}: Ray Train's run snapshot is damaged, so "
+                        f"this run cannot be resumed; its {len(kept)} checkpoint(s) are untouched"
+                        f"{f' (newest: {kept[-1]})' if kept else ''}. Keep them and start a new run with another "
+                        "name=, or pass --overwrite to delete the run and start it again") from None
     latest = snapshot.get("latest_checkpoint_result") or {}
     if not latest.get("checkpoint_dir_name"):
         return None
@@ -151,7 +154,7 @@ def _find_checkpoint(directory: str):
     damaged: list[tuple[str, str]] = []
     for result in [latest, *older]:
         checkpoint = storage.join(directory, result["checkpoint_dir_name"])
-        problem = checkpoint_problem(checkpoint)
+        problem = checkpoint_problem(checkpoint, checksums=checksums)
         if problem is None:
             break
         damaged.append((checkpoint, problem))

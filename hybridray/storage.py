@@ -135,6 +135,13 @@ def is_dir(uri: str) -> bool:
     return _info(uri).type == pafs.FileType.Directory
 
 
+def child_dirs(uri: str) -> list[str]:
+    """The names of the directories directly under ``uri`` (none if it does not exist)."""
+    fs, path = filesystem_for(uri)
+    infos = retried(uri, "cannot read", lambda: fs.get_file_info(pafs.FileSelector(path, allow_not_found=True)))
+    return sorted(posixpath.basename(i.path.rstrip("/")) for i in infos if i.type == pafs.FileType.Directory)
+
+
 def read_text(uri: str) -> Optional[str]:
     """The file's text, or None if there is no such file."""
     fs, path = filesystem_for(uri)
@@ -178,6 +185,13 @@ def delete_tree(uri: str) -> None:
     if _info(uri).type == pafs.FileType.NotFound:
         return
     retried(uri, "cannot delete", lambda: fs.delete_dir(path))
+
+
+def file_size(uri: str) -> Optional[tuple[int, None]]:
+    """``(size, None)`` -- the shape of ``file_sha256`` without reading the file -- or None if
+    there is no such file."""
+    info = _info(uri)
+    return None if info.type != pafs.FileType.File else (info.size, None)
 
 
 def file_sizes(uris: list[str]) -> list[int]:

@@ -50,42 +50,43 @@ def full_weights(engine, config: Config):
 
 
 def heldout_evaluation(engine, tokenizer, heldout, config: Config, label: str) -> Optional[dict]:
-    """LAReQA evaluation of the current weights (the same code as ``hybridray eval``); rank 0
+    """LAReQA evaluation of the current weights (the same scoring as ``hybridray eval``); rank 0
     gets the report, the others None. Every rank must call this.
 
-    ZeRO stages 0-2: only rank 0 encodes; the others wait at a barrier (and lend rank 0 their
-    threads on a shared node). ZeRO-3: every rank runs the same encoding, because each layer's
-    forward gathers its partitioned weights collectively -- a rank-0-only forward would wait
-    forever for the other ranks (gathering the whole model first does not help: ZeRO-3 frees a
-    layer's gathered weights again after its forward, and it would hold a 34B model on every
-    GPU). The whole model is in eval mode (no dropout) while it runs, and every submodule is
-    put back in exactly the mode it had.
+    The encoding is split over all ranks: each encodes a contiguous shard of the questions and
+    of the candidates, the shards are gathered, and rank 0 scores while the others wait at a
+    barrier (``evaluate.sharding``). Under ZeRO-3 every rank runs the same number of forward
+    passes, because each layer's forward gathers its partitioned weights collectively -- a
+    rank that ran one pass less would leave the others waiting forever (gathering the whole
+    model first does not help: ZeRO-3 frees a layer's gathered weights again after its
+    forward, and it would hold a 34B model on every GPU). The whole model is in eval mode (no
+    dropout) while it runs, and every submodule is put back in exactly the mode it had.
     """
-    import torch
     import torch.distributed as dist
 
     from hybridray.data.tokenize import prefixes
-    from hybridray.distributed import local_world_size, rank
+    from hybridray.distributed import rank, world_size
     from hybridray.evaluate.encode import eval_mode
-    from hybridray.evaluate.lareqa import evaluate_lareqa
+    from hybridray.evaluate.lareqa import lareqa_report, lareqa_texts
+    from hybridray.evaluate.sharding import encode_sharded
 
     module = engine.module
-    zero3 = config.deepspeed.zero_stage == 3
-    report = None
-    threads = torch.get_num_threads()
+    query_prefix, passage_prefix = prefixes(config.model)
+    settings = {"query_prefix": query_prefix, "passage_prefix": passage_prefix, "pooling": config.model.pooling,
+                "max_length": config.eval.max_length, "batch_size": config.eval.batch_size,
+                "with_context": config.eval.with_context}
+    encode = dict(pooling=config.model.pooling, max_length=config.eval.max_length,
+                  batch_size=config.eval.batch_size, progress=False, lockstep=config.deepspeed.zero_stage == 3)
+    questions, candidates = lareqa_texts(heldout, config.eval.with_context)
+    started = time.perf_counter()
     with eval_mode(module):
-        if rank() == 0 or zero3:
-            if not zero3:  # the other ranks on this node wait at the barrier below
-                torch.set_num_threads(threads * local_world_size())
-            query_prefix, passage_prefix = prefixes(config.model)
-            report = evaluate_lareqa(
-                module.encoder.model, tokenizer, heldout,
-                query_prefix=query_prefix, passage_prefix=passage_prefix,
-                pooling=config.model.pooling, max_length=config.eval.max_length,
-                batch_size=config.eval.batch_size, with_context=config.eval.with_context,
-            )
-            report = {"model": f"{config.model.name_or_path} ({label})", **report} if rank() == 0 else None
-    torch.set_num_threads(threads)
+        q_all = encode_sharded(module.encoder.model, tokenizer, questions, prefix=query_prefix, **encode)
+        c_all = encode_sharded(module.encoder.model, tokenizer, candidates, prefix=passage_prefix, **encode)
+    report = None
+    if rank() == 0:
+        report = lareqa_report(heldout, q_all, c_all, settings, encode_seconds=time.perf_counter() - started,
+                               encode_workers=world_size())
+        report = {"model": f"{config.model.name_or_path} ({label})", **report}
     if dist.is_initialized():
         dist.barrier()
     return report
@@ -166,8 +167,8 @@ def train_func(loop_config: dict) -> None:
         if (saved.get("run") or {}).get("fingerprint") != run["fingerprint"]:
             # The driver refuses such a run before it starts; this guards the workers too.
             raise RuntimeError(f"checkpoint at step {start_step} belongs to another run")
-    evaluating_rank = rank() == 0 or config.deepspeed.zero_stage == 3  # see heldout_evaluation
-    heldout = load_lareqa(config.data.heldout, config.eval.langs) if config.data.heldout and evaluating_rank else None
+    # every rank encodes a shard of it (see heldout_evaluation)
+    heldout = load_lareqa(config.data.heldout, config.eval.langs) if config.data.heldout else None
     if heldout is not None and config.train.eval_max_queries:
         heldout = subset_lareqa(heldout, config.train.eval_max_queries)
     evaluate_now = heldout_evaluation if config.data.heldout else (lambda *a: None)
@@ -564,8 +565,9 @@ def _flush_log(write: Callable[[], None]) -> None:
 
 def failure_line(config: Config, error: BaseException, directory: str) -> str:
     """One line for a run that failed for good: the first worker's error (or the controller's),
-    and where it can resume from (``latest_checkpoint``, which writes nothing: the same command
-    run again checks that checkpoint again and repairs Ray Train's snapshot if need be)."""
+    and where it can resume from (``latest_checkpoint`` on seals and sizes, which downloads and
+    writes nothing: the same command run again checks the checksums too and repairs Ray Train's
+    snapshot if need be)."""
     from hybridray.runs import latest_checkpoint
 
     failures = getattr(error, "worker_failures", None) or {}
@@ -578,7 +580,7 @@ def failure_line(config: Config, error: BaseException, directory: str) -> str:
     text = " ".join(str(cause).split()) or type(cause).__name__
     who = f"worker rank {rank}" if rank is not None else "the run"
     try:
-        found = latest_checkpoint(directory)
+        found = latest_checkpoint(directory, checksums=False)
     except UserError as exc:
         found, where = None, f"its last checkpoint could not be checked ({exc})"
     else:

@@ -45,7 +45,9 @@ from typing import Any, Literal, Optional
 from pydantic import Field, ValidationError
 
 from hybridray import storage
-from hybridray.config import Config, _describe, _Section as _CheckedSection, build_config, defining_values, read_yaml
+from hybridray.config import (
+    NAME_MAX_CHARS, Config, _describe, _Section as _CheckedSection, build_config, defining_values, read_yaml,
+)
 from hybridray.errors import UserError
 
 _DISTRIBUTIONS = ("grid", "choice", "uniform", "loguniform")
@@ -53,6 +55,9 @@ _DISTRIBUTIONS = ("grid", "choice", "uniform", "loguniform")
 TRIAL_ACTOR_CPU = 0.1
 #: Config keys that change what one trial holds on the cluster.
 _RESOURCE_KEYS = ("scaling.", "data.task_cpus")
+#: The longest suffix a trial adds to the sweep's name: ``-<5 hex>_<trial number>`` (Tune's trial id),
+#: with room for a sixth digit; ``-sweep`` and ``-best`` are shorter.
+_LONGEST_TRIAL_SUFFIX = "-0a1b2_000000"
 
 
 class _Section(_CheckedSection):
@@ -205,6 +210,10 @@ def load_sweep(path: str | Path, base: Config) -> SweepConfig:
         if sweep.early_stopping.grace_period >= trial.train.max_steps:
             raise UserError(f"{path}: early_stopping.grace_period ({sweep.early_stopping.grace_period}) must be "
                             f"below train.max_steps ({trial.train.max_steps})")
+    room = NAME_MAX_CHARS - len(_LONGEST_TRIAL_SUFFIX)
+    if len(base.name) > room:  # caught now, not by the last trial or after every trial has run
+        raise UserError(f"name: {len(base.name)} characters; a sweep names its trials NAME-<trial id>, "
+                        f"so its name can have at most {room}")
     return sweep
 
 

@@ -8,6 +8,7 @@ instead of silently starting a second cluster next to the first.
 """
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -31,6 +32,17 @@ except ImportError:  # hypothesis is a test dependency (pyproject.toml); without
 SHARED_DATA = REPO.parent / "shared" / "data"
 MLQA_R = SHARED_DATA / "mlqa-r"
 TATOEBA = SHARED_DATA / "tatoeba"
+
+
+def heldout_subset(out: Path, mlqa_prepared: Path, articles: int, langs=("de", "en", "es")) -> Path:
+    """A small LAReQA held-out directory in ``out``: the first ``articles`` articles of each of
+    ``langs`` from the prepared MLQA-R held-out split (tests that evaluate, kept fast)."""
+    out.mkdir(parents=True, exist_ok=True)
+    for lang in langs:
+        data = json.loads((mlqa_prepared / "heldout-lareqa" / f"{lang}.json").read_text())
+        data["data"] = data["data"][:articles]
+        (out / f"{lang}.json").write_text(json.dumps(data))
+    return out
 
 
 @pytest.fixture(scope="session")

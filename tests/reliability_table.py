@@ -49,6 +49,11 @@ def main(suites: list[str]) -> int:
         "| Fault or input class | Test | Cases run | Steps lost | Outcome | Time (s) |",
         "|---|---|---:|---:|---|---:|",
     ]
+    recorded = {row["test"] for row in rows}
+    for name in dict.fromkeys(failed):  # a failed test records no row: it must not vanish from the table
+        if name not in recorded:
+            rows.append({"kind": "FAILED: see the pytest output", "test": name, "cases": "-", "lost_steps": None,
+                         "outcome": "failed"})
     for row in rows:
         lost = "-" if row["lost_steps"] is None else str(row["lost_steps"])
         outcome = row["outcome"].replace("|", "\\|")

@@ -96,6 +96,12 @@ def test_a_key_given_twice_is_refused_naming_file_line_and_key(tmp_path, text, l
     assert str(info.value) == f"{path}: line {line}: key {key!r} given twice"
 
 
+def test_a_key_given_twice_in_an_override_value_is_refused_naming_the_override():
+    with pytest.raises(UserError) as info:
+        build_config({}, ["scaling.resources_per_worker={a: 1, a: 2}"])
+    assert str(info.value) == "scaling.resources_per_worker: key 'a' given twice"
+
+
 def test_yaml_merge_keys_may_still_be_overridden(tmp_path):
     path = tmp_path / "merge.yaml"
     path.write_text("sampler:\n  <<: {alpha: 0.9, batch_size: 16}\n  alpha: 0.25\n")

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, heldout_subset
 
 pytestmark = pytest.mark.ray
 
@@ -34,12 +34,7 @@ NOISE = ("Dataset train_", "MapBatches(", "RayTrainWorker", "is deprecated", "[I
 
 @pytest.fixture(scope="module")
 def heldout(tmp_path_factory, mlqa_prepared):
-    out = tmp_path_factory.mktemp("heldout")
-    for lang in ("de", "en", "es"):
-        data = json.loads((mlqa_prepared / "heldout-lareqa" / f"{lang}.json").read_text())
-        data["data"] = data["data"][:4]
-        (out / f"{lang}.json").write_text(json.dumps(data))
-    return out
+    return heldout_subset(tmp_path_factory.mktemp("heldout"), mlqa_prepared, articles=4)
 
 
 def command(name, runs, mlqa_prepared, heldout):

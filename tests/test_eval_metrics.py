@@ -158,6 +158,47 @@ def test_search_orders_ties_by_key_also_across_the_cut():
             np.testing.assert_allclose(scores[i], corpus[want] @ queries[i])
 
 
+def test_search_is_exact_when_faiss_float32_order_is_wrong(monkeypatch):
+    """faiss sees a corpus moved a little (score errors up to 1.6e-5: more than a fixed 1e-5
+    margin, within the float32 bound of 4.6e-5 at d = 384), so its candidate lists and order
+    are wrong; near-ties 1 ulp apart and exact copies sit across every cut. search and
+    RunningTopK must still equal an independent float64 reference ordered by (score rounded
+    to float32, key). With no margin at all this fails: the re-check path is exercised."""
+    import hybridray.evaluate.search as search_module
+    from hybridray.evaluate.search import RunningTopK
+
+    rng = np.random.default_rng(5)
+    corpus = rng.standard_normal((2000, 384)).astype(np.float32)
+    corpus /= np.linalg.norm(corpus, axis=1, keepdims=True)
+    queries = rng.standard_normal((40, 384)).astype(np.float32)
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    for j, q in enumerate(queries[:8]):  # 30 rows a few ulps from each of 8 queries: near-ties across the cut
+        near = np.repeat(q[None], 30, axis=0)
+        dims = rng.integers(0, 384, 30)
+        near[np.arange(30), dims] = np.nextafter(near[np.arange(30), dims], np.float32(2))
+        corpus[100 + 30 * j:130 + 30 * j] = near
+    corpus[500:510] = corpus[100]  # exact copies too
+    real_index = search_module.flat_ip_index
+
+    def noisy(rows):
+        return rows + 4e-6 * np.random.default_rng(len(rows)).standard_normal(rows.shape).astype(np.float32)
+
+    monkeypatch.setattr(search_module, "flat_ip_index", lambda rows: real_index(noisy(rows)))
+    keys = tiebreak_keys(len(corpus))
+    exact = (queries.astype(np.float64) @ corpus.astype(np.float64).T).astype(np.float32)
+    for k in (1, 10, 45, 101):
+        want = np.stack([np.lexsort((-keys, -row))[:k] for row in exact])
+        faiss_hits = real_index(noisy(corpus)).search(queries, k)[1]
+        assert (faiss_hits != want).any()  # faiss alone is wrong here
+        scores, hits = search(queries, corpus, k)
+        np.testing.assert_array_equal(hits, want)
+        np.testing.assert_array_equal(scores, np.take_along_axis(exact, want, 1))
+        top = RunningTopK(queries, k, len(corpus))
+        for start in range(0, len(corpus), 300):
+            top.add(np.arange(start, min(start + 300, len(corpus))), corpus[start:start + 300])
+        np.testing.assert_array_equal(top.result()[1], want)
+
+
 # ----------------------------------------------------------------------------- LAReQA
 def tiny_lareqa() -> LareqaData:
     """3 languages; q3 has no German version, q4 exists in English only; the English pool

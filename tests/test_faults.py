@@ -1,8 +1,8 @@
 """Real faults, injected by the OS into `hybridray train` run as a user runs it (the CLI,
 joining a running Ray cluster as on a real long-lived one): a training worker frozen (SIGSTOP)
 until the hang timeout and another SIGKILLed, the S3 server (moto on loopback) stopped briefly
-and for longer than the retry budget, the driver SIGKILLed and the same command run again, the
-latest checkpoint truncated.
+(during a checkpoint upload) and for longer than the retry budget, the driver SIGKILLed and the
+same command run again, the latest checkpoint truncated.
 
 Nothing is planted in the code under test. Every run is compared with one uninterrupted run of
 the same config (``reference``): the final weights, the held-out evaluations, and the digest of
@@ -10,7 +10,7 @@ the group ids each step trained (``groups`` in ``metrics.jsonl``) -- so a resume
 trained the same pairs at the same steps, none lost and none twice, and evaluated the same.
 
 Faults that restart inside one run are combined in one run, and the module shares one Ray
-cluster (``cluster``): six CLI runs in all, about 5 minutes here.
+cluster (``cluster``): seven CLI runs in all, about 6 minutes here.
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ import psutil
 import pytest
 import torch
 
-from conftest import REPO
+from conftest import REPO, heldout_subset
 from reliability import record
 
 pytestmark = pytest.mark.ray
@@ -168,12 +168,7 @@ class Run:
 def small_heldout(tmp_path_factory, mlqa_prepared):
     """A small LAReQA held-out set (3 languages, the first 4 articles each): every run evaluates
     before training, at step 8 and at the end, so a resume is checked to evaluate the same."""
-    out = tmp_path_factory.mktemp("heldout-small")
-    for lang in ("de", "en", "es"):
-        data = json.loads((mlqa_prepared / "heldout-lareqa" / f"{lang}.json").read_text())
-        data["data"] = data["data"][:4]
-        (out / f"{lang}.json").write_text(json.dumps(data))
-    return out
+    return heldout_subset(tmp_path_factory.mktemp("heldout-small"), mlqa_prepared, articles=4)
 
 
 def write_config(tmp: Path, mlqa_prepared: Path, heldout: Path, storage_path: str) -> Path:
@@ -266,7 +261,11 @@ def lost_steps(summary: dict) -> int:
 class StoppableS3:
     """A moto S3 server on a fixed loopback port that can be stopped -- its port closed and
     every connection it had accepted cut, so a client's pooled keep-alive connection fails too
-    -- and started again on the same port with the same buckets (moto keeps its state here)."""
+    -- and started again on the same port with the same buckets (moto keeps its state here).
+
+    ``hold_first(wanted)`` ties an outage to a request: the first request ``wanted(method,
+    path)`` accepts is held unanswered (``held`` is set) until ``stop()`` cuts its connection,
+    so the client that sent it meets the outage mid-request."""
 
     def __init__(self):
         from moto.server import ThreadedMotoServer
@@ -278,6 +277,11 @@ class StoppableS3:
         self.endpoint = f"http://127.0.0.1:{self.port}"
         self.server = None
         self.connections: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self._wanted = None
+        self.held = threading.Event()
+        self.held_request = ""
+        self._released = threading.Event()
         self.start()
 
     def start(self):
@@ -292,6 +296,31 @@ class StoppableS3:
             return connection, address
 
         wsgi.get_request = get_request
+        wsgi.app = self._holding(wsgi.app)
+
+    def _holding(self, app):
+        def held_or_served(environ, start_response):
+            with self._lock:
+                wanted = self._wanted
+                hold = wanted is not None and wanted(environ["REQUEST_METHOD"], environ.get("PATH_INFO", ""))
+                if hold:
+                    self._wanted = None
+                    self.held_request = f"{environ['REQUEST_METHOD']} {environ.get('PATH_INFO', '')}"
+            if not hold:
+                return app(environ, start_response)
+            self.held.set()
+            self._released.wait(120)  # stop() cuts this connection: the client never gets this answer
+            start_response("503 Service Unavailable", [("Content-Length", "0")])
+            return [b""]
+
+        return held_or_served
+
+    def hold_first(self, wanted) -> None:
+        with self._lock:
+            self.held.clear()
+            self._released.clear()
+            self.held_request = ""
+            self._wanted = wanted
 
     def stop(self):
         self.server.stop()
@@ -302,6 +331,31 @@ class StoppableS3:
             except OSError:
                 pass
         self.connections.clear()
+        self._released.set()
+
+
+CHECKPOINT_DIR = re.compile(r"/(checkpoint_\d[^/]*)/")
+
+
+def checkpoint_dirs(s3: StoppableS3, prefix: str) -> set[str]:
+    """The names of the checkpoint directories under ``prefix`` in the bucket, as listed now."""
+    import boto3
+
+    pages = boto3.client("s3", endpoint_url=s3.endpoint).get_paginator("list_objects_v2").paginate(
+        Bucket=s3.bucket, Prefix=prefix + "/")
+    return {m.group(1) for page in pages for o in page.get("Contents", [])
+            if (m := CHECKPOINT_DIR.search("/" + o["Key"]))}
+
+
+def a_new_checkpoint_upload(known: set[str]):
+    """Wanted by ``StoppableS3.hold_first``: a request writing a file (PUT, or POST of a
+    multipart upload) into a checkpoint directory not in ``known``."""
+    def wanted(method: str, path: str) -> bool:
+        found = CHECKPOINT_DIR.search(path)
+        return method in ("PUT", "POST") and not path.endswith("/") and found is not None \
+            and found.group(1) not in known
+
+    return wanted
 
 
 @pytest.fixture(scope="module")
@@ -323,36 +377,49 @@ def test_in_run_faults_a_frozen_worker_storage_down_briefly_a_killed_worker(clus
                                                                            mlqa_prepared, small_heldout):
     """One run on S3 meets three faults and restarts in-run from its checkpoints
     (``run.max_failures=2``): a worker frozen (SIGSTOP, as a stuck machine) after checkpoint 4
-    is detected by ``run.hang_timeout_s``; the S3 server is down for 6 s while checkpoint 8 is
-    written, which is retried (``run.storage_retry_s``) with no restart; a worker SIGKILLed
-    after checkpoint 12. Still every step once with the same pairs, scores and weights."""
+    is detected by ``run.hang_timeout_s``; the S3 server goes down for 6 s at the first upload
+    request of the next checkpoint (held, then cut with the server), which the worker's upload
+    retries (``run.storage_retry_s``) with no restart; a worker SIGKILLed after checkpoint 12.
+    Each restart is from the last checkpoint Ray Train had registered at the fault (or a later
+    one registered before the restart), never an older one. Still every step once with the same
+    pairs, scores and weights."""
     outage = 6
     uri = f"s3://{s3.bucket}/in-run"
+    run_dir = f"{uri}/faulty"
     run = Run(cluster, write_config(tmp_path, mlqa_prepared, small_heldout, uri), "run.max_failures=2",
               f"run.hang_timeout_s={HANG}", f"run.s3_endpoint={s3.endpoint}", "run.storage_retry_s=30")
     frozen = killed = None
     try:
-        wait_for_checkpoint(run, f"{uri}/faulty", EVERY)
+        wait_for_checkpoint(run, run_dir, EVERY)
         frozen = run.workers()[0]
+        registered = {"freeze": registered_step(run_dir)}
         frozen.suspend()
         since = time.monotonic()
         failed = run.wait_for(r"worker rank \d failed: [^\n]*", timeout=HANG + 120)
         detected = time.monotonic() - since
+        # The frozen group writes nothing more: the next new checkpoint directory is the restarted
+        # run's first checkpoint, and its first upload request starts the outage.
+        s3.hold_first(a_new_checkpoint_upload(checkpoint_dirs(s3, "in-run/faulty")))
         stop(frozen)  # detected: end it now rather than wait for Ray's 30 s process-group shutdown
         first = run.wait_for(RESTARTED, timeout=240)
+        registered["first restart"] = registered_step(run_dir)
 
-        # rank 0 evaluates at step 8 just before it writes checkpoint 8: the upload meets the outage
-        run.wait_for(rf"held-out evaluation at step {EVAL_EVERY} ", after=first.end())
+        end = time.monotonic() + 240
+        while not s3.held.wait(0.05):
+            assert run.proc.poll() is None and time.monotonic() < end, run.console()[-3000:]
         stopped = time.time()
+        uploading = {p.pid for p in run.workers()}  # the Ray Train workers the held request can come from
         s3.stop()
         time.sleep(outage)
         s3.start()
         back = time.time()
 
-        wait_for_checkpoint(run, f"{uri}/faulty", 3 * EVERY)
+        wait_for_checkpoint(run, run_dir, 3 * EVERY)
         killed = run.workers()[0]
+        registered["kill"] = registered_step(run_dir)
         killed.send_signal(signal.SIGKILL)
         second = run.wait_for(RESTARTED, timeout=240, after=first.end())
+        registered["second restart"] = registered_step(run_dir)
         code, console = run.finish()
     finally:
         for victim in (frozen, killed):
@@ -362,29 +429,62 @@ def test_in_run_faults_a_frozen_worker_storage_down_briefly_a_killed_worker(clus
         run.close()
     assert code == 0, console[-3000:]
     assert HANG - 1 <= detected <= HANG + 60, (detected, failed.group(0))
-    assert int(first.group(1)) == EVERY + 1, console[-3000:]
-    assert int(second.group(1)) % EVERY == 1 and int(second.group(1)) > 2 * EVERY, console[-3000:]
-    retry = re.search(r"hybridray: storage: s3://\S+: [^\n]*retrying for up to 30 s", console)
-    assert retry, console[-3000:]
-    got = outcome(f"{uri}/faulty")
+    got = outcome(run_dir)
     assert_same_run(got, reference)
     restarts = got["summary"]["restarts"]
-    assert [r["from_step"] for r in restarts] == [int(first.group(1)), int(second.group(1))], restarts
-    # the outage held up the step-8 checkpoint: step 9 began only after the server was back
+    first_from, second_from = int(first.group(1)), int(second.group(1))
+    assert [r["from_step"] for r in restarts] == [first_from, second_from], restarts
+
+    # Each restart is from a checkpoint (step % EVERY == 0), not older than the newest one Ray Train
+    # had registered when the fault struck, and at most one registered before the restart; so
+    # the work lost is at most what was done since the checkpoint registered at the fault.
+    for (fault, restart), from_step, r in zip((("freeze", "first restart"), ("kill", "second restart")),
+                                              (first_from, second_from), restarts):
+        assert (from_step - 1) % EVERY == 0, (from_step, registered, console[-3000:])
+        assert registered[fault] <= from_step - 1 <= registered[restart], (from_step, registered)
+        lost = r["reached_step"] - from_step + 1
+        assert 0 < lost <= r["reached_step"] - registered[fault], (r, registered)
+    assert registered["kill"] == 3 * EVERY and second_from == 3 * EVERY + 1, (registered, second_from)
+
+    # The outage met the upload of the restarted run's first checkpoint: the server held that
+    # checkpoint's first upload request and went down with it; a worker's upload said it retried
+    # (the same checkpoint directory); the step after it began only once the server was back.
+    written = first_from - 1 + EVERY
+    assert written <= 3 * EVERY, (first_from, registered)  # so the kill below comes after it
+    held = CHECKPOINT_DIR.search(s3.held_request)
+    assert held, s3.held_request
+    # A checkpoint upload's retry line: a local file copied into that checkpoint directory
+    # (``checkpointing.upload_checkpoint``), as the user sees it, and in the log of a Ray Train
+    # worker that was alive when the request was held (forwarded without Ray's "(RayTrainWorker pid=...)"
+    # prefix: Ray 2.60 drops it when ray.init is given a logging_config, as train.init_ray does).
+    upload = (rf"hybridray: storage: (s3://\S+/{re.escape(held.group(1))}): cannot copy /\S+ to \1: "
+              r"[^\n]*?retrying for up to 30 s \(run.storage_retry_s\)")
+    retry = re.search(upload, console)
+    assert retry, (s3.held_request, console[-3000:])
+    logs = Path(cluster.temp, "session_latest", "logs")
+    retried_by = [log.name for pid in uploading for log in logs.glob(f"**/worker-*-{pid}.err")  # old/: dead ones
+                  if re.search(upload, text := log.read_text(errors="replace")) and "RayTrainWorker" in text]
+    assert retried_by, (uploading, s3.held_request)
     times = {h["step"]: h["time"] for h in got["history"]}
-    assert times[2 * EVERY] < stopped and back <= times[2 * EVERY + 1], (stopped, back, times)
+    assert times[written] < stopped and back <= times[written + 1], (stopped, back, times)
+
     test = "test_faults.py::test_in_run_faults_a_frozen_worker_storage_down_briefly_a_killed_worker"
     record(test, kind="training worker frozen (SIGSTOP): a hang", cases=1,
-           lost_steps=restarts[0]["reached_step"] - restarts[0]["from_step"] + 1,
+           lost_steps=restarts[0]["reached_step"] - first_from + 1,
            outcome=f"detected after {detected:.0f} s (run.hang_timeout_s={HANG}) -- {failed.group(0)[:110]} -- "
-                   f"restarted from step {first.group(1)}")
-    record(test, kind=f"S3 server (moto) stopped for {outage} s while checkpoint 8 was written (connections cut)",
+                   f"restarted from step {first_from} (reached step {restarts[0]['reached_step']}; last checkpoint "
+                   f"Ray Train had registered at the fault: step {registered['freeze']})")
+    record(test, kind=f"S3 server (moto) stopped for {outage} s from the first upload request of checkpoint "
+                      f"{written} (that request held, then cut with the server)",
            cases=1, lost_steps=0,
-           outcome="retried, said so (`" + retry.group(0)[:90] + "...`), the upload went through; no restart")
-    record(test, kind="training worker SIGKILLed mid-run (same run, after checkpoint 12)", cases=1,
-           lost_steps=restarts[1]["reached_step"] - restarts[1]["from_step"] + 1,
-           outcome=f"restarted from step {second.group(1)} (run.max_failures=2); after all three faults, all "
-                   f"{STEPS} step digests, the held-out scores and the final weights equal the uninterrupted run")
+           outcome="the Ray Train worker's checkpoint upload retried and said so (`" + retry.group(0)
+                   + "`, also in its log " + retried_by[0] + "), the upload went through; no restart")
+    record(test, kind=f"training worker SIGKILLed mid-run (same run, after checkpoint {registered['kill']} was "
+                      "registered)", cases=1,
+           lost_steps=restarts[1]["reached_step"] - second_from + 1,
+           outcome=f"restarted from step {second_from} (reached step {restarts[1]['reached_step']}; "
+                   f"run.max_failures=2); after all three faults, all {STEPS} step digests, the held-out scores "
+                   "and the final weights equal the uninterrupted run")
 
 
 @pytest.fixture(scope="module")
@@ -397,6 +497,7 @@ def killed_driver(cluster, tmp_path_factory, mlqa_prepared, small_heldout):
     run = Run(cluster, config)
     try:
         wait_for_checkpoint(run, str(tmp / "runs" / "faulty"), 2 * EVERY)
+        registered = registered_step(str(tmp / "runs" / "faulty"))
         os.kill(run.proc.pid, signal.SIGKILL)
         run.proc.wait()
     finally:
@@ -410,7 +511,8 @@ def killed_driver(cluster, tmp_path_factory, mlqa_prepared, small_heldout):
     outlived = [described(p) for p in left]
     for p in left:
         stop(p)
-    return {"config": config, "run_dir": tmp / "runs" / "faulty", "reached": reached, "outlived": outlived}
+    return {"config": config, "run_dir": tmp / "runs" / "faulty", "reached": reached, "registered": registered,
+            "outlived": outlived}
 
 
 def test_the_driver_killed_then_the_same_command_again_resumes_with_the_same_weights(cluster, reference,
@@ -419,23 +521,30 @@ def test_the_driver_killed_then_the_same_command_again_resumes_with_the_same_wei
     code, console = Run(cluster, killed_driver["config"]).finish()
     assert code == 0, console[-3000:]
     resumed = re.search(rf"resuming run 'faulty' from step (\d+)/{STEPS}", console)
-    assert resumed and int(resumed.group(1)) == 2 * EVERY, console[-3000:]
+    assert resumed, console[-3000:]
+    # from the checkpoint Ray Train had registered at the kill (the controller may have registered
+    # a later one before it went down with the driver), never an older one
+    from_step, registered, reached = int(resumed.group(1)), killed_driver["registered"], killed_driver["reached"]
+    assert from_step % EVERY == 0 and 2 * EVERY <= registered <= from_step, (from_step, registered, reached)
     got = outcome(str(killed_driver["run_dir"]))
-    assert got["summary"]["data"]["start_step"] == 2 * EVERY  # nothing before it planned or tokenised
+    assert got["summary"]["data"]["start_step"] == from_step  # nothing before it planned or tokenised
     assert_same_run(got, reference)
-    lost = killed_driver["reached"] - int(resumed.group(1))
+    lost = reached - from_step
+    assert lost <= reached - registered
     record("test_faults.py::test_the_driver_killed_then_the_same_command_again_resumes_with_the_same_weights",
            kind="driver (`hybridray train`) SIGKILLed, same command again", cases=1, lost_steps=lost,
-           outcome=f"resumed from step {resumed.group(1)} (killed at step {killed_driver['reached']}); the job's "
-                   "Ray Train workers and controller were gone within 20 s; step digests, held-out scores and final "
-                   "weights equal the uninterrupted run")
+           outcome=f"resumed from step {from_step} (killed at step {reached}, checkpoint {registered} registered); "
+                   "the job's Ray Train workers and controller were gone within 20 s; step digests, held-out scores "
+                   "and final weights equal the uninterrupted run")
 
 
 def test_storage_down_beyond_the_retry_budget_then_a_truncated_checkpoint(cluster, reference, s3, tmp_path,
                                                                           mlqa_prepared, small_heldout):
-    """S3 stopped after checkpoint 8 and left down: the run fails with one line and checkpoint
-    8 is intact. Then its largest file is cut in half (a transfer cut short): the same command
-    passes over it with a warning naming both checkpoints and resumes from checkpoint 4."""
+    """S3 stopped after checkpoint 8 and left down: the run fails with one line, checkpoint 8 is
+    intact, and the same command run again resumes from it (the same steps, scores and weights).
+    Then, on a copy of the failed run taken before that resume, checkpoint 8's largest file is
+    cut in half (a transfer cut short): the same command passes over it with a warning naming
+    both checkpoints and resumes from checkpoint 4."""
     import boto3
 
     from hybridray.checkpointing import checkpoint_problem
@@ -461,30 +570,49 @@ def test_storage_down_beyond_the_retry_budget_then_a_truncated_checkpoint(cluste
     checkpoint, state, _ = latest_checkpoint(f"{uri}/faulty")
     assert state["step"] == 2 * EVERY and checkpoint_problem(checkpoint) is None  # the last complete one is intact
 
+    # The failed run as it was left, copied object by object for the truncation below.
     client = boto3.client("s3", endpoint_url=s3.endpoint)
-    prefix = checkpoint.split(f"s3://{s3.bucket}/", 1)[1].rstrip("/") + "/"
+    pages = client.get_paginator("list_objects_v2").paginate(Bucket=s3.bucket, Prefix="long/")
+    for key in [o["Key"] for page in pages for o in page.get("Contents", [])]:
+        client.copy_object(Bucket=s3.bucket, Key="long-copy/" + key[len("long/"):],
+                           CopySource={"Bucket": s3.bucket, "Key": key})
+
+    code, console = Run(cluster, config, f"run.s3_endpoint={s3.endpoint}").finish()
+    assert code == 0, console[-3000:]
+    assert re.search(rf"resuming run 'faulty' from step {2 * EVERY}/{STEPS}", console), console[-3000:]
+    assert "is damaged" not in console, console[-3000:]
+    got = outcome(f"{uri}/faulty")
+    assert got["summary"]["data"]["start_step"] == 2 * EVERY
+    assert_same_run(got, reference)
+
+    copy_uri = f"s3://{s3.bucket}/long-copy"
+    (tmp_path / "copy").mkdir()
+    copy_config = write_config(tmp_path / "copy", mlqa_prepared, small_heldout, copy_uri)
+    prefix = f"long-copy/faulty/{checkpoint.rstrip('/').rsplit('/', 1)[1]}/"
     objects = client.list_objects_v2(Bucket=s3.bucket, Prefix=prefix)["Contents"]
     victim = max(objects, key=lambda o: o["Size"])
     body = client.get_object(Bucket=s3.bucket, Key=victim["Key"])["Body"].read()
     client.put_object(Bucket=s3.bucket, Key=victim["Key"], Body=body[: len(body) // 2])
-    code, console = Run(cluster, config, f"run.s3_endpoint={s3.endpoint}").finish()
+    code, console = Run(cluster, copy_config, f"run.s3_endpoint={s3.endpoint}").finish()
     assert code == 0, console[-3000:]
     warning = re.search(r"warning: checkpoint (\S+) is damaged \((.*)\); resuming from the previous checkpoint (\S+) "
                         r"\(step (\d+)\)", console)
-    assert warning and warning.group(1).rstrip("/").endswith(checkpoint.rstrip("/").rsplit("/", 1)[1]), console[-3000:]
+    assert warning and warning.group(1).rstrip("/") == f"s3://{s3.bucket}/{prefix}".rstrip("/"), console[-3000:]
     assert victim["Key"][len(prefix):] in warning.group(2) and "truncated" in warning.group(2), warning.group(0)
     assert re.search(rf"resuming run 'faulty' from step {EVERY}/{STEPS}", console), console[-3000:]
-    got = outcome(f"{uri}/faulty")
+    got = outcome(f"{copy_uri}/faulty")
     assert got["summary"]["data"]["start_step"] == EVERY
     assert_same_run(got, reference)
     record("test_faults.py::test_storage_down_beyond_the_retry_budget_then_a_truncated_checkpoint",
            kind="S3 server (moto) stopped for longer than the retry budget", cases=1,
            lost_steps=reached - state["step"],
-           outcome=f"failed with one line (run.storage_retry_s=3); the step-{state['step']} checkpoint was intact",
+           outcome=f"failed with one line (run.storage_retry_s=3); the step-{state['step']} checkpoint was intact, "
+                   f"and the same command resumed from it (step {state['step']}): step digests, held-out scores and "
+                   "final weights equal the uninterrupted run",
            error_line=errors[0])
     record("test_faults.py::test_storage_down_beyond_the_retry_budget_then_a_truncated_checkpoint",
-           kind="latest checkpoint truncated (largest file cut in half, on S3)", cases=1,
-           lost_steps=state["step"] - EVERY,
+           kind="latest checkpoint truncated (largest file cut in half, on S3; a copy of the failed run above)",
+           cases=1, lost_steps=state["step"] - EVERY,
            outcome=f"detected at resume by its checksums, warning naming both checkpoints; resumed from step {EVERY} "
                    "(the previous checkpoint); step digests, held-out scores and final weights equal the "
                    "uninterrupted run")

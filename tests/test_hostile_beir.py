@@ -5,7 +5,9 @@ exactly its documents, queries and judgments, or names the first bad line as ``f
 Lines are valid records, blank lines, non-objects, invalid JSON, invalid UTF-8, missing, empty,
 boolean or list ``_id``s, ``1`` next to ``"1"`` (the same id), non-string texts, queries without
 text; judgments with too few columns, non-integer scores, unknown queries or documents, and the
-same pair twice.
+same pair twice. ``scan_beir`` (the streaming path: no corpus text kept, the corpus read again
+in chunks) accepts and refuses exactly the same datasets, with the same message, and its
+chunks read back exactly the loaded texts.
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hybridray.errors import UserError
-from hybridray.evaluate.beir import load_beir
+from hybridray.evaluate.beir import load_beir, read_corpus_chunk, scan_beir
 from reliability import Tally, record
 
 texts = st.text(alphabet=st.characters(exclude_categories=("Cs",)), max_size=12)
@@ -130,8 +132,13 @@ def test_beir_loader_reads_exactly_or_names_the_line(hostile, data):
             error = f"{root}: no query"
 
         try:
+            scanned = scan_beir(root)  # the streaming path checks the same lines the same way
+        except UserError as exc:
+            scanned = exc
+        try:
             loaded = load_beir(root)
         except UserError as exc:
+            assert isinstance(scanned, UserError) and str(scanned) == str(exc), (scanned, exc)
             assert error is not None, f"refused a good dataset: {exc}"
             assert str(exc).startswith(error) and "\n" not in str(exc), (str(exc), error)
             TALLY.add("rejected: " + ("qrels" if "test.tsv" in error else "corpus" if "corpus" in error
@@ -143,6 +150,11 @@ def test_beir_loader_reads_exactly_or_names_the_line(hostile, data):
         assert loaded.query_ids == sorted(relevant)
         assert loaded.query_texts == [asked[q]["text"] for q in sorted(relevant)]
         assert loaded.qrels == relevant
+        assert not isinstance(scanned, UserError), scanned
+        assert (scanned.corpus_ids, scanned.query_ids, scanned.query_texts, scanned.qrels) == (
+            loaded.corpus_ids, loaded.query_ids, loaded.query_texts, loaded.qrels)
+        size = data.draw(st.integers(1, 4), label="chunk size")
+        assert [t for _, source in scanned.chunks(size) for t in read_corpus_chunk(source)] == loaded.corpus_texts
         TALLY.add("accepted")
 
 
@@ -153,3 +165,21 @@ def record_figures():
     if TALLY.cases:
         record("test_hostile_beir.py::test_beir_loader_reads_exactly_or_names_the_line",
                kind="BEIR loader: corpus, queries, qrels lines", cases=TALLY.cases, outcome=TALLY.summary())
+
+def test_a_corpus_changed_or_gone_after_the_scan_is_a_user_error(tmp_path):
+    """An actor reads its chunk by byte offsets of the scan: a corpus rewritten since, or not
+    there (another machine without a shared filesystem), is one line naming the path."""
+    root = tmp_path / "ds"
+    (root / "qrels").mkdir(parents=True)
+    (root / "corpus.jsonl").write_text('{"_id": "d1", "text": "one"}\n{"_id": "d2", "text": "two"}\n')
+    (root / "queries.jsonl").write_text('{"_id": "q1", "text": "which"}\n')
+    (root / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\nq1\td2\t1\n")
+    scanned = scan_beir(root)
+    [(_, source)] = scanned.chunks(10)
+    assert read_corpus_chunk(source) == ["one", "two"]
+    (root / "corpus.jsonl").write_text('{"_id": "d1", "text": "one, longer"}\n{"_id": "d2", "text": "two"}\n')
+    with pytest.raises(UserError, match=r"corpus.jsonl: changed while it was evaluated \(58 bytes when checked, 66 now\)"):
+        read_corpus_chunk(source)
+    (root / "corpus.jsonl").unlink()
+    with pytest.raises(UserError, match=r"corpus.jsonl: not readable on .*: an encoding actor on another machine"):
+        read_corpus_chunk(source)

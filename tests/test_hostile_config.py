@@ -50,8 +50,7 @@ def names_a_key(message: str, given: set[str], path: Path) -> bool:
     if message.startswith(str(path)):
         return True
     named = {part for key in given for i in range(1, key.count(".") + 2) for part in [".".join(key.split(".")[:i])]}
-    return any(message.startswith((name + ":", name + ".")) or f"{name} " in message or f"{name}:" in message
-               or f"{name} (" in message for name in named) or message.startswith("override ")
+    return any(message.startswith((name + ":", name + ".")) for name in named)
 
 
 def same_value(got, want) -> bool:
@@ -66,6 +65,9 @@ def same_value(got, want) -> bool:
 
 
 DEFAULTS = flatten(Config().model_dump())
+#: Keys whose value of the right type may still be refused on its own: gradient accumulation
+#: above 1 is refused with its reason (its negatives would come from one micro-batch).
+REFUSED_WHEN_CHANGED = {"optim.grad_accum"}
 
 
 @st.composite
@@ -96,6 +98,10 @@ def record_figures():
     yield
     for name, tally in TALLY.items():
         if tally.cases:
+            # each loader accepted some cases and refused others (a loader refusing everything
+            # would otherwise pass); an error here is this module's teardown
+            assert tally.counts.get("accepted", 0) > 0, (name, tally.counts)
+            assert sum(n for k, n in tally.counts.items() if k.startswith("rejected")) > 0, (name, tally.counts)
             record(f"test_hostile_config.py::{TESTS[name]}", kind=f"{name} loader: any key, any value, any YAML",
                    cases=tally.cases, outcome=tally.summary())
 
@@ -137,7 +143,9 @@ def test_config_holds_exactly_the_values_or_names_the_key(hostile, data, raw):
         path = Path(tmp) / "run.yaml"
         path.write_bytes(raw if raw is not None else yaml.safe_dump(nest(tree)).encode())
         texts = [override(k, v) for k, v in overrides]
-        at_defaults = not hostile and all(same_value(DEFAULTS[k], v) for k, v in list(tree.items()) + overrides)
+        # well-typed values must be accepted unless one of them is known to be refusable
+        must_accept = not hostile and not any(
+            k in REFUSED_WHEN_CHANGED and not same_value(DEFAULTS[k], v) for k, v in list(tree.items()) + overrides)
         try:
             config = load_config(path, texts)
         except UserError as exc:
@@ -147,7 +155,7 @@ def test_config_holds_exactly_the_values_or_names_the_key(hostile, data, raw):
                 assert message.startswith(f"{path}: ") and RAW[raw] in message, message
                 TALLY["config"].add("rejected: file")
                 return
-            assert not at_defaults, f"every value given is the default, yet: {message}"
+            assert not must_accept, f"values of the right type, refused: {message}"
             assert names_a_key(message, set(tree) | {k for k, _ in overrides}, path), message
             TALLY["config"].add("rejected: key")
             return
@@ -229,11 +237,3 @@ def test_sweep_is_checked_whole_or_names_the_key(hostile, data):
             assert same_value(flatten(config.model_dump())[key], value)
     TALLY["sweep"].add("accepted")
 
-
-def test_the_generated_cases_reached_both_outcomes():
-    """Run last in this file: each loader accepted some cases and refused others (a loader
-    refusing everything would otherwise pass)."""
-    for name, tally in TALLY.items():
-        if tally.cases:
-            assert tally.counts.get("accepted", 0) > 0, (name, tally.counts)
-            assert sum(n for k, n in tally.counts.items() if k.startswith("rejected")) > 0, (name, tally.counts)

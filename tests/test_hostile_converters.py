@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import tempfile
 from pathlib import Path
 
@@ -121,7 +122,8 @@ def questions(tree) -> list[tuple[str, dict, dict, int]]:
 
 
 def untouched(place: str, touched: list[tuple]) -> bool:
-    """No mutation at, above, inside or beside (same paragraph) this question."""
+    """No mutation at, above, inside or beside (same paragraph) this question. Keys outside
+    ``data`` (``version``) are not read by the converters: touching them changes nothing."""
     a, p, q = (int(x) for x in place.replace("data[", "").replace("].paragraphs[", " ").replace("].qas[", " ")
                .rstrip("]").split())
     mine = ("data", a, "paragraphs", p)
@@ -129,9 +131,26 @@ def untouched(place: str, touched: list[tuple]) -> bool:
         common = min(len(t), len(mine))
         if t[:common] == mine[:common] and not (len(t) > 5 and t[4] == "qas" and t[5] != q):
             return False
-        if t[:1] != ("data",):  # the top level itself
-            return False
     return True
+
+
+def place_of(message: str, path: str) -> tuple:
+    """``{path}: data[0].paragraphs[1]: ...`` -> ``("data", 0, "paragraphs", 1)`` (``()`` for
+    a message about the file as a whole)."""
+    head = message[len(path):].removeprefix(": ").split(": ")[0].split(" ")[0]
+    parts: list = []
+    for token in re.findall(r"[A-Za-z_]+|\[\d+\]", head):
+        parts.append(int(token[1:-1]) if token.startswith("[") else token)
+    return tuple(parts) if parts and parts[0] == "data" else ()
+
+
+def refused_where_touched(message: str, path: str, touched: list[tuple]) -> bool:
+    """A structural refusal names a place a mutation touched, or one above or inside it; a
+    message about the whole file is right only when its ``data`` list itself was touched."""
+    where = place_of(message, path)
+    if not where:
+        return ("data",) in touched
+    return any(t[: len(where)] == where or where[: len(t)] == t for t in touched)
 
 
 def sound_questions(f: dict) -> list[str]:
@@ -222,7 +241,8 @@ def run_converter(convert, files, check) -> str:
             if named is None:  # the directory as a whole: only right when no file had a sound question
                 assert not any(sound_questions(f) for f in files), message
                 return "rejected: nothing usable"
-            assert named["damage"] or named["touched"], f"a sound file was refused: {message}"
+            assert named["damage"] or refused_where_touched(message, str(source / named["name"]), named["touched"]), \
+                f"a file refused for a place no mutation touched: {message} (touched: {named['touched']})"
             return f"rejected: {named['damage'] or 'bad structure'}"
         assert not (out / "keep.txt").exists()
         assert all(f["damage"] is None for f in files), "a damaged file was not noticed"

@@ -170,8 +170,11 @@ def damaged(draw, file: dict) -> dict:
 
 
 datasets = st.lists(st.one_of(jsonl_file(), parquet_file()).flatmap(damaged), min_size=1, max_size=3)
+#: A manifest field given a value of the wrong type (a JSON bool is not the number 1).
+TYPED = ["typed: version true", "typed: rows true", "typed: rows 1.0", "typed: rows text",
+         "typed: per-language list", "typed: per-language text", "typed: per-language bool count"]
 manifests = st.sampled_from([None, "right", "right", "lost file", "extra file", "rows", "total", "language",
-                             "version", "not json", "not object"])
+                             "version", "not json", "not object", *TYPED])
 
 
 def write_dataset(root: Path, files: list[dict], manifest: str | None) -> list[Path]:
@@ -198,6 +201,20 @@ def write_dataset(root: Path, files: list[dict], manifest: str | None) -> list[P
         body["rows_per_language"]["sw"] = body["rows_per_language"].get("sw", 0) + 2
     elif manifest == "version":
         body["schema_version"] = 2
+    elif manifest == "typed: version true":
+        body["schema_version"] = True
+    elif manifest == "typed: rows true":
+        body["rows"] = True if body["rows"] == 1 else str(body["rows"])
+    elif manifest == "typed: rows 1.0":
+        body["rows"] = float(body["rows"])
+    elif manifest == "typed: rows text":
+        body["rows"] = str(body["rows"])
+    elif manifest == "typed: per-language list":
+        body["rows_per_language"] = list(body["rows_per_language"].values())
+    elif manifest == "typed: per-language text":
+        body["rows_per_language"] = "en"
+    elif manifest == "typed: per-language bool count":
+        body["rows_per_language"] = {**body["rows_per_language"], "en": True}
     text = json.dumps(body)
     if manifest == "not json":
         text = text[:-1]

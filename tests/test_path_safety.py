@@ -72,3 +72,23 @@ def test_the_cli_refuses_an_escaping_name_before_writing_anything(name, tmp_path
     assert len(lines) == 1 and lines[0].startswith("hybridray: error: name: "), done.stderr
     assert not (tmp_path / "area").exists() and not (tmp_path / "escape").exists()
     assert not os.path.exists("/tmp/elsewhere")
+
+
+
+
+def test_a_sweep_refuses_up_front_a_name_its_trials_could_not_carry(tmp_path):
+    """The longest accepted run name, swept: refused when the sweep is read (naming the key),
+    not by a trial or after every trial has run; a name with room for the suffixes passes."""
+    from hybridray.config import NAME_MAX_CHARS, load_config
+    from hybridray.tuning import _LONGEST_TRIAL_SUFFIX, load_sweep
+
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text("metric: loss\nmode: min\nsearch_space:\n  sampler.alpha: {grid: [0.0, 1.0]}\n")
+    room = NAME_MAX_CHARS - len(_LONGEST_TRIAL_SUFFIX)
+    for name in ("a" * NAME_MAX_CHARS, "a" * (room + 1)):
+        with pytest.raises(UserError, match=rf"^name: {len(name)} characters; .* at most {room}$"):
+            load_sweep(sweep, load_config(REPO / "configs" / "local.yaml", [f"name={name}"]))
+    base = load_config(REPO / "configs" / "local.yaml", [f"name={'a' * room}"])
+    load_sweep(sweep, base)
+    for suffix in ("-sweep", "-best", _LONGEST_TRIAL_SUFFIX):
+        base.name = "a" * room + suffix  # validated on assignment, as tuning names them

@@ -61,7 +61,7 @@ SCRIPT = textwrap.dedent('''
 ''')
 
 
-@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("seed", [0])  # one shuffled order of six sessions (two cost 70 s more)
 def test_repeated_ray_sessions_survive_abandoned_streams(seed):
     temp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths must fit
     try:

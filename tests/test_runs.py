@@ -111,8 +111,13 @@ def test_a_damaged_run_directory_is_one_clear_error(tmp_path):
     with pytest.raises(UserError, match="no intact checkpoint to resume from .*checkpoint_4: no trainer_state.json"):
         plan_run(cfg, run_identity(cfg), overwrite=False)
     Path(directory, "checkpoint_manager_snapshot.json").write_text('{"latest_checkpoint_result": ')
-    with pytest.raises(UserError, match="not valid JSON"):
+    with pytest.raises(UserError) as caught:
         plan_run(cfg, run_identity(cfg), overwrite=False)
+    message = str(caught.value)  # says what is kept, and that --overwrite would delete it
+    assert "checkpoint_manager_snapshot.json: not valid JSON" in message and "\n" not in message
+    assert "its 1 checkpoint(s) are untouched (newest: checkpoint_4)" in message
+    assert message.endswith("or pass --overwrite to delete the run and start it again")
+    assert Path(directory, "checkpoint_4").is_dir()
 
 
 def test_every_operational_key_is_a_real_key():
@@ -206,6 +211,8 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_one(where, how, 
     ({"../outside": [1, "0" * 64], "trainer_state.json": [1, "0" * 64]}, 1, "not a path inside the checkpoint"),
     ({"deepspeed/model_states.pt": [16384, "0" * 64]}, 1, "trainer_state.json not listed"),
     (None, 0, "world_size 0"),
+    (None, "2", "no whole-number world_size ('2')"),
+    (None, True, "no whole-number world_size (True)"),
 ])
 def test_a_malformed_seal_is_a_damaged_checkpoint_not_a_traceback(tmp_path, files, state, why):
     """A seal is data read back from storage: any shape of it is a reason, never an exception,
@@ -239,3 +246,18 @@ def test_a_damaged_checkpoint_is_left_listed_unless_the_run_resumes(tmp_path, ca
     assert "warning" not in capfd.readouterr().err
     assert plan_run(cfg, run_identity(cfg), overwrite=False).start_step == 4  # the resume repairs it
     assert "checkpoint_8" not in storage.read_text(storage.join(directory, "checkpoint_manager_snapshot.json"))
+
+
+def test_sizes_only_finds_a_truncated_checkpoint_without_reading_it(tmp_path):
+    """``checksums=False`` (a failed run's last line) lists sizes instead of downloading:
+    it passes over a cut-short file, but a same-size corruption needs the checksums."""
+    from hybridray.runs import latest_checkpoint
+
+    cfg = config(str(tmp_path / "runs"), str(shards(tmp_path / "shards")))
+    directory = sealed_checkpoints(cfg, [4, 8])
+    damage(storage.join(directory, "checkpoint_8", "deepspeed/model_states.pt"), "flipped byte")
+    assert latest_checkpoint(directory, checksums=False)[0] == storage.join(directory, "checkpoint_8")
+    assert latest_checkpoint(directory)[0] == storage.join(directory, "checkpoint_4")
+    state = Path(directory, "checkpoint_8", "deepspeed", "model_states.pt")
+    state.write_bytes(state.read_bytes()[:50])
+    assert latest_checkpoint(directory, checksums=False)[0] == storage.join(directory, "checkpoint_4")

@@ -18,7 +18,7 @@ import pytest
 
 from hybridray import storage
 
-from conftest import REPO
+from conftest import REPO, heldout_subset
 
 HYBRIDRAY = str(REPO / ".venv" / "bin" / "hybridray")
 
@@ -45,12 +45,7 @@ def test_eval_reads_a_model_and_its_data_from_s3(bucket, tmp_path, mlqa_prepared
     from hybridray.models import resolve_model_path
 
     storage.copy_tree(resolve_model_path("builtin:tiny"), f"s3://{bucket}/models/tiny")
-    heldout = tmp_path / "heldout"
-    heldout.mkdir()
-    for lang in ("de", "en"):
-        data = json.loads((mlqa_prepared / "heldout-lareqa" / f"{lang}.json").read_text())
-        data["data"] = data["data"][:3]
-        (heldout / f"{lang}.json").write_text(json.dumps(data))
+    heldout = heldout_subset(tmp_path / "heldout", mlqa_prepared, articles=3, langs=("de", "en"))
     storage.copy_tree(str(heldout), f"s3://{bucket}/heldout")
     common = ["--max-length", "32", "--no-progress"]
     remote = cli("eval", "--model", f"s3://{bucket}/models/tiny", "--data", f"lareqa:s3://{bucket}/heldout",

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import SHARED_DATA
+from conftest import SHARED_DATA, heldout_subset
 from hybridray.config import build_config
 
 pytestmark = pytest.mark.ray
@@ -23,12 +23,7 @@ pytestmark = pytest.mark.ray
 @pytest.fixture(scope="module")
 def small_heldout(tmp_path_factory, mlqa_prepared):
     """A small LAReQA held-out dir: the first few held-out articles of 3 languages."""
-    out = tmp_path_factory.mktemp("heldout-small")
-    for lang in ("de", "en", "es"):
-        data = json.loads((mlqa_prepared / "heldout-lareqa" / f"{lang}.json").read_text())
-        data["data"] = data["data"][:6]
-        (out / f"{lang}.json").write_text(json.dumps(data))
-    return out
+    return heldout_subset(tmp_path_factory.mktemp("heldout-small"), mlqa_prepared, articles=6)
 
 
 def tiny_config(tmp_path, mlqa_prepared, heldout, **overrides):
@@ -81,6 +76,25 @@ def test_run_evaluates_before_and_after_and_exports(ray_session, tmp_path, mlqa_
         assert (run_dir / "eval" / stage / "report.md").exists()
     model = SentenceTransformer(str(run_dir / "model"), device="cpu")
     assert model.encode(["query: hallo welt"]).shape == (1, 64)
+    assert_after_equals_one_process(config, run_dir)
+
+
+def assert_after_equals_one_process(config, run_dir):
+    """The held-out evaluation after training, encoded by the 2 Ray Train workers (a shard
+    each), scores what one process scores with the exported model."""
+    from hybridray.data.tokenize import prefixes
+    from hybridray.evaluate.lareqa import evaluate_lareqa
+    from hybridray.models import load_encoder
+    from test_distributed_eval import assert_same_scores
+
+    got = json.loads((run_dir / "eval" / "after" / "report.json").read_text())
+    model, tokenizer = load_encoder(str(run_dir / "model"))
+    query_prefix, passage_prefix = prefixes(config.model)
+    want = evaluate_lareqa(model, tokenizer, config.data.heldout, query_prefix=query_prefix,
+                           passage_prefix=passage_prefix, pooling=config.model.pooling,
+                           max_length=config.eval.max_length, batch_size=config.eval.batch_size)
+    assert got["timing"]["encode_workers"] == 2
+    assert_same_scores(got, want)
 
 
 RESUME = {"train.eval_before": "true", "train.max_steps": 6, "train.checkpoint_every": 3}

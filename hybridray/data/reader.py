@@ -339,8 +339,10 @@ def check_manifest(index: ShardIndex) -> None:
         raise UserError(f"{uri}: not valid JSON ({exc})") from None
     if not isinstance(manifest, dict):
         raise UserError(f"{uri}: not a JSON object")
-    if manifest.get("schema_version") != SCHEMA_VERSION:
-        raise UserError(f"{uri}: schema_version {manifest.get('schema_version')!r}, this hybridray reads {SCHEMA_VERSION}")
+    version = manifest.get("schema_version")
+    if type(version) is not int or version != SCHEMA_VERSION:
+        raise UserError(f"{uri}: schema_version {version!r}, this hybridray reads {SCHEMA_VERSION}")
+    _check_manifest_types(uri, manifest)
     root = filesystem_for(path)[1].rstrip("/")
     found = dict(zip((filesystem_for(f)[1][len(root):].lstrip("/") for f in index.files), index.rows_per_file))
     listed = manifest.get("files")
@@ -368,6 +370,19 @@ def check_manifest(index: ShardIndex) -> None:
         raise UserError(f"{uri}: rows_per_language disagrees with the files for {differ[:5]} "
                         f"(manifest {[per_language.get(k) for k in differ[:5]]}, files "
                         f"{[index.rows_read_per_language.get(k, 0) for k in differ[:5]]})")
+
+
+def _check_manifest_types(uri: str, manifest: dict) -> None:
+    """The shape of the manifest's counts, checked before they are compared: ``true`` is not
+    the number 1, and a list where a mapping belongs is a damaged manifest, not a traceback."""
+    if "rows" in manifest and type(manifest["rows"]) is not int:
+        raise UserError(f"{uri}: 'rows' must be a whole number, not {manifest['rows']!r}")
+    per_language = manifest.get("rows_per_language")
+    if per_language is not None and not (
+        isinstance(per_language, dict) and all(type(n) is int for n in per_language.values())
+    ):
+        raise UserError(f"{uri}: 'rows_per_language' must map language codes to whole numbers, "
+                        f"not {str(per_language)[:80]!r}")
 
 
 def _index_batch(batch: pa.Table, max_text_chars: int, languages) -> pa.Table:

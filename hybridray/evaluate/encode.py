@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
-from typing import Iterator, Optional, Sequence
+from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -34,6 +34,17 @@ def eval_mode(model: torch.nn.Module) -> Iterator[None]:
             module.training = training
 
 
+def distinct(texts: Sequence[str]) -> tuple[list[str], np.ndarray]:
+    """``(unique, where)``: the distinct texts in first-seen order, and for each input text its
+    row in ``unique`` (``unique[where[i]] == texts[i]``). A text's vector depends a little on the
+    batch it is padded with, so every path encodes each distinct text once and copies its vector
+    to every occurrence: equal texts then tie exactly and the seeded key orders them, whatever the
+    batching, chunking or number of workers."""
+    first: dict[str, int] = {}
+    where = np.fromiter((first.setdefault(t, len(first)) for t in texts), dtype=np.int64, count=len(texts))
+    return list(first), where
+
+
 def _last_hidden_state(output) -> torch.Tensor:
     return output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
 
@@ -57,10 +68,18 @@ def encode_texts(
     submodule's mode is restored afterwards, so the trainer can call this mid-run), with bf16 autocast on GPUs
     only. ``device`` defaults to where the model's weights already are: the caller placed
     the model (with :func:`hybridray.device.default_device`), this function never moves it
-    unless asked.
+    unless asked. Each distinct text is encoded once (:func:`distinct`): equal texts get
+    bit-identical vectors.
+
+    ``model`` may also be an encoding pool (:class:`hybridray.evaluate.pool.EncoderPool`,
+    ``hybridray eval --workers N``), which spreads the same encoding over its actors.
     """
+    if hasattr(model, "encode_texts"):  # a pool of actors (hybridray.evaluate.pool) encodes itself
+        return model.encode_texts(texts, prefix=prefix, max_length=max_length, batch_size=batch_size,
+                                  pooling=pooling, progress=progress)
     if len(texts) == 0:
         raise ValueError("encode_texts: no texts to encode")
+    texts, where = distinct(texts)
     device = torch.device(device) if device is not None else next(model.parameters()).device
     model.to(device)
     max_length = min(max_length, tokenizer.model_max_length)  # never past the position table
@@ -81,4 +100,23 @@ def encode_texts(
             if out is None:
                 out = np.empty((len(texts), vectors.shape[-1]), dtype=np.float32)
             out[rows] = vectors.cpu().numpy()
-    return out
+    return out[where]
+
+
+def encode_chunks(
+    model,
+    tokenizer,
+    chunks: Iterable[tuple[int, object]],
+    reader: Callable[[object], list[str]],
+    **settings,
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """``(rows, vectors)`` for each chunk ``(first row, source)`` of a corpus too large to hold:
+    ``reader(source)`` gives the chunk's texts, rows ``first .. first + len - 1``. One chunk's
+    texts are in memory at a time; a pool (``model.encode_chunks``) has its actors read them
+    and yields the chunks in any order. ``settings``: those of :func:`encode_texts`."""
+    if hasattr(model, "encode_chunks"):
+        yield from model.encode_chunks(chunks, reader, **settings)
+        return
+    for first, source in chunks:
+        texts = reader(source)
+        yield np.arange(first, first + len(texts)), encode_texts(model, tokenizer, texts, **settings)

@@ -283,16 +283,31 @@ def evaluate_lareqa(
         data = load_lareqa(data, langs)
     started = time.perf_counter()
     encode = dict(pooling=pooling, max_length=max_length, batch_size=batch_size, progress=progress)
-    questions = [q for lang in data.langs for q in data.questions[lang]]
-    candidates = [c for lang in data.langs for c in data.candidate_texts(lang, with_context)]
+    questions, candidates = lareqa_texts(data, with_context)
     q_all = encode_texts(model, tokenizer, questions, prefix=query_prefix, **encode)
     c_all = encode_texts(model, tokenizer, candidates, prefix=passage_prefix, **encode)
+    settings = {"query_prefix": query_prefix, "passage_prefix": passage_prefix, "pooling": pooling,
+                "max_length": max_length, "batch_size": batch_size, "with_context": with_context}
+    return lareqa_report(data, q_all, c_all, settings, encode_seconds=time.perf_counter() - started)
+
+
+def lareqa_texts(data: LareqaData, with_context: bool = False) -> tuple[list[str], list[str]]:
+    """(every question, every candidate text), languages in ``data.langs`` order: the rows of
+    the two embedding arrays that :func:`lareqa_report` scores."""
+    questions = [q for lang in data.langs for q in data.questions[lang]]
+    candidates = [c for lang in data.langs for c in data.candidate_texts(lang, with_context)]
+    return questions, candidates
+
+
+def lareqa_report(data: LareqaData, q_all: np.ndarray, c_all: np.ndarray, settings: dict,
+                  encode_seconds: float, encode_workers: int = 1) -> dict:
+    """The report of :func:`evaluate_lareqa` from the embeddings of :func:`lareqa_texts`
+    (however they were encoded: one process, or split over the ranks of a training run)."""
+    started = time.perf_counter()
     q_split = np.cumsum([len(data.questions[lang]) for lang in data.langs])[:-1]
     query_emb = dict(zip(data.langs, np.split(q_all, q_split)))
     cand_emb = {lang: c_all[lo:hi] for lang, (lo, hi) in zip(data.langs, data.pools)}
-    encoded = time.perf_counter()
     scores = score_lareqa(data, query_emb, cand_emb)
-    scored = time.perf_counter()
     return {
         "task": "lareqa",
         "data": {
@@ -302,10 +317,8 @@ def evaluate_lareqa(
             "n_candidates": {lang: len(data.sentences[lang]) for lang in data.langs},
             "n_rejected_questions": data.n_rejected,
         },
-        "settings": {
-            "query_prefix": query_prefix, "passage_prefix": passage_prefix, "pooling": pooling,
-            "max_length": max_length, "batch_size": batch_size, "with_context": with_context,
-        },
+        "settings": dict(settings),
         **scores,
-        "timing": {"encode_seconds": encoded - started, "score_seconds": scored - encoded},
+        "timing": {"encode_seconds": encode_seconds, "score_seconds": time.perf_counter() - started,
+                   "encode_workers": encode_workers},
     }

@@ -62,6 +62,9 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pooling", default=None,
                         help="mean (E5), cls (LaBSE) or last (decoder LLMs); default: the model's "
                              "(its sentence-transformers pooling, else last for decoders, else mean)")
+    parser.add_argument("--workers", type=int, default=1, metavar="N",
+                        help="encode on N Ray actors (one per GPU, else an equal share of the CPUs each; "
+                             "joins RAY_ADDRESS's cluster or starts a local one); default 1: this process")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("--out", required=True, metavar="DIR",
                         help="output directory for report.json, report.md and plots")
@@ -89,6 +92,8 @@ def run_eval(args: argparse.Namespace) -> int:
     ``args.out``, print it."""
     from hybridray.models import POOLING_MODES
 
+    if args.workers < 1:  # before any data is read (encoder_for checks it too, for library callers)
+        raise UserError(f"--workers {args.workers}: expected 1 or more")
     if args.pooling is not None and args.pooling not in POOLING_MODES:
         raise UserError(f"--pooling {args.pooling!r}: expected one of {', '.join(POOLING_MODES)}")
     overrides = {"query_prefix": args.query_prefix, "passage_prefix": args.passage_prefix,
@@ -102,7 +107,7 @@ def run_eval(args: argparse.Namespace) -> int:
 
         suite = load_suite(args.suite)
         run_suite(suite, args.model, args.out, suite_path=args.suite, overrides=overrides,
-                  progress=not args.no_progress)
+                  progress=not args.no_progress, workers=args.workers)
         print((Path(args.out) / "report.md").read_text(encoding="utf-8"))
         return 0
     return _run_one(args, overrides)
@@ -110,7 +115,7 @@ def run_eval(args: argparse.Namespace) -> int:
 
 def _run_one(args: argparse.Namespace, overrides: dict) -> int:
     from hybridray.config import EvalSuiteConfig
-    from hybridray.device import default_device
+    from hybridray.evaluate.pool import encoder_for
     from hybridray.evaluate.report import write_report
     from hybridray.evaluate.suite import evaluate_task, load_task, local_data, model_location, resolve_settings
     from hybridray.models import load_encoder
@@ -122,9 +127,9 @@ def _run_one(args: argparse.Namespace, overrides: dict) -> int:
     settings = resolve_settings(EvalSuiteConfig(tasks=[task], **DEFAULTS), model_path, overrides,
                                 progress=not args.no_progress)
     model, tokenizer = load_encoder(model_path)
-    model.to(default_device())
-    report = evaluate_task(model, tokenizer, task, data, settings)
+    with encoder_for(model, tokenizer, args.workers) as encoder:
+        report = evaluate_task(encoder, tokenizer, task, data, settings)
     report = {"model": args.model, **report, "data": {**report["data"], "path": task.path}}
-    report["timing"]["total_seconds"] = time.perf_counter() - started
+    report["timing"].update(total_seconds=time.perf_counter() - started, encode_workers=args.workers)
     print(write_report(report, args.out))
     return 0

@@ -60,10 +60,10 @@ def load_task(task: EvalTaskConfig, directory: Path) -> Any:
         load_tatoeba(directory, task.langs)
         return directory
     if task.kind == "beir":
-        from hybridray.evaluate.beir import find_beir_datasets, load_beir
+        from hybridray.evaluate.beir import find_beir_datasets, scan_beir
 
         for dataset in find_beir_datasets(directory, task.langs):
-            load_beir(dataset, split)
+            scan_beir(dataset, split)  # every line checked, no corpus text kept
         return directory
     if task.kind == "tydi":
         from hybridray.evaluate.tydi import load_tydi
@@ -259,13 +259,15 @@ def run_suite(
     overrides: Optional[dict] = None,
     label: str = "",
     progress: bool = False,
+    workers: int = 1,
 ) -> dict:
     """Evaluate ``model_name`` (builtin, hub id or local directory) on every task of
     ``suite`` and write ``report.md``, ``report.json`` and ``low_resource.png`` to
     ``out_dir``. ``overrides``: ``query_prefix``, ``passage_prefix``, ``pooling``,
-    ``max_length``, ``batch_size`` (None values ignored). Returns the ``report.json`` dict.
+    ``max_length``, ``batch_size`` (None values ignored). ``workers`` > 1 encodes on a pool of
+    Ray actors (:mod:`hybridray.evaluate.pool`). Returns the ``report.json`` dict.
     """
-    from hybridray.device import default_device
+    from hybridray.evaluate.pool import encoder_for
     from hybridray.evaluate.report import MARKDOWN, _strict_json
     from hybridray.models import load_encoder
 
@@ -275,20 +277,20 @@ def run_suite(
     model_path = model_location(model_name)
     settings = resolve_settings(suite, model_path, overrides, progress)
     model, tokenizer = load_encoder(model_path)
-    model.to(default_device())
-    reports, rows, panels, seconds, markdown = {}, [], {}, {}, []
-    for task in suite.tasks:
-        task_started = time.perf_counter()
-        report = evaluate_task(model, tokenizer, task, data[task.name], settings, groups)
-        report = {"model": model_name, **report, "data": {**report["data"], "path": task.path}}
-        seconds[task.name] = time.perf_counter() - task_started
-        report["timing"]["total_seconds"] = seconds[task.name]
-        reports[task.name] = report
-        rows.extend(summary_rows(task, report, seconds[task.name], groups))
-        low = low_resource_values(task, report, groups)
-        if low:
-            panels[task.name] = low
-        markdown.append(f"---\n\n*Task `{task.name}`*\n\n" + MARKDOWN[task.kind](report))
+    with encoder_for(model, tokenizer, workers) as encoder:  # one actor pool for every task
+        reports, rows, panels, seconds, markdown = {}, [], {}, {}, []
+        for task in suite.tasks:
+            task_started = time.perf_counter()
+            report = evaluate_task(encoder, tokenizer, task, data[task.name], settings, groups)
+            report = {"model": model_name, **report, "data": {**report["data"], "path": task.path}}
+            seconds[task.name] = time.perf_counter() - task_started
+            report["timing"].update(total_seconds=seconds[task.name], encode_workers=workers)
+            reports[task.name] = report
+            rows.extend(summary_rows(task, report, seconds[task.name], groups))
+            low = low_resource_values(task, report, groups)
+            if low:
+                panels[task.name] = low
+            markdown.append(f"---\n\n*Task `{task.name}`*\n\n" + MARKDOWN[task.kind](report))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     chart = plot_low_resource(panels, {t.name: HEADLINE[t.kind] for t in suite.tasks}, out_dir / "low_resource.png")
@@ -301,7 +303,7 @@ def run_suite(
         "low_resource": panels,
         "chart": chart.name if chart else None,
         "tasks": reports,
-        "timing": {"tasks": seconds, "total_seconds": time.perf_counter() - started},
+        "timing": {"tasks": seconds, "total_seconds": time.perf_counter() - started, "encode_workers": workers},
     }
     (out_dir / "report.json").write_text(
         json.dumps(_strict_json(result), indent=2, ensure_ascii=False, allow_nan=False) + "\n", encoding="utf-8")
