@@ -258,8 +258,32 @@ def build_engine(model: nn.Module, config, world_size: Optional[int] = None, opt
         lr_scheduler=scheduler,
         config=deepspeed_config(config, actual),
     )
+    skip_needless_work(engine, config, actual)
     engine.train()
     return engine
+
+
+def skip_needless_work(engine, config, world_size: int) -> None:
+    """ZeRO-0 shortcuts that leave every gradient and weight bit-for-bit as they were.
+
+    * One worker: no backward all-reduce. DeepSpeed 0.19.8 otherwise flattens all gradients
+      into one buffer, all-reduces it over a group of one and copies it back every step
+      (``allreduce_gradients`` -> ``buffered_allreduce_fallback``): an average over one rank.
+      Only at stage 0: under ZeRO-1/2/3 the same call moves gradients into the partitions.
+    * fp32: clip with torch's ``clip_grad_norm_`` (foreach kernels) instead of DeepSpeed's
+      per-parameter loop, its all-reduce of the norm and its unconditional multiply. Stage 0
+      only, where every rank holds whole, already averaged gradients, so the local norm is the
+      global one; under ZeRO-1/2/3 DeepSpeed must clip its own partitions. Same threshold
+      (``optim.grad_clip``), same ``max_norm / (norm + 1e-6)`` coefficient capped at 1.
+    """
+    if config.deepspeed.zero_stage != 0:
+        return
+    if world_size == 1:
+        engine.enable_backward_allreduce = False
+    if engine.gradient_clipping() > 0 and not (engine.fp16_enabled() or engine.bfloat16_enabled()):
+        trainable = [p for p in engine.module.parameters() if p.requires_grad]
+        max_norm = engine.gradient_clipping()
+        engine.clip_fp32_gradients = lambda: torch.nn.utils.clip_grad_norm_(trainable, max_norm)
 
 
 def clamp_temperature(engine) -> None:
