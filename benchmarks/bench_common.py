@@ -53,14 +53,141 @@ def collect_batches(config) -> list[dict]:
     return list(iter_worker_batches(dataset, rank=0, world_size=1, stop_step=config.train.max_steps))
 
 
+def cpu_model() -> str:
+    """The CPU's model name and its SIMD level from /proc/cpuinfo, and whether the logical
+    CPUs are SMT siblings of one core."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or platform.machine()
+    fields = dict(line.split(":", 1) for line in info.splitlines() if ":" in line)
+    name = fields.get("model name\t", "").strip() or platform.machine()
+    flags = fields.get("flags\t\t", "").split()
+    simd = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2"
+    siblings, cores = fields.get("siblings\t", "").strip(), fields.get("cpu cores\t", "").strip()
+    smt = "SMT siblings" if siblings and cores and int(siblings) > int(cores) else "no SMT siblings"
+    mhz = fields.get("cpu MHz\t\t", "").strip()
+    mhz = f", {float(mhz):.0f} MHz as the VM reports it" if mhz else ""
+    return f"{name}, {simd}, {os.cpu_count()} logical CPUs ({smt}{mhz})"
+
+
+def clock_mhz() -> float:
+    """The CPU clock /proc/cpuinfo reports (MHz), 0 if unknown."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("cpu MHz"):
+                return float(line.split(":", 1)[1])
+    except (OSError, ValueError):
+        pass
+    return 0.0
+
+
 def machine() -> dict:
+    import ray
+    import torch
+
+    try:
+        import deepspeed
+        ds = deepspeed.__version__
+    except Exception:  # noqa: BLE001 - only a label
+        ds = "not importable"
     load = os.getloadavg()
     return {
         "cores": os.cpu_count(),
+        "cpu": cpu_model(),
         "python": platform.python_version(),
+        "versions": f"torch {torch.__version__}, DeepSpeed {ds}, Ray {ray.__version__}",
         "load": f"{load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f}",
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
     }
+
+
+def describe(m: dict) -> str:
+    """One line for a section's 'Machine:' paragraph."""
+    return f"{m['cpu']}; Python {m['python']}, {m['versions']}"
+
+
+# ----------------------------------------------------------------------------- CPU sampler
+class MachineSampler:
+    """Cumulative CPU seconds of every process on the machine, by category, sampled every
+    ``every`` seconds by a separate process (so the sampling costs neither this process nor
+    the workers, and its own CPU is left out): ``worker`` (Ray Train workers started by this
+    process), ``driver`` (this process), ``ours`` (the rest of this process's tree: Ray's
+    daemons, Ray Data tasks, the Train controller), ``others`` (everything else on the
+    machine: other users, the VM)."""
+
+    CATEGORIES = ("worker", "driver", "ours", "others")
+
+    def __init__(self, path: Path, every: float = 0.5):
+        self.path, self.every, self.process = Path(path), every, None
+
+    def __enter__(self):
+        import subprocess
+        import sys
+
+        self.process = subprocess.Popen([sys.executable, __file__, "--sample", str(self.path),
+                                         str(self.every), str(os.getpid())])
+        deadline = time.time() + 30
+        while not (self.path.exists() and self.path.read_text().count("\n") >= 1) and time.time() < deadline:
+            time.sleep(0.1)
+        return self
+
+    def __exit__(self, *exc):
+        self.process.terminate()
+        self.process.wait(10)
+
+    def between(self, a: float, b: float) -> dict[str, float]:
+        """CPU seconds per category between wall-clock times ``a`` and ``b`` (linear
+        interpolation between the samples around each)."""
+        import json
+
+        rows = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        times = np.array([r[0] for r in rows])
+        if a < times[0] or b > times[-1]:
+            raise RuntimeError(f"sampler covers {times[0]:.1f}..{times[-1]:.1f}, asked {a:.1f}..{b:.1f}")
+        return {c: float(np.interp(b, times, [r[1 + i] for r in rows]) - np.interp(a, times, [r[1 + i] for r in rows]))
+                for i, c in enumerate(self.CATEGORIES)}
+
+
+def _sample(path: str, every: float, root_pid: int) -> None:
+    """The sampler process of ``MachineSampler`` (run as ``bench_common.py --sample``)."""
+    import json
+
+    import psutil
+
+    me = os.getpid()
+    seen: dict[int, float] = {}
+    totals = dict.fromkeys(MachineSampler.CATEGORIES, 0.0)
+    first = True
+    with open(path, "w") as out:
+        while True:
+            try:
+                tree = {p.pid for p in psutil.Process(root_pid).children(recursive=True)}
+            except psutil.NoSuchProcess:
+                return
+            now = {}
+            for p in psutil.process_iter(["pid", "cmdline", "cpu_times"]):
+                try:
+                    if p.info["pid"] == me or p.info["cpu_times"] is None:
+                        continue
+                    t = p.info["cpu_times"]
+                    pid, cpu = p.info["pid"], t.user + t.system
+                    now[pid] = cpu
+                    if first:
+                        continue
+                    if pid == root_pid:
+                        kind = "driver"
+                    elif pid in tree:
+                        kind = "worker" if "RayTrainWorker" in " ".join(p.info["cmdline"] or []) else "ours"
+                    else:
+                        kind = "others"
+                    totals[kind] += cpu - seen.get(pid, 0.0)  # a new process: all of its CPU so far
+                except (psutil.Error, TypeError):
+                    continue
+            seen, first = now, False
+            out.write(json.dumps([time.time(), *totals.values()]) + "\n")
+            out.flush()
+            time.sleep(every)
 
 
 def summary(times: Sequence[float]) -> dict:
@@ -70,11 +197,13 @@ def summary(times: Sequence[float]) -> dict:
 
 
 # ----------------------------------------------------------------------------- bare loop
-def bare_loop(config, batches: Sequence[dict], threads: int) -> list[float]:
+def bare_loop(config, batches: Sequence[dict], threads: int, clock: Optional[dict] = None) -> list[float]:
     """Seconds per step of a plain PyTorch loop (no Ray, no DeepSpeed) doing what the trainer
     computes: the same ``TrainingModel`` (encoder + InfoNCE with group masking, dropout on),
     AdamW over the same parameter groups, the same LR schedule and gradient clipping, on the
-    same batches. The first entry includes the first step's one-off costs."""
+    same batches. The first entry includes the first step's one-off costs. ``clock``, if
+    given, receives ``ends`` (wall-clock time at each step's end) and ``cpu`` (this process's
+    CPU seconds, ``time.process_time``, of each step)."""
     import torch
 
     from hybridray.engine import TrainingModel, build_optimizer
@@ -88,9 +217,9 @@ def bare_loop(config, batches: Sequence[dict], threads: int) -> list[float]:
         model.train()
         optimizer, scheduler = build_optimizer(model, config)
         params = [p for p in model.parameters() if p.requires_grad]
-        times = []
+        times, ends, cpu = [], [], []
         for batch in batches:
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             loss = model(**{k: batch[k] for k in MODEL_INPUTS if batch.get(k) is not None})
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -100,6 +229,10 @@ def bare_loop(config, batches: Sequence[dict], threads: int) -> list[float]:
             scheduler.step()
             float(loss)
             times.append(time.perf_counter() - start)
+            cpu.append(time.process_time() - start_cpu)
+            ends.append(time.time())
+        if clock is not None:
+            clock.update(ends=ends, cpu=cpu)
         return times
     finally:
         torch.set_num_threads(previous)
@@ -186,3 +319,10 @@ def gemm_peak(threads: int, n: int = 2048, reps: int = 10) -> dict:
 
 def gflops(x: Optional[float]) -> str:
     return "–" if x is None else f"{x / 1e9:.1f}"
+
+
+if __name__ == "__main__":
+    import sys
+
+    if len(sys.argv) == 5 and sys.argv[1] == "--sample":
+        _sample(sys.argv[2], float(sys.argv[3]), int(sys.argv[4]))

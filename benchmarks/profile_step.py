@@ -1,31 +1,37 @@
-"""Where does a trainer step's time go? Timing spans of one step, three ways, one process:
+"""Where does a trainer step's time go? Timing spans of one step, in one process, no Ray Train:
 
 * **bare** -- ``bench_common.bare_loop``'s computation, spans: forward, backward,
   clip + AdamW + schedule;
-* **engine ZeRO-0 / ZeRO-1** -- the DeepSpeed engine ``train_func`` builds
-  (``engine.build_engine``, a process group of one), fed the same batches, spans: forward
-  (``engine(...)``), ``engine.backward``, ``engine.step``, and the per-step extras of
-  ``train_func`` (``clamp_temperature``, the loss and token all-reduces, ``groups_digest``);
-* **trainer** (``--trainer``) -- ``run_training`` on one worker, with the CPU seconds every
-  process on the machine used during its steady steps (psutil, sampled every 0.5 s): what the
-  train worker itself used, and what everything else (the driver, Ray's daemons, other
-  users) took from the same cores.
+* **engine** -- the DeepSpeed engine ``train_func`` builds (``engine.build_engine``, a
+  process group of one) on the same batches: ZeRO-0 as hybridray builds it now
+  (``engine.skip_needless_work``), ZeRO-0 with DeepSpeed's own path put back (backward
+  all-reduce over a group of one, DeepSpeed's ``clip_grad_norm_``), and ZeRO-1. Spans:
+  forward, ``engine.backward`` (and inside it ``allreduce_gradients``), ``engine.step`` (and
+  inside it the clip, ``optimizer.step``, ``zero_grad``, the LR step), and ``train_func``'s
+  per-step extras (``clamp_temperature``, the loss and token all-reduces, ``groups_digest``).
 
-Run (from the repository root; about 6 minutes on 2 cores)::
+Every span records wall time and the main thread's CPU time (``time.thread_time``); a span
+whose wall time is far above its thread time was waiting (preempted, or for other threads),
+not computing. Medians and maxima over the steady steps are printed, not only means. Then
+three pieces alone on e5-small's trainable gradients, 20 repetitions each (median): torch's
+vs DeepSpeed's gradient clipping, DeepSpeed's backward all-reduce on one rank, and AdamW's
+step with ``foreach`` off (torch's CPU default) and on. And the torch thread count before and
+after ``build_engine``.
 
-    flock /tmp/hybridray-heavy.lock .venv/bin/python benchmarks/profile_step.py --trainer
+Run (from the repository root; about 5 minutes on 2 cores)::
+
+    flock /tmp/hybridray-heavy.lock .venv/bin/python benchmarks/profile_step.py
 """
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from collections import defaultdict
+from contextlib import contextmanager
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -33,11 +39,58 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_common import MLQA_R, collect_batches, demo_config, machine, prepare  # noqa: E402
 
 
-def spans_bare(config, batches, threads: int) -> dict[str, list[float]]:
+class Spans:
+    """Wall and main-thread CPU seconds of named spans, one entry per step."""
+
+    def __init__(self):
+        self.wall, self.cpu = defaultdict(list), defaultdict(list)
+        self._step = defaultdict(lambda: [0.0, 0.0])
+
+    @contextmanager
+    def __call__(self, name: str):
+        w, c = time.perf_counter(), time.thread_time()
+        try:
+            yield
+        finally:
+            acc = self._step[name]
+            acc[0] += time.perf_counter() - w
+            acc[1] += time.thread_time() - c
+
+    def wrap(self, obj, attr: str, name: str) -> None:
+        """Time every call of ``obj.attr`` as span ``name``."""
+        inner = getattr(obj, attr)
+
+        def timed(*args, **kwargs):
+            with self(name):
+                return inner(*args, **kwargs)
+
+        setattr(obj, attr, timed)
+
+    def end_step(self) -> None:
+        for name, (w, c) in self._step.items():
+            self.wall[name].append(w)
+            self.cpu[name].append(c)
+        self._step.clear()
+
+    def table(self, title: str, warmup: int) -> list[str]:
+        lines = [f"{title}:"]
+        for name in self.wall:
+            w, c = self.wall[name][warmup:], self.cpu[name][warmup:]
+            lines.append(f"    {name:<28} wall median {statistics.median(w):7.3f} max {max(w):7.3f} | "
+                         f"thread CPU median {statistics.median(c):7.3f} max {max(c):7.3f}  (s, {len(w)} steps)")
+        return lines
+
+
+def model_inputs(batch):
+    from hybridray.train import MODEL_INPUTS
+
+    return {k: batch[k] for k in MODEL_INPUTS if batch.get(k) is not None}
+
+
+def spans_bare(config, batches, threads: int) -> Spans:
     import torch
 
     from hybridray.engine import TrainingModel, build_optimizer
-    from hybridray.train import MODEL_INPUTS
 
     torch.set_num_threads(threads)
     torch.manual_seed(config.seed)
@@ -45,117 +98,118 @@ def spans_bare(config, batches, threads: int) -> dict[str, list[float]]:
     model.train()
     optimizer, scheduler = build_optimizer(model, config)
     params = [p for p in model.parameters() if p.requires_grad]
-    spans = defaultdict(list)
+    spans = Spans()
     for batch in batches:
-        t0 = time.perf_counter()
-        loss = model(**{k: batch[k] for k in MODEL_INPUTS if batch.get(k) is not None})
-        t1 = time.perf_counter()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        t2 = time.perf_counter()
-        torch.nn.utils.clip_grad_norm_(params, config.optim.grad_clip)
-        optimizer.step()
-        scheduler.step()
-        float(loss.detach())
-        t3 = time.perf_counter()
-        for name, a, b in (("forward", t0, t1), ("backward", t1, t2), ("step", t2, t3), ("total", t0, t3)):
-            spans[name].append(b - a)
+        with spans("total"):
+            with spans("forward"):
+                loss = model(**model_inputs(batch))
+            with spans("backward"):
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+            with spans("step"):
+                with spans("  clip (torch)"):
+                    torch.nn.utils.clip_grad_norm_(params, config.optim.grad_clip)
+                with spans("  optimizer.step"):
+                    optimizer.step()
+                scheduler.step()
+                float(loss.detach())
+        spans.end_step()
     return spans
 
 
-def spans_engine(config, batches, threads: int) -> dict[str, list[float]]:
+def spans_engine(config, batches, threads: int, deepspeed_path: bool = False) -> tuple[Spans, tuple[int, int]]:
+    """Spans of the engine; ``deepspeed_path`` undoes ``skip_needless_work`` (ZeRO-0)."""
     import torch
 
     from hybridray.distributed import all_reduce_mean, groups_digest
     from hybridray.engine import TrainingModel, build_engine, clamp_temperature
-    from hybridray.train import MODEL_INPUTS
 
     torch.set_num_threads(threads)
     torch.manual_seed(config.seed)
+    before = torch.get_num_threads()
     engine = build_engine(TrainingModel.from_config(config), config, 1)
-    spans = defaultdict(list)
+    threads_after = torch.get_num_threads()
+    if deepspeed_path:
+        engine.enable_backward_allreduce = True
+        vars(engine).pop("clip_fp32_gradients", None)  # DeepSpeed's own method again
+    spans = Spans()
+    spans.wrap(engine, "allreduce_gradients", "  allreduce_gradients")
+    spans.wrap(engine, "clip_fp32_gradients", "  clip")
+    spans.wrap(engine.optimizer, "step", "  optimizer.step")
+    spans.wrap(engine, "zero_grad", "  zero_grad")
+    spans.wrap(engine.lr_scheduler, "step", "  lr_scheduler.step")
     for batch in batches:
-        t0 = time.perf_counter()
-        loss = engine(**{k: batch[k] for k in MODEL_INPUTS if batch.get(k) is not None})
-        t1 = time.perf_counter()
-        engine.backward(loss)
-        t2 = time.perf_counter()
-        engine.step()
-        t3 = time.perf_counter()
-        clamp_temperature(engine)
-        float(all_reduce_mean(loss))
-        groups_digest(batch["group_ids"], batch["query_langs"], batch["passage_langs"], batch.get("negative_group_ids"))
-        int(all_reduce_mean((batch["query_attention_mask"].sum() + batch["passage_attention_mask"].sum()).float()))
-        t4 = time.perf_counter()
-        for name, a, b in (("forward", t0, t1), ("backward", t1, t2), ("step", t2, t3), ("extras", t3, t4), ("total", t0, t4)):
-            spans[name].append(b - a)
+        with spans("total"):
+            with spans("forward"):
+                loss = engine(**model_inputs(batch))
+            with spans("engine.backward"):
+                engine.backward(loss)
+            with spans("engine.step"):
+                engine.step()
+            with spans("extras"):
+                clamp_temperature(engine)
+                float(all_reduce_mean(loss))
+                groups_digest(batch["group_ids"], batch["query_langs"], batch["passage_langs"],
+                              batch.get("negative_group_ids"))
+                int(all_reduce_mean((batch["query_attention_mask"].sum() + batch["passage_attention_mask"].sum()).float()))
+        spans.end_step()
     engine.destroy()
-    return spans
+    return spans, (before, threads_after)
 
 
-class CpuSampler:
-    """CPU seconds of every process on the machine, sampled every ``every`` seconds."""
+def pieces(config, threads: int, reps: int = 20) -> list[str]:
+    """The step's pieces alone on e5-small's trainable parameters with random gradients."""
+    import torch
+    from deepspeed.runtime.utils import clip_grad_norm_ as ds_clip
 
-    def __init__(self, every: float = 0.5):
-        self.every, self.samples, self._stop = every, [], threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
+    from hybridray.engine import TrainingModel, build_engine, build_optimizer
 
-    def _run(self) -> None:
-        import psutil
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    engine = build_engine(TrainingModel.from_config(config), config, 1)
+    params = [p for p in engine.module.parameters() if p.requires_grad]
 
-        while not self._stop.is_set():
-            snap = {}
-            for p in psutil.process_iter(["pid", "name", "cmdline", "cpu_times"]):
-                try:
-                    t = p.info["cpu_times"]
-                    label = " ".join(p.info["cmdline"] or [p.info["name"] or "?"])[:70]
-                    snap[p.info["pid"]] = (label, t.user + t.system)
-                except Exception:
-                    continue
-            self.samples.append((time.time(), snap))
-            self._stop.wait(self.every)
+    def fill():
+        for p in params:
+            p.grad = torch.randn_like(p) * 1e-2
 
-    def __enter__(self):
-        self._thread.start()
-        return self
+    def timed(fn, prepare=fill) -> tuple[float, float]:
+        wall, cpu = [], []
+        for _ in range(reps):
+            prepare()
+            w, c = time.perf_counter(), time.process_time()
+            fn()
+            wall.append(time.perf_counter() - w)
+            cpu.append(time.process_time() - c)
+        return statistics.median(wall), statistics.median(cpu)
 
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-
-    def between(self, a: float, b: float) -> dict[str, float]:
-        """CPU seconds per process label between the samples nearest to times ``a`` and ``b``."""
-        first = min(self.samples, key=lambda s: abs(s[0] - a))
-        last = min(self.samples, key=lambda s: abs(s[0] - b))
-        used = defaultdict(float)
-        for pid, (label, cpu) in last[1].items():
-            used[label] += cpu - (first[1][pid][1] if pid in first[1] else 0.0)  # new ones: all of it
-        return dict(used), last[0] - first[0]
-
-
-def trainer_cpu(config, warmup: int) -> dict:
-    from hybridray.train import run_training
-
-    with CpuSampler() as sampler:
-        run_training(config, overwrite=True)
-    path = Path(config.run.storage_path) / config.name / "metrics.jsonl"
-    ends = [json.loads(line)["time"] for line in path.read_text().splitlines() if line.strip()]
-    used, window = sampler.between(ends[warmup - 1], ends[-1])
-    steps = len(ends) - warmup
-    return {"used": used, "window": window, "s_per_step": (ends[-1] - ends[warmup - 1]) / steps}
-
-
-def show(name: str, spans: dict[str, list[float]], warmup: int) -> str:
-    cells = [f"{k} {statistics.fmean(v[warmup:]):.3f}" for k, v in spans.items()]
-    return f"{name:>12}: " + ", ".join(cells) + " (s, mean over steady steps)"
+    rows = {
+        "clip: torch clip_grad_norm_": lambda: torch.nn.utils.clip_grad_norm_(params, 1.0),
+        "clip: DeepSpeed clip_grad_norm_": lambda: ds_clip(params, 1.0),
+    }
+    engine.enable_backward_allreduce = True
+    rows["DeepSpeed allreduce_gradients (1 rank)"] = engine.allreduce_gradients
+    keep = []  # LambdaLR's step wrapper holds its optimizer by weak reference only
+    for foreach in (False, True):
+        optimizer, scheduler = build_optimizer(engine.module, config)
+        for group in optimizer.param_groups:
+            group["foreach"] = foreach
+        keep.append((optimizer, scheduler))
+        rows[f"AdamW.step foreach={foreach}"] = optimizer.step
+    lines = [f"pieces alone ({sum(p.numel() for p in params) / 1e6:.1f}M trainable values in {len(params)} "
+             f"tensors, {threads} threads, median of {reps}; wall / process CPU):"]
+    for name, fn in rows.items():
+        w, c = timed(fn)
+        lines.append(f"    {name:<40} {w * 1e3:7.1f} ms / {c * 1e3:7.1f} ms")
+    engine.destroy()
+    return lines
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--trainer", action="store_true", help="also run_training with a CPU sampler")
     args = ap.parse_args()
 
     import ray
@@ -165,28 +219,30 @@ def main() -> None:
 
     tell_deepspeed()
     work = Path(tempfile.mkdtemp(prefix="profile-step-"))
-    lines = [f"machine: {machine()}"]
+    lines = [f"machine: {machine()}",
+             f"command: flock /tmp/hybridray-heavy.lock .venv/bin/python benchmarks/profile_step.py "
+             f"--steps {args.steps} --warmup {args.warmup} --threads {args.threads}"]
     try:
         train_dir = prepare(MLQA_R, work)
-        init_ray(num_cpus=args.threads + 1)
         one = [f"train.max_steps={args.steps}", "scaling.num_workers=1", f"scaling.cpus_per_worker={args.threads}"]
         configs = {k: demo_config(train_dir, work / "runs", [*one, f"deepspeed.zero_stage={k}", f"name=profile-z{k}"])
                    for k in (0, 1)}
-        batches = collect_batches(configs[0])
-        lines.append(show("bare", spans_bare(configs[0], batches, args.threads), args.warmup))
-        for k in (0, 1):
-            lines.append(show(f"engine z{k}", spans_engine(configs[k], batches, args.threads), args.warmup))
-        lines.append(show("bare", spans_bare(configs[0], batches, args.threads), args.warmup))
-        if args.trainer:
-            result = trainer_cpu(configs[0], args.warmup)
-            top = sorted(result["used"].items(), key=lambda kv: -kv[1])[:12]
-            lines.append(f"trainer z0: {result['s_per_step']:.3f} s/step steady; CPU seconds over "
-                         f"{result['window']:.1f} s of steady steps (2 cores = {2 * result['window']:.1f} CPU-s):")
-            lines.extend(f"    {cpu:7.2f}  {label}" for label, cpu in top)
-            lines.append(f"    total {sum(result['used'].values()):.2f}")
+        init_ray(num_cpus=args.threads + 1)
+        try:
+            batches = collect_batches(configs[0])
+        finally:
+            ray.shutdown()  # the loops below run without Ray
+        lines += pieces(configs[0], args.threads)
+        lines += spans_bare(configs[0], batches, args.threads).table("bare", args.warmup)
+        for title, k, ds_path in (("engine ZeRO-0, DeepSpeed's own path", 0, True),
+                                  ("engine ZeRO-0, as hybridray builds it", 0, False),
+                                  ("engine ZeRO-1", 1, False)):
+            spans, threads = spans_engine(configs[k], batches, args.threads, ds_path)
+            lines += spans.table(f"{title} (torch threads {threads[0]} before build_engine, {threads[1]} after)",
+                                 args.warmup)
+        lines += spans_bare(configs[0], batches, args.threads).table("bare (again)", args.warmup)
         lines.append(f"machine: {machine()}")
     finally:
-        ray.shutdown()
         shutil.rmtree(work, ignore_errors=True)
     print("\n".join(lines))
 
