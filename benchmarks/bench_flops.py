@@ -10,7 +10,8 @@ cost? Model FLOPs per step / step time against a measured GEMM peak, with and wi
   pipeline's own batches of ``configs/local.yaml``; once with one forward per side
   (``length_buckets=1``) and once in ``--buckets`` chunks of similar length, alternated
   A B A B so that drift of the shared machine weighs on both alike.
-* Peak: ``torch.mm`` of two 2048 x 2048 fp32 matrices on the same threads, before and after.
+* Peak: ``torch.mm`` of two 2048 x 2048 fp32 matrices on the same threads, before, between
+  and after the loops (the best is used: the MFU is then conservative).
 
 Run (from the repository root; about 4 minutes on 2 cores)::
 
@@ -29,8 +30,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_common import (  # noqa: E402
     MLQA_R,
     bare_loop,
+    clock_mhz,
     collect_batches,
     demo_config,
+    describe,
     encoder_shape,
     gemm_peak,
     machine,
@@ -69,11 +72,14 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)
 
     shape = encoder_shape(configs[1].model.name_or_path)
+    mhz = clock_mhz()
     before = machine()
     peaks = [gemm_peak(args.threads)]
     times = {1: [], args.buckets: []}
-    for k in (1, args.buckets, 1, args.buckets):
+    for i, k in enumerate((1, args.buckets, 1, args.buckets)):
         times[k].extend(bare_loop(configs[k], batches, args.threads)[args.warmup:])
+        if i == 1:
+            peaks.append(gemm_peak(args.threads))
     peaks.append(gemm_peak(args.threads))
     after = machine()
     peak = max(p["best"] for p in peaks)
@@ -84,10 +90,11 @@ def main() -> None:
         s, f = summary(t), flops[k]
         rows.append(
             f"| {'one forward per side' if k == 1 else f'{k} length buckets'} | {s['mean']:.2f} (median {s['median']:.2f}) "
-            f"| {32 / s['mean']:.2f} | {f['real_tokens'] / f['padded_tokens']:.1%} | {f['real'] / 1e9:.1f} / {f['padded'] / 1e9:.1f} "
+            f"| {configs[k].sampler.batch_size / s['mean']:.2f} | {f['real_tokens'] / f['padded_tokens']:.1%} | {f['real'] / 1e9:.1f} / {f['padded'] / 1e9:.1f} "
             f"| {f['real'] / s['mean'] / 1e9:.1f} / {f['padded'] / s['mean'] / 1e9:.1f} "
             f"| **{f['real'] / s['mean'] / peak:.1%}** / {f['padded'] / s['mean'] / peak:.1%} |"
         )
+    per_cycle = f"{peak / (args.threads * mhz * 1e6):.1f}" if mhz else "(clock unknown)"
     speedup = summary(times[1])["mean"] / summary(times[args.buckets])["mean"]
     table = []
     for world in (1, 2):
@@ -106,10 +113,13 @@ Command (from the repository root; about 4 minutes here):
 
     {command}
 
-Machine: {before['cores']} cores (shared), Python {before['python']}, {before['date']}; load
-average {before['load']} before and {after['load']} after (1 / 5 / 15 min). Peak: fp32
-`torch.mm` 2048×2048 on {args.threads} threads, best of 10: {peaks[0]['best'] / 1e9:.1f} GFLOP/s before the
-loops, {peaks[1]['best'] / 1e9:.1f} after (the better one is used). Model: `builtin:multilingual-e5-small`
+Machine: {describe(before)}; {before['date']}, shared, run under the lock with nothing else of
+mine running; load average {before['load']} before and {after['load']} after (1 / 5 / 15 min).
+Peak: fp32 `torch.mm` 2048×2048 on {args.threads} threads, best of 10:
+{' / '.join(f"{p['best'] / 1e9:.1f}" for p in peaks)} GFLOP/s before, between and after the loops (the best one is used). It is this machine's
+measured matmul rate, not a datasheet figure: {per_cycle} fp32 FLOP per cycle per core at the
+clock the VM reports (one 512-bit FMA per cycle is 32), so the MFU below is against what the
+hardware really delivers. Model: `builtin:multilingual-e5-small`
 (BERT-style, {shape['layers']} layers, hidden {shape['hidden']}, FFN {shape['intermediate']}); FLOPs per step
 = 3 × the forward's matmul FLOPs (per token per layer 8H² + 4HI for the projections and FFN,
 per text per layer 4L²H for attention scores and their weighted sum); embedding lookups,
@@ -138,10 +148,15 @@ slice by length and encodes each side in that many chunks, each padded only to i
 longest text, then puts the embeddings back in pair order. Queries, passages, group ids and
 languages never move, so the batch type and language of the step, the loss (InfoNCE over
 the gathered batch) and its gradient are the same function of the same pairs; what differs
-is float rounding (other matrix shapes) and which dropout mask each text draws. It is off
-by default (`model.length_buckets: 1`) so earlier runs and their resume fingerprints stay as
-they were; `tests/test_engine.py::test_length_buckets_keep_the_loss_and_gradients` checks
-equal loss and gradients (dropout off) for right-padded encoders and left-padded decoders.
+is float rounding (other matrix shapes) and which dropout mask each text draws, so with
+dropout on (e5's 0.1) a bucketed run follows another trajectory, and the key is part of the
+run's identity (a resume with another value is refused). It is off by default
+(`model.length_buckets: 1`) because its gain is measured here on CPU only: under ZeRO-3 every
+chunk gathers the parameters again (n× the all-gather traffic per side), which on GPUs may
+cost more than the padding it saves (not measured). Tests (dropout off): equal loss and
+gradients for right-padded encoders and left-padded decoders with hard negatives
+(`test_length_buckets_keep_the_loss_and_gradients`), and equal losses and weights on 2
+ranks under ZeRO-3 with 3 buckets against 1 (`test_length_buckets_under_zero3_on_two_processes`).
 Sorting the pairs of the global batch across workers instead was not done: under lockstep
 the worker with the longest texts sets the pace, so it saves nothing per step.
 """
