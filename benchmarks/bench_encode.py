@@ -14,7 +14,7 @@ The texts are cut in two halves, encoded in the order hybridray, ST (first half)
 hybridray (second half), so a drift of the shared machine weighs on both alike. Each side's
 time is its two halves' sum; tokenisation is included on both sides (each tokenises
 in its own way). The real and padded tokens of the exact batches each side encodes are
-counted (a forward pre-hook on the ``BertModel`` both call) and printed. Once on all 7
+counted (forward pre-hooks, ``TokenCounter``) and printed. Once on all 7
 languages, once on one language (``--one-language``), so the gap is not read as a
 mixed-script artefact only. The embeddings are compared row by row (cosine).
 
@@ -49,8 +49,10 @@ def texts_of(source: Path, questions: int, candidates: int, langs=None) -> tuple
 
 
 class TokenCounter:
-    """Real and padded tokens of every batch the wrapped HF model encodes (a forward
-    pre-hook on it: both encoders call the same ``BertModel`` with ``attention_mask``)."""
+    """Real and padded tokens of every batch a module encodes (a forward pre-hook on it):
+    hybridray's ``BertModel`` (called with ``attention_mask=``) and sentence-transformers'
+    ``Transformer`` module (called with a features dict; it calls ``BertModel.forward``
+    directly, which bypasses hooks on the ``BertModel``)."""
 
     def __init__(self, model):
         self.real = self.padded = self.batches = 0
@@ -59,7 +61,7 @@ class TokenCounter:
 
     def _hook(self, module, args, kwargs):
         if self.active:
-            mask = kwargs["attention_mask"]
+            mask = kwargs["attention_mask"] if "attention_mask" in kwargs else args[0]["attention_mask"]
             self.real += int(mask.sum())
             self.padded += mask.numel()
             self.batches += 1
@@ -133,7 +135,7 @@ def main() -> None:
     model, tokenizer = load_encoder(directory)
     st = SentenceTransformer(directory, device="cpu")
     st.max_seq_length = args.max_length
-    counters = {"hybridray": TokenCounter(model), "sentence-transformers": TokenCounter(st[0].auto_model)}
+    counters = {"hybridray": TokenCounter(model), "sentence-transformers": TokenCounter(st[0])}
 
     def ours(texts, side):
         return encode_texts(model, tokenizer, texts, prefix=E5_PROMPTS[side], max_length=args.max_length,
@@ -167,8 +169,9 @@ MLQA-R's questions (`query: `) and candidate sentences (`passage: `) ({counts}).
 {args.batch_size}, max length {args.max_length}, {args.threads} torch threads, fp32, one process;
 both sort texts by length before batching (hybridray by token count, sentence-transformers 6
 by characters). Each side's time includes its own tokenisation; the halves run in the order
-hybridray, ST, ST, hybridray. Tokens: counted by a forward pre-hook on the `BertModel` both
-call, i.e. of the exact batches each side encoded (real = attention-mask ones, padded = the
+hybridray, ST, ST, hybridray. Tokens: counted by forward pre-hooks on the modules that
+receive each batch (hybridray's `BertModel`, sentence-transformers' `Transformer`), i.e. of
+the exact batches each side encoded (real = attention-mask ones, padded = the
 batch tensors' size).
 
 | texts | encoder | texts | seconds | texts/s | speed vs sentence-transformers | real / padded tokens encoded (padding efficiency) | padded tokens vs sentence-transformers |
