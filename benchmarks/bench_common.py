@@ -141,7 +141,12 @@ class MachineSampler:
         interpolation between the samples around each)."""
         import json
 
-        rows = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        deadline = time.time() + 10 * self.every + 10
+        while True:  # the sampler's last sample may still be older than b
+            rows = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+            if rows[-1][0] >= b or time.time() > deadline:
+                break
+            time.sleep(self.every)
         times = np.array([r[0] for r in rows])
         if a < times[0] or b > times[-1]:
             raise RuntimeError(f"sampler covers {times[0]:.1f}..{times[-1]:.1f}, asked {a:.1f}..{b:.1f}")

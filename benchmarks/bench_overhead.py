@@ -130,6 +130,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2, help="torch threads of the single-worker runs")
     ap.add_argument("--length-buckets", type=int, default=1,
                     help="K > 1: also time 2 workers with model.length_buckets=K against 1")
+    ap.add_argument("--bucket-runs", type=int, default=4, choices=(2, 4),
+                    help="2-worker runs with --length-buckets K > 1: 2 = order 1, K; 4 = 1, K, K, 1")
     ap.add_argument("--out", type=Path, default=None, help="write the Markdown section here")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="config override for every run (e.g. model.name_or_path=builtin:tiny for a smoke run)")
@@ -178,7 +180,7 @@ def main() -> None:
                         result = trainer_run(config(f"z{stage}", [*one, f"deepspeed.zero_stage={stage}"]),
                                              args.warmup, sampler)
                     runs.setdefault(kind, []).append(result)
-            for k in ([1, K, K, 1] if K > 1 else [1]):
+            for k in ([1, K, K, 1][:args.bucket_runs] if K > 1 else [1]):
                 kind = f"2w ZeRO-1, {k} length bucket{'s' if k > 1 else ''}"
                 runs.setdefault(kind, []).append(trainer_run(config("2w", [*two, f"model.length_buckets={k}"]),
                                                              args.warmup, sampler))
@@ -241,13 +243,13 @@ def main() -> None:
         pairs = [a / b for a, b in zip(s_per_step[w2], s_per_step[wk])]  # adjacent runs: 1st/2nd, 4th/3rd
         bucket_line = (
             f"- **`model.length_buckets: {K}` through the trainer (2 workers × 1 thread, ZeRO-1): "
-            f"{spread(pairs)}× the samples/s of one forward per side** (per pair of runs, order 1, {K}, {K}, 1); "
+            f"{spread(pairs)}× the samples/s of one forward per side** (per pair of adjacent runs, order {', '.join(map(str, [1, K, K, 1][:args.bucket_runs]))}); "
             f"encoded GFLOP per step {flops[W]['padded'] / 1e9:.0f} → {flops[(W, K)]['padded'] / 1e9:.0f} "
             f"(padding efficiency {flops[W]['real_tokens'] / flops[W]['padded_tokens']:.1%} → "
             f"{flops[(W, K)]['real_tokens'] / flops[(W, K)]['padded_tokens']:.1%}).\n")
     command = (f"flock /tmp/hybridray-heavy.lock .venv/bin/python benchmarks/bench_overhead.py --rounds {args.rounds} "
-               f"--steps {args.steps} --warmup {args.warmup} --threads {T} --length-buckets {K} "
-               "".join(f"--set {kv} " for kv in args.set) + "--out benchmarks/RESULTS-overhead.md")
+               f"--steps {args.steps} --warmup {args.warmup} --threads {T} --length-buckets {K} --bucket-runs {args.bucket_runs} "
+               + "".join(f"--set {kv} " for kv in args.set) + "--out benchmarks/RESULTS-overhead.md")
     text = f"""## Trainer overhead: `hybridray train` vs a bare PyTorch loop
 
 Command (from the repository root; {total_min:.0f} minutes here):
