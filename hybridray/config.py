@@ -123,6 +123,12 @@ class ModelConfig(_Section):
     activation_checkpointing: bool = False
     #: LoRA adapters (``{r, alpha, dropout, target_modules}``); None = train the full model.
     lora: Optional[LoraSection] = None
+    #: Training forward in this many chunks of similar length per side (texts sorted by length,
+    #: each chunk padded only to its own longest): less padding, the same loss *function*
+    #: (embeddings go back in pair order), but other dropout masks and float rounding, so a
+    #: different trajectory: part of the run's identity. Under ZeRO-3 each chunk gathers the
+    #: parameters again. 1 = one forward.
+    length_buckets: int = Field(1, ge=1, le=64)
 
 
 class HFSourceConfig(_Section):

@@ -34,10 +34,11 @@ class TrainingModel(nn.Module):
     parameter) must run inside ``engine(...)``.
     """
 
-    def __init__(self, encoder: DualEncoder, loss: InfoNCELoss):
+    def __init__(self, encoder: DualEncoder, loss: InfoNCELoss, length_buckets: int = 1):
         super().__init__()
         self.encoder = encoder
         self.loss = loss
+        self.length_buckets = length_buckets
 
     @classmethod
     def from_config(cls, config, model: Optional[nn.Module] = None) -> "TrainingModel":
@@ -45,7 +46,19 @@ class TrainingModel(nn.Module):
         Under ZeRO-3 a named model is loaded straight into partitions (``zero3_loading``)."""
         with zero3_loading(config) if model is None else contextlib.nullcontext():
             encoder = DualEncoder.from_config(config.model, model)
-        return cls(encoder, InfoNCELoss.from_config(config.loss))
+        return cls(encoder, InfoNCELoss.from_config(config.loss), config.model.length_buckets)
+
+    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Embeddings of one side, in row order; with ``length_buckets`` > 1 the rows are
+        encoded in that many chunks of similar length (``length_chunks``)."""
+        if self.length_buckets <= 1:
+            return self.encoder.encode(input_ids, attention_mask)
+        order, chunks = length_chunks(attention_mask, self.length_buckets)
+        parts = [self.encoder.encode(input_ids[rows][:, cols], attention_mask[rows][:, cols])
+                 for rows, cols in chunks]
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(len(order), device=order.device)
+        return torch.cat(parts)[inverse]
 
     def forward(
         self,
@@ -59,12 +72,27 @@ class TrainingModel(nn.Module):
         negative_group_ids: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """Local loss of ``B`` pairs (+ ``B*k`` query-major hard negatives)."""
-        query = self.encoder.encode(query_input_ids, query_attention_mask)
-        passage = self.encoder.encode(passage_input_ids, passage_attention_mask)
+        query = self.encode(query_input_ids, query_attention_mask)
+        passage = self.encode(passage_input_ids, passage_attention_mask)
         negatives = None
         if negative_input_ids is not None:
-            negatives = self.encoder.encode(negative_input_ids, negative_attention_mask)
+            negatives = self.encode(negative_input_ids, negative_attention_mask)
         return self.loss(query, passage, negatives, group_ids, negative_group_ids)
+
+
+def length_chunks(attention_mask: torch.Tensor, n: int) -> tuple[torch.Tensor, list[tuple[torch.Tensor, slice]]]:
+    """``(order, [(rows, columns), ...])``: the rows sorted by length (stable), cut into at most
+    ``n`` chunks of consecutive rows, each with the column range its rows use (either padding
+    side). Encoding a chunk at its own width gives each text the same embedding as in the full
+    batch (padding is masked), at a fraction of the padded tokens when lengths vary."""
+    lengths = attention_mask.sum(dim=1)
+    order = torch.sort(lengths, stable=True).indices
+    chunks = []
+    for rows in torch.tensor_split(order, max(1, min(n, len(order)))):
+        used = torch.nonzero(attention_mask[rows].any(dim=0)).flatten()
+        lo, hi = (int(used[0]), int(used[-1]) + 1) if len(used) else (0, 0)
+        chunks.append((rows, slice(lo, hi)))
+    return order, chunks
 
 
 # ----------------------------------------------------------------------------- config
@@ -230,8 +258,32 @@ def build_engine(model: nn.Module, config, world_size: Optional[int] = None, opt
         lr_scheduler=scheduler,
         config=deepspeed_config(config, actual),
     )
+    skip_needless_work(engine, config, actual)
     engine.train()
     return engine
+
+
+def skip_needless_work(engine, config, world_size: int) -> None:
+    """ZeRO-0 shortcuts that leave every gradient and weight bit-for-bit as they were.
+
+    * One worker: no backward all-reduce. DeepSpeed 0.19.8 otherwise flattens all gradients
+      into one buffer, all-reduces it over a group of one and copies it back every step
+      (``allreduce_gradients`` -> ``buffered_allreduce_fallback``): an average over one rank.
+      Only at stage 0: under ZeRO-1/2/3 the same call moves gradients into the partitions.
+    * fp32: clip with torch's ``clip_grad_norm_`` (foreach kernels) instead of DeepSpeed's
+      per-parameter loop, its all-reduce of the norm and its unconditional multiply. Stage 0
+      only, where every rank holds whole, already averaged gradients, so the local norm is the
+      global one; under ZeRO-1/2/3 DeepSpeed must clip its own partitions. Same threshold
+      (``optim.grad_clip``), same ``max_norm / (norm + 1e-6)`` coefficient capped at 1.
+    """
+    if config.deepspeed.zero_stage != 0:
+        return
+    if world_size == 1:
+        engine.enable_backward_allreduce = False
+    if engine.gradient_clipping() > 0 and not (engine.fp16_enabled() or engine.bfloat16_enabled()):
+        trainable = [p for p in engine.module.parameters() if p.requires_grad]
+        max_norm = engine.gradient_clipping()
+        engine.clip_fp32_gradients = lambda: torch.nn.utils.clip_grad_norm_(trainable, max_norm)
 
 
 def clamp_temperature(engine) -> None:

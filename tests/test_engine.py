@@ -121,6 +121,77 @@ def test_param_groups_skip_frozen_and_decay_only_matrices():
     assert decayed | spared == trainable
 
 
+def tiny_decoder():
+    from transformers import MistralConfig, MistralModel
+
+    torch.manual_seed(0)
+    model = MistralModel(MistralConfig(
+        vocab_size=1000, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, attention_dropout=0.0,
+    ))
+    model.config.use_cache = False
+    return model
+
+
+def ragged_batch(seed, padding_side="right", negatives=0):
+    """``batch(seed)`` with texts of random lengths (the longest using the full width), padded
+    on ``padding_side``, plus ``negatives`` hard negatives per query (query-major)."""
+    gen = torch.Generator().manual_seed(seed)
+    inputs = batch(seed, rows=PAIRS)
+    if negatives:
+        inputs["negative_input_ids"] = torch.randint(5, 1000, (PAIRS * negatives, 10), generator=gen)
+        inputs["negative_attention_mask"] = torch.ones_like(inputs["negative_input_ids"])
+        inputs["negative_group_ids"] = torch.randint(0, PAIRS + 1, (PAIRS * negatives,), generator=gen)
+    for side in ("query", "passage", "negative")[: 3 if negatives else 2]:
+        ids = inputs[f"{side}_input_ids"]
+        rows, width = ids.shape
+        lengths = torch.randint(2, width + 1, (rows,), generator=gen)
+        lengths[0] = width
+        cols = torch.arange(width)
+        mask = cols[None] < lengths[:, None] if padding_side == "right" else cols[None] >= width - lengths[:, None]
+        inputs[f"{side}_attention_mask"] = mask.long()
+        inputs[f"{side}_input_ids"] = ids.masked_fill(~mask, 0)
+    return inputs
+
+
+@pytest.mark.parametrize("padding_side", ["right", "left"])
+def test_length_buckets_keep_the_loss_and_gradients(padding_side):
+    """Chunks of similar length (``model.length_buckets``) give every text the embedding the
+    whole batch gives it: the same loss and gradients, with fewer padded tokens encoded.
+    Left padding is the decoder recipe's (positions counted from each row's first token)."""
+    from hybridray.engine import length_chunks
+
+    inputs = ragged_batch(3, padding_side, negatives=2)
+    assert inputs["negative_attention_mask"].sum(1).unique().numel() > 2  # negatives vary in length too
+
+    mask = inputs["passage_attention_mask"]
+    order, chunks = length_chunks(mask, 3)
+    assert sorted(torch.cat([rows for rows, _ in chunks]).tolist()) == list(range(PAIRS))
+    assert len(chunks) == 3 and (mask.sum(1)[order].diff() >= 0).all()
+    for rows, cols in chunks:  # each chunk exactly as wide as its longest row, no real token cut
+        assert cols.stop - cols.start == int(mask[rows].sum(1).max())
+        assert mask[rows][:, cols].sum() == mask[rows].sum()
+    assert sum(len(rows) * (cols.stop - cols.start) for rows, cols in chunks) < mask.numel()
+    assert len(length_chunks(mask, 64)[1]) == PAIRS  # never more chunks than rows
+
+    results = []
+    for buckets in (1, 3):
+        encoder = DualEncoder(tiny_bert()) if padding_side == "right" else DualEncoder(tiny_decoder(), "last")
+        model = TrainingModel(encoder, InfoNCELoss(0.05), length_buckets=buckets)
+        loss = model(**inputs)
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+    (loss1, grads1), (loss3, grads3) = results
+    torch.testing.assert_close(loss3, loss1, rtol=1e-5, atol=1e-6)
+    assert grads1.keys() == grads3.keys() and grads1
+    for name in grads1:
+        torch.testing.assert_close(grads3[name], grads1[name], rtol=1e-4, atol=1e-6, msg=name)
+    assert config(model={"length_buckets": 4}).model.length_buckets == 4
+    with pytest.raises(UserError, match="model.length_buckets"):
+        config(model={"length_buckets": 0})
+    assert TrainingModel.from_config(config(model={"length_buckets": 4}), tiny_bert()).length_buckets == 4
+
+
 # ----------------------------------------------------------------------------- engines
 def _train(stage, engine, local):
     """``STEPS`` steps on one fixed batch: losses, LRs used, and the word-embedding table and
@@ -150,15 +221,17 @@ def _reference_run(bert, cfg, batches):
     config says. Returns final parameters and the pre-clip gradient norms."""
     model = TrainingModel.from_config(cfg, copy.deepcopy(bert))
     optimizer, scheduler = build_optimizer(model, cfg)
-    norms = []
+    norms, losses = [], []
     for b in batches:
-        model(**b).backward()
+        loss = model(**b)
+        loss.backward()
+        losses.append(loss.item())
         clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf
         norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), clip).item())
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad()
-    return {n: p.detach().clone() for n, p in model.named_parameters()}, norms
+    return {n: p.detach().clone() for n, p in model.named_parameters()}, norms, losses
 
 
 def _temperature_run(bert, stage, rank, world):
@@ -230,12 +303,20 @@ def _worker(index, ports, outputs):
     if world == 2:
         half = slice(rank * PAIRS // 2, (rank + 1) * PAIRS // 2)
         local = {k: v[half] for k, v in batch(0).items()}
+        ragged = {k: v[half] for k, v in ragged_batch(5).items()}  # ZeRO-3: texts of varied lengths
         for stage, schedule in STAGE_SCHEDULES.items():
             cfg = config(scaling={"num_workers": 2}, deepspeed={"zero_stage": stage},
                          model={"freeze_embeddings": True},
                          optim={"lr": 2e-3, "warmup_steps": 2, "schedule": schedule})
             engine = build_engine(TrainingModel.from_config(cfg, copy.deepcopy(bert)), cfg, 2)
-            results[stage] = _train(stage, engine, local)
+            results[stage] = _train(stage, engine, ragged if stage == 3 else local)
+        # the ZeRO-3 run again with 3 length buckets per side: every chunk's forward and
+        # backward gathers the partitions again, in lockstep on both ranks (no deadlock)
+        cfg = config(scaling={"num_workers": 2}, deepspeed={"zero_stage": 3},
+                     model={"freeze_embeddings": True, "length_buckets": 3},
+                     optim={"lr": 2e-3, "warmup_steps": 2, "schedule": STAGE_SCHEDULES[3]})
+        engine = build_engine(TrainingModel.from_config(cfg, copy.deepcopy(bert)), cfg, 2)
+        results["buckets"] = _train(3, engine, ragged)
         # clamped on 2 ranks: under ZeRO-1/2/3 the fp32 master copy is partitioned across them
         results["temperature"] = {stage: _temperature_run(bert, stage, rank, 2) for stage in ALL_STAGES}
     else:
@@ -248,12 +329,17 @@ def _worker(index, ports, outputs):
                              train={"max_steps": 3})
                 engine = build_engine(TrainingModel.from_config(cfg, copy.deepcopy(bert)), cfg, 1)
                 assert engine.gradient_clipping() == clip
+                losses = []
                 for b in batches:
-                    engine.backward(engine(**b))
+                    loss = engine(**b)
+                    engine.backward(loss)
                     engine.step()
+                    losses.append(loss.item())
                 got = {n: p.detach().clone() for n, p in engine.module.named_parameters()}
-                want, norms = _reference_run(bert, cfg, batches)
-                results[(stage, clip)] = {"got": got, "want": want, "norms": norms}
+                want, norms, want_losses = _reference_run(bert, cfg, batches)
+                results[(stage, clip)] = {"got": got, "want": want, "norms": norms, "losses": losses,
+                                          "want_losses": want_losses,
+                                          "backward_allreduce": engine.enable_backward_allreduce}
         results["modes"] = _modes_after_build(outputs[1].parent)
     if rank == 0:
         torch.save(results, outputs[world])
@@ -276,6 +362,16 @@ def test_zero_stage_trains_on_two_processes(runs, stage):
     emb_after, dense_after = result["after"]
     assert torch.equal(emb_before, emb_after)  # freeze_embeddings: the table is untouched
     assert not torch.allclose(dense_before, dense_after)  # the rest trains
+
+
+def test_length_buckets_under_zero3_on_two_processes(runs):
+    """ZeRO-3, 2 ranks, gathered negatives, dropout off: 3 length buckets per side train the
+    same trajectory as one forward per side (same losses at every step, same final weights)."""
+    one, three = runs[1][3], runs[1]["buckets"]
+    assert len(three["losses"]) == STEPS
+    torch.testing.assert_close(torch.tensor(three["losses"]), torch.tensor(one["losses"]), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(three["after"][1], one["after"][1], rtol=1e-4, atol=1e-6)
+    assert not torch.allclose(one["before"][1], one["after"][1])  # it trained
 
 
 @pytest.mark.parametrize("stage", STAGE_SCHEDULES)
@@ -315,8 +411,15 @@ def test_clipping_is_what_the_config_says(runs, stage):
     assert max(off["norms"]) > 1.0 and min(on["norms"]) > 0.05
     for result in (off, on):
         for name, want in result["want"].items():
-            # DeepSpeed's clip coefficient rounds slightly differently from torch's
-            torch.testing.assert_close(result["got"][name], want, rtol=1e-5, atol=1e-5)
+            if stage == 0:
+                # one worker at ZeRO-0 (engine.skip_needless_work): no all-reduce over a group
+                # of one and torch's clip, so every step is the plain torch loop's, bit for bit
+                assert torch.equal(result["got"][name], want), name
+            else:  # DeepSpeed's clip coefficient rounds slightly differently from torch's
+                torch.testing.assert_close(result["got"][name], want, rtol=1e-5, atol=1e-5)
+        if stage == 0:
+            assert result["losses"] == result["want_losses"]
+        assert result["backward_allreduce"] is (stage != 0)
     moved = max((off["got"][n] - on["got"][n]).abs().max().item() for n in off["got"])
     assert moved > 1e-3  # clipping changed the trajectory: the comparison has teeth
 
