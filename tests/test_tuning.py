@@ -229,7 +229,8 @@ def test_optuna_sweep_killed_and_resumed_does_not_repeat_finished_trials(tmp_pat
     anything) while its second trial trains; the same command again keeps the first trial as
     it was and finishes the second; a changed base config under the same name is refused."""
     config_path = tmp_path / "config.yaml"
-    config_path.write_text(yaml.safe_dump(sweep_config(tmp_path, mlqa_prepared, max_steps=4))  # 2 workers: the sharded held-out val_map Tune decides on)
+    # 2 workers: the sharded held-out val_map that Tune decides on
+    config_path.write_text(yaml.safe_dump(sweep_config(tmp_path, mlqa_prepared, max_steps=4)))
     sweep_path = tmp_path / "sweep.yaml"
     sweep_path.write_text(yaml.safe_dump({
         "metric": "val_map", "mode": "max", "num_samples": 2, "search": {"algorithm": "optuna", "seed": 3},
