@@ -264,7 +264,13 @@ def build_engine(model: nn.Module, config, world_size: Optional[int] = None, opt
 
 
 def skip_needless_work(engine, config, world_size: int) -> None:
-    """ZeRO-0 shortcuts that leave every gradient and weight bit-for-bit as they were.
+    """ZeRO-0 shortcuts: the steps are the plain torch loop's, bit for bit (``tests/test_engine.py``).
+
+    Against DeepSpeed's own ZeRO-0 path two things differ: torch's clip rounds the norm in
+    another order (last-bit differences when a step is clipped), and one worker no longer gets
+    DeepSpeed's zero-fill of a trainable parameter that received no gradient (its all-reduce
+    does it), so AdamW would skip such a parameter instead of decaying it. No model hybridray
+    builds has one (the pooler is frozen).
 
     * One worker: no backward all-reduce. DeepSpeed 0.19.8 otherwise flattens all gradients
       into one buffer, all-reduces it over a group of one and copies it back every step
