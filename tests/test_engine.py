@@ -316,7 +316,11 @@ def _worker(index, ports, outputs):
                      model={"freeze_embeddings": True, "length_buckets": 3},
                      optim={"lr": 2e-3, "warmup_steps": 2, "schedule": STAGE_SCHEDULES[3]})
         engine = build_engine(TrainingModel.from_config(cfg, copy.deepcopy(bert)), cfg, 2)
+        calls, encode = [], engine.module.encoder.encode  # count the encoder's forwards: 3 per side
+        engine.module.encoder.encode = lambda *args, **kwargs: (calls.append(1), encode(*args, **kwargs))[1]
         results["buckets"] = _train(3, engine, ragged)
+        results["buckets"]["forwards_per_step"] = len(calls) / STEPS
+        results["buckets"]["sides"] = 2 + ("negative_input_ids" in ragged)
         # clamped on 2 ranks: under ZeRO-1/2/3 the fp32 master copy is partitioned across them
         results["temperature"] = {stage: _temperature_run(bert, stage, rank, 2) for stage in ALL_STAGES}
     else:
@@ -369,6 +373,7 @@ def test_length_buckets_under_zero3_on_two_processes(runs):
     same trajectory as one forward per side (same losses at every step, same final weights)."""
     one, three = runs[1][3], runs[1]["buckets"]
     assert len(three["losses"]) == STEPS
+    assert three["forwards_per_step"] == 3 * three["sides"]  # bucketing really ran: 3 chunks per side
     torch.testing.assert_close(torch.tensor(three["losses"]), torch.tensor(one["losses"]), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(three["after"][1], one["after"][1], rtol=1e-4, atol=1e-6)
     assert not torch.allclose(one["before"][1], one["after"][1])  # it trained
