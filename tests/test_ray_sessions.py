@@ -49,7 +49,7 @@ SCRIPT = textwrap.dedent('''
     def finish():       # read to the end
         assert sum(1 for _ in _drained(stream(200))) == 200
 
-    phases = [abandon, fail, finish] * 2
+    phases = [abandon, fail, finish, abandon]
     random.Random(int(sys.argv[1])).shuffle(phases)
     for phase in phases:
         init_ray(num_cpus=2, _temp_dir=sys.argv[2])
@@ -61,7 +61,7 @@ SCRIPT = textwrap.dedent('''
 ''')
 
 
-@pytest.mark.parametrize("seed", [0])  # one shuffled order of six sessions (two cost 70 s more)
+@pytest.mark.parametrize("seed", [5])  # abandon, fail, abandon, finish: a new session after each abandoned stream
 def test_repeated_ray_sessions_survive_abandoned_streams(seed):
     temp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths must fit
     try:
@@ -72,4 +72,4 @@ def test_repeated_ray_sessions_survive_abandoned_streams(seed):
     finally:
         shutil.rmtree(temp, ignore_errors=True)
     assert done.returncode == 0, done.stderr[-4000:]
-    assert "sessions 6" in done.stdout, done.stdout  # one per phase: no second cluster started
+    assert "sessions 4" in done.stdout, done.stdout  # one per phase: no second cluster started
