@@ -60,11 +60,12 @@ def encode_actor_resources(workers: int, nodes: list[dict], driver_node: str = "
     forever for an actor no node can host, nor 150 model copies on two cores."""
     from hybridray.errors import UserError
 
-    free = []  # (cpus, gpus) of each live node
+    free, whole = [], 0.0  # (cpus, gpus) of each live node; the live nodes' CPUs before the driver's share
     for node in nodes:
         if not node.get("Alive", True):
             continue
         resources = node.get("Resources", {})
+        whole += float(resources.get("CPU", 0))
         cpus = float(resources.get("CPU", 0)) - (DRIVER_CPUS if node.get("NodeID") == driver_node else 0)
         free.append((max(cpus, 0.0), int(resources.get("GPU", 0))))
     gpus = sum(g for _, g in free)
@@ -74,7 +75,7 @@ def encode_actor_resources(workers: int, nodes: list[dict], driver_node: str = "
         share = min(c / g for c, g in free if g)
         return {"num_cpus": float(int(share)) if share >= 1 else share, "num_gpus": 1}
 
-    whole = int(sum(float(n.get("Resources", {}).get("CPU", 0)) for n in nodes if n.get("Alive", True)) + 1e-9)
+    whole = int(whole + 1e-9)
     if workers > whole:  # each actor runs at least one thread and holds its own copy of the model
         raise UserError(f"--workers {workers}: the cluster has {whole} CPU(s) and no GPU; each encoding actor "
                         f"runs at least one thread and loads its own copy of the model: use at most {whole}")
