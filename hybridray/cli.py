@@ -75,7 +75,7 @@ def _cmd_data_prepare(args: argparse.Namespace) -> int:
     langs = args.langs.split(",") if args.langs else None
     summary = prepare_lareqa(
         args.source, args.out, heldout_fraction=args.heldout_fraction, seed=args.seed,
-        langs=langs, overwrite=args.overwrite,
+        langs=langs, overwrite=args.overwrite, hard_negatives=args.hard_negatives,
     )
     rows = {split: sum(counts.values()) for split, counts in summary["rows"].items()}
     print(f"hybridray: prepared {args.out}: train {rows['train']} rows ({summary['articles']['train']} article "
@@ -186,6 +186,9 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("--seed", type=int, default=0, help="split seed (default 0)")
     prepare.add_argument("--langs", default=None, help="comma-separated languages (default: all)")
     prepare.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    prepare.add_argument("--hard-negatives", action=argparse.BooleanOptionalAction, default=True,
+                         help="write each row's in-context hard negatives: the other sentences of its answer's "
+                              "paragraph, in its language (default: on; read only with loss.hard_negatives > 0)")
     prepare.set_defaults(func=_cmd_data_prepare)
     from_squad = data_sub.add_parser(
         "from-squad", help="convert SQuAD-layout {lang}.json files (TyDi QA GoldP) into one shard dataset",
