@@ -1,0 +1,510 @@
+"""``hybridray data mine``: hard negatives mined with a retriever, written into a copy of a
+shard dataset.
+
+For each row, the query is searched against every passage *in the row's language* (the
+passage's: a cross-lingual step takes its negatives from the passage row, so both step kinds
+get passage-language negatives), and ``hard_negatives`` gets the best-scoring passages that are
+neither the positive nor a translation of it, with the group each one answers in
+``hard_negative_group_ids`` (so the loss masks it for that group's in-batch queries).
+
+Stages
+======
+
+==========  ================================  ===============================================
+stage       where                             what
+==========  ================================  ===============================================
+index       Ray Data tasks (``reader``)       validate every row (strict: the first bad row
+                                              is one UserError naming file:row)
+encode      Ray Data ``map_batches`` with an  queries and passages -> unit vectors; one actor
+            actor pool (``Encoder``)          per GPU, or per CPU slot; cached per input file
+                                              under ``OUT/_mine/`` (a resume re-encodes none)
+search      driver, faiss (exact inner        per language, the passages deduplicated by text;
+            product, ``evaluate.search``)     one input file at a time
+select      driver (``select_negatives``)     exclusions and the margin rule, top ``top_k``
+write       driver                            one output shard per input file, atomically
+==========  ================================  ===============================================
+
+The selection follows sentence-transformers' ``mine_hard_negatives``: of the ``range_max``
+nearest passages, drop the row's own group (its positive and any translation or duplicate of
+it), a passage with the positive's text, and a passage that is the positive of two groups (a
+negative names one group; the other's queries would be penalised for their own answer); then
+the **margin rule against false negatives** drops a candidate scoring too close to the
+positive: above ``s_pos - absolute_margin``, or above ``s_pos - relative_margin * |s_pos|``
+(sentence-transformers' ``s_pos * (1 - relative_margin)`` for the positive scores of a trained
+retriever; the absolute value keeps it a margin below the positive when ``s_pos`` < 0). The
+default, ``relative_margin=0.05``, is NV-Retriever's TopK-PercPos (arXiv 2407.15831). The best
+``top_k`` that remain are kept, best first. A row may get fewer (counted in the summary).
+
+Resumable and streaming
+=======================
+
+``OUT`` holds ``part-NNNNN.parquet`` (input file ``NNNNN`` of the sorted listing, its rows in
+the same order), ``manifest.json`` written before any shard (so a reader pointed at an
+unfinished ``OUT`` refuses it, naming the missing shard), and ``_mine.json``: the parameters and
+every finished shard. Each shard is written to a hidden temporary file and renamed. A rerun
+with the same parameters skips the finished shards whose file is intact and redoes the rest; a
+rerun with other parameters is refused unless ``overwrite``. Only one input file's rows and the
+passage pool (texts, groups, vectors of every passage) are in the driver's memory at a time.
+``IN`` is never written to. ``OUT/_mine/`` (the cached vectors, 4 bytes x dim x 2 per row) may
+be deleted once the output is complete.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import pyarrow as pa
+
+from hybridray import storage
+from hybridray.data import reader
+from hybridray.data.schema import MANIFEST_NAME, SCHEMA_VERSION
+from hybridray.data.shards import write_shard_file
+from hybridray.errors import UserError
+
+STATE_NAME = "_mine.json"
+WORK_DIR = "_mine"
+#: Rows per encoding work item (one actor call); a jsonl file is one item (it has no row index).
+CHUNK_ROWS = 2048
+
+
+@dataclass(frozen=True)
+class MineOptions:
+    """What decides the mined negatives (all in ``_mine.json``'s identity) ..."""
+
+    model: str
+    top_k: int = 8  # negatives kept per row, best first
+    range_max: int = 50  # nearest passages searched per query
+    absolute_margin: Optional[float] = None  # drop a candidate above s_pos - absolute_margin
+    relative_margin: Optional[float] = 0.05  # drop a candidate above s_pos - relative_margin * |s_pos|
+    keep_existing: bool = False  # keep the input's hard negatives first, then the mined ones
+    query_prefix: Optional[str] = None  # default: the model's (e.g. "query: " for E5)
+    passage_prefix: Optional[str] = None
+    pooling: Optional[str] = None  # default: the model's
+    max_length: int = 256  # tokens per text when encoding
+    max_text_chars: int = 4000  # the reader's limit, as data.max_text_chars
+    # ... and what only decides how fast (not in the identity)
+    batch_size: int = 64  # texts per forward pass
+    workers: Optional[int] = None  # encoder actors; default one per GPU, else one per CPU
+
+    def check(self) -> None:
+        """UserError naming the flag of the first bad value."""
+        if self.top_k < 1:
+            raise UserError(f"--top-k: {self.top_k} must be at least 1")
+        if self.range_max < self.top_k:
+            raise UserError(f"--range-max: {self.range_max} must be at least --top-k ({self.top_k})")
+        if self.absolute_margin is not None and not 0 <= self.absolute_margin <= 2:
+            raise UserError(f"--absolute-margin: {self.absolute_margin} is not in [0, 2] (cosine scores)")
+        if self.relative_margin is not None and not 0 <= self.relative_margin < 1:
+            raise UserError(f"--relative-margin: {self.relative_margin} is not in [0, 1)")
+        from hybridray.models import POOLING_MODES
+
+        if self.pooling is not None and self.pooling not in POOLING_MODES:
+            raise UserError(f"--pooling {self.pooling!r}: expected one of {', '.join(POOLING_MODES)}")
+        for flag, value in (("--batch-size", self.batch_size), ("--max-length", self.max_length),
+                            ("--max-text-chars", self.max_text_chars), ("--workers", self.workers or 1)):
+            if value < 1:
+                raise UserError(f"{flag}: {value} must be at least 1")
+
+
+# ----------------------------------------------------------------------------- selection
+@dataclass
+class SelectionCounts:
+    """Why candidates were dropped, over a shard or a run (the summary's numbers)."""
+
+    same_group: int = 0
+    positive_text: int = 0
+    ambiguous: int = 0
+    margin: int = 0
+    rows: int = 0
+    short_rows: int = 0  # rows with fewer than top_k negatives
+    empty_rows: int = 0  # rows with none
+    negatives: int = 0
+
+    def add(self, other: "SelectionCounts") -> None:
+        for key, value in asdict(other).items():
+            setattr(self, key, getattr(self, key) + value)
+
+
+def select_negatives(
+    scores: Sequence[float], candidates: Sequence[int], positive_score: float, *, group: str,
+    positive: str, texts: Sequence[str], groups: Sequence[tuple[str, ...]], options: MineOptions,
+    counts: SelectionCounts,
+) -> list[int]:
+    """Pool indices of one row's negatives, best first (see the module docstring).
+
+    ``scores`` / ``candidates``: the search hits, best first; ``texts`` / ``groups``: the pool's
+    passage texts and, per passage, the groups whose positive it is.
+    """
+    ceiling = np.inf
+    if options.absolute_margin is not None:
+        ceiling = min(ceiling, positive_score - options.absolute_margin)
+    if options.relative_margin is not None:
+        ceiling = min(ceiling, positive_score - options.relative_margin * abs(positive_score))
+    chosen: list[int] = []
+    for score, c in zip(scores, candidates):
+        if group in groups[c]:
+            counts.same_group += 1
+        elif texts[c] == positive:
+            counts.positive_text += 1
+        elif len(groups[c]) > 1:
+            counts.ambiguous += 1
+        elif score > ceiling:
+            counts.margin += 1
+        else:
+            chosen.append(int(c))
+            if len(chosen) == options.top_k:
+                break
+    counts.rows += 1
+    counts.negatives += len(chosen)
+    counts.short_rows += len(chosen) < options.top_k
+    counts.empty_rows += not chosen
+    return chosen
+
+
+# ----------------------------------------------------------------------------- encoding
+class Encoder:
+    """A Ray Data actor: one model, loaded once; a work item (rows ``[start, stop)`` of one
+    shard file) in, its query and passage vectors out (float32 bytes, row-major)."""
+
+    def __init__(self, model_path: str, pooling: str, prefixes: tuple[str, str], max_length: int,
+                 batch_size: int, threads: int) -> None:
+        import torch
+
+        from hybridray.device import default_device
+        from hybridray.models import load_encoder
+
+        if default_device().type == "cpu":
+            torch.set_num_threads(threads)
+        self.model, self.tokenizer = load_encoder(model_path)
+        self.model.to(default_device())
+        self.pooling, self.prefixes, self.max_length, self.batch_size = pooling, prefixes, max_length, batch_size
+
+    def __call__(self, batch: pa.Table) -> dict[str, np.ndarray]:
+        from hybridray.evaluate.encode import encode_texts
+
+        out: dict[str, list] = {"file_index": [], "start": [], "rows": [], "dim": [], "queries": [], "passages": []}
+        for item in batch.to_pylist():
+            if item["path"].endswith(".parquet"):
+                records = reader.read_rows(item["path"], range(item["start"], item["stop"]), ["query", "passage"])
+                rows = [records[r] for r in range(item["start"], item["stop"])]
+            else:  # jsonl: the whole file, in order (its row numbers are line numbers)
+                rows = [record for _, record in reader.iter_file_rows(item["path"], ["query", "passage"])]
+            vectors = [
+                encode_texts(self.model, self.tokenizer, [r[side] for r in rows], prefix=prefix,
+                             max_length=self.max_length, batch_size=self.batch_size, pooling=self.pooling,
+                             progress=False)
+                for side, prefix in zip(("query", "passage"), self.prefixes)
+            ]
+            out["file_index"].append(item["file_index"])
+            out["start"].append(item["start"])
+            out["rows"].append(len(rows))
+            out["dim"].append(vectors[0].shape[1])
+            out["queries"].append(vectors[0].tobytes())
+            out["passages"].append(vectors[1].tobytes())
+        return {"file_index": np.array(out["file_index"], dtype=np.int64),
+                "start": np.array(out["start"], dtype=np.int64), "rows": np.array(out["rows"], dtype=np.int64),
+                "dim": np.array(out["dim"], dtype=np.int64),
+                "queries": np.array(out["queries"], dtype=object), "passages": np.array(out["passages"], dtype=object)}
+
+
+def _pool_size(workers: Optional[int]) -> tuple[int, dict]:
+    """(actors, resources per actor): one per GPU of the cluster, else one per CPU slot."""
+    import ray
+
+    resources = ray.cluster_resources()
+    gpus = int(resources.get("GPU", 0))
+    if gpus:
+        return (workers or gpus), {"num_gpus": 1}
+    return (workers or max(1, int(resources.get("CPU", 1)))), {"num_cpus": 1}
+
+
+def _vectors_path(out: Path, file_index: int) -> Path:
+    return out / WORK_DIR / f"vectors-{file_index:05d}.npz"
+
+
+def encode_files(files: Sequence[str], rows_per_file: Sequence[int], todo: Sequence[int], out: Path, *,
+                 model_path: str, pooling: str, prefixes: tuple[str, str], options: MineOptions) -> float:
+    """Encode the queries and passages of the files ``todo`` with an actor pool; each file's
+    vectors are saved (atomically) as soon as all its rows are in. Returns the seconds taken."""
+    import ray.data
+
+    if not todo:
+        return 0.0
+    started = time.perf_counter()
+    items = []
+    for i in todo:
+        step = CHUNK_ROWS if files[i].endswith(".parquet") else max(1, rows_per_file[i])
+        items += [{"file_index": i, "path": files[i], "start": a, "stop": min(a + step, rows_per_file[i])}
+                  for a in range(0, rows_per_file[i], step)]
+    if not items:
+        return _save_empty(files, rows_per_file, todo, out, started)
+    actors, resources = _pool_size(options.workers)
+    actors = min(actors, len(items))
+    ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+        Encoder, batch_size=1, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=actors),
+        fn_constructor_kwargs={"model_path": model_path, "pooling": pooling, "prefixes": prefixes,
+                               "max_length": options.max_length, "batch_size": options.batch_size,
+                               "threads": resources.get("num_cpus", 1)},
+        **resources,
+    )
+    parts: dict[int, dict[int, tuple[np.ndarray, np.ndarray]]] = {}
+    missing = {i: rows_per_file[i] for i in todo}
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        for fi, start, n, dim, q, p in zip(*(batch[k] for k in ("file_index", "start", "rows", "dim",
+                                                                 "queries", "passages"))):
+            fi, n, dim = int(fi), int(n), int(dim)
+            vectors = (np.frombuffer(q, dtype=np.float32).reshape(n, dim),
+                       np.frombuffer(p, dtype=np.float32).reshape(n, dim))
+            parts.setdefault(fi, {})[int(start)] = vectors
+            missing[fi] -= n
+            if missing[fi] == 0:
+                chunks = [parts[fi][a] for a in sorted(parts.pop(fi))]
+                _save_vectors(_vectors_path(out, fi), np.concatenate([c[0] for c in chunks]),
+                              np.concatenate([c[1] for c in chunks]))
+                _say(f"encoded {files[fi]} ({rows_per_file[fi]} rows)")
+    return _save_empty(files, rows_per_file, todo, out, started)
+
+
+def _save_empty(files, rows_per_file, todo, out: Path, started: float) -> float:
+    for i in todo:  # a file without rows: nothing to encode, but it is done
+        if rows_per_file[i] == 0:
+            _save_vectors(_vectors_path(out, i), np.zeros((0, 1), np.float32), np.zeros((0, 1), np.float32))
+    return time.perf_counter() - started
+
+
+def _save_vectors(path: Path, queries: np.ndarray, passages: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    with os.fdopen(fd, "wb") as f:
+        np.savez(f, queries=queries, passages=passages)
+    os.replace(tmp, path)
+
+
+def _load_vectors(path: Path, side: str, rows: int) -> Optional[np.ndarray]:
+    """The cached vectors (``side``: queries or passages) of one file, or None if absent,
+    unreadable or not of ``rows`` rows. An npz member is read only when asked for."""
+    try:
+        with np.load(path) as data:
+            vectors = data[side]
+    except (OSError, ValueError, KeyError, EOFError):
+        return None
+    return vectors if len(vectors) == rows else None
+
+
+def _say(message: str) -> None:
+    print(f"[hybridray] mine: {message}", file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------- the pool
+@dataclass
+class Pool:
+    """One language's candidate passages, deduplicated by text."""
+
+    texts: list[str]
+    groups: list[tuple[str, ...]]  # per passage, the groups whose positive it is
+    vectors: np.ndarray
+
+
+def build_pools(files: Sequence[str], passage_vectors: Callable[[int], np.ndarray]) -> dict[str, Pool]:
+    """Per language, every distinct passage of the dataset with its groups and its vector (the
+    first occurrence's); files are read one at a time."""
+    index: dict[str, dict[str, int]] = {}
+    texts: dict[str, list[str]] = {}
+    groups: dict[str, list[set]] = {}
+    vectors: dict[str, list[np.ndarray]] = {}
+    for fi, path in enumerate(files):
+        file_vectors = passage_vectors(fi)
+        for r, (_, record) in enumerate(reader.iter_file_rows(path, ["group_id", "lang", "passage"])):
+            lang, text = record["lang"], record["passage"]
+            seen = index.setdefault(lang, {})
+            if text not in seen:
+                seen[text] = len(seen)
+                texts.setdefault(lang, []).append(text)
+                groups.setdefault(lang, []).append(set())
+                vectors.setdefault(lang, []).append(file_vectors[r])
+            groups[lang][seen[text]].add(record["group_id"])
+    return {lang: Pool(texts[lang], [tuple(sorted(g)) for g in groups[lang]], np.stack(vectors[lang]))
+            for lang in texts}
+
+
+def mine_file(records: list[dict], queries: np.ndarray, passages: np.ndarray, pools: dict[str, Pool],
+              options: MineOptions, counts: SelectionCounts) -> list[dict]:
+    """One file's rows with their mined negatives (same order)."""
+    from hybridray.evaluate.search import search
+
+    out = [dict(r) for r in records]
+    by_lang: dict[str, list[int]] = {}
+    for i, r in enumerate(records):
+        by_lang.setdefault(r["lang"], []).append(i)
+    for lang, idx in by_lang.items():
+        pool = pools[lang]
+        scores, hits = search(queries[idx], pool.vectors, options.range_max + 1)
+        positive_scores = np.einsum("ij,ij->i", queries[idx], passages[idx])
+        for i, row_scores, row_hits, s_pos in zip(idx, scores, hits, positive_scores):
+            row = out[i]
+            chosen = select_negatives(row_scores, row_hits, float(s_pos), group=row["group_id"],
+                                      positive=row["passage"], texts=pool.texts, groups=pool.groups,
+                                      options=options, counts=counts)
+            mined = [(pool.texts[c], pool.groups[c][0]) for c in chosen]
+            kept = list(zip(row.get("hard_negatives") or [],
+                            row.get("hard_negative_group_ids") or [None] * len(row.get("hard_negatives") or [])))
+            if options.keep_existing:
+                mined = kept + [m for m in mined if m[0] not in {k[0] for k in kept}]
+            row["hard_negatives"] = [t for t, _ in mined]
+            row["hard_negative_group_ids"] = [g for _, g in mined]
+    return out
+
+
+# ----------------------------------------------------------------------------- the run
+def _identity(files: Sequence[str], rows_per_file: Sequence[int], options: MineOptions,
+              model_path: str, pooling: str, prefixes: tuple[str, str]) -> dict:
+    decisive = {k: v for k, v in asdict(options).items() if k not in ("batch_size", "workers")}
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "input_files": [{"path": f, "rows": n} for f, n in zip(files, rows_per_file)],
+        **decisive, "model_path": model_path, "pooling": pooling,
+        "query_prefix": prefixes[0], "passage_prefix": prefixes[1],
+    }
+
+
+def _check_paths(shards: str, out: Path) -> None:
+    if storage.is_remote(str(out)):
+        raise UserError(f"--out {out}: mining writes a local directory (copy it to s3:// afterwards)")
+    if storage.is_remote(shards):
+        return
+    source = Path(shards).resolve()
+    target = out.resolve()
+    if target == source or source in target.parents:
+        raise UserError(f"--out {out}: is inside --shards {shards}; mining never writes into its input")
+    if target in source.parents:
+        raise UserError(f"--out {out}: holds --shards {shards}; choose an --out beside it")
+
+
+def _check_model(name: str) -> tuple[str, str, tuple[str, str]]:
+    """``(local path, pooling, (query prefix, passage prefix))`` of ``--model``, loaded once
+    here so that an unreadable model is one UserError before any work."""
+    from hybridray.evaluate.suite import model_location
+    from hybridray.models import default_pooling, default_prefixes, load_encoder, resolve_model_path
+
+    try:
+        path = resolve_model_path(model_location(name))
+        load_encoder(path)
+    except UserError:
+        raise
+    except Exception as exc:  # noqa: BLE001 -- a missing, partial or foreign directory fails in many ways
+        first = (str(exc).strip().splitlines() or [""])[0]
+        raise UserError(f"--model {name}: cannot load it as an encoder ({type(exc).__name__}: {first})") from None
+    return path, default_pooling(model_location(name)), default_prefixes(model_location(name))
+
+
+def _read_state(out: Path) -> Optional[dict]:
+    try:
+        return json.loads((out / STATE_NAME).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _write_json(path: Path, value: dict) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        f.write(json.dumps(value, indent=1, ensure_ascii=False) + "\n")
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+
+
+def _differences(old: dict, new: dict) -> str:
+    keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    shown = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" if k != "input_files" else "the input files" for k in keys]
+    return "; ".join(shown[:4])
+
+
+def _shard_name(file_index: int) -> str:
+    return f"part-{file_index:05d}.parquet"
+
+
+def _is_done(out: Path, entry: Optional[dict]) -> bool:
+    """A shard recorded as finished whose file is still there with its size (untouched)."""
+    path = out / _shard_name(entry["file_index"]) if entry else None
+    return bool(entry) and path.is_file() and path.stat().st_size == entry["bytes"]
+
+
+def mine_hard_negatives(shards: str, out: str | Path, options: MineOptions, *, overwrite: bool = False) -> dict:
+    """Mine ``options.top_k`` hard negatives per row of ``shards`` into ``out``; returns the
+    summary (also in ``_mine.json``). Resumes an unfinished ``out`` mined with the same options."""
+    from hybridray.train import init_ray
+
+    options.check()
+    out = Path(out)
+    _check_paths(shards, out)
+    started = time.perf_counter()
+    model_path, pooling, prefixes = _check_model(options.model)
+    prefixes = (options.query_prefix if options.query_prefix is not None else prefixes[0],
+                options.passage_prefix if options.passage_prefix is not None else prefixes[1])
+    pooling = options.pooling or pooling
+    init_ray()
+    index = reader.index_shards(shards, max_text_chars=options.max_text_chars, strict=True)
+    files, rows_per_file = index.files, index.rows_per_file
+    identity = _identity(files, rows_per_file, options, model_path, pooling, prefixes)
+
+    state = _read_state(out) if out.exists() else None
+    if out.exists() and (state is None or state.get("identity") != identity):
+        if not overwrite:
+            why = (f"mined with other parameters ({_differences(state['identity'], identity)})"
+                   if state and "identity" in state else "already exists and is not a data mine output")
+            raise UserError(f"--out {out}: {why}; pass --overwrite to replace it, or choose another --out")
+        shutil.rmtree(out)
+        state = None
+    out.mkdir(parents=True, exist_ok=True)
+    if state is None:
+        state = {"identity": identity, "shards": {}}
+        _write_json(out / STATE_NAME, state)
+        _write_json(out / MANIFEST_NAME, {
+            "schema_version": SCHEMA_VERSION, "source": f"mined from {shards} with {options.model}",
+            "languages": sorted(index.rows_read_per_language),
+            "rows_per_language": dict(sorted(index.rows_read_per_language.items())),
+            "rows": sum(rows_per_file),
+            "files": [{"path": _shard_name(i), "rows": n} for i, n in enumerate(rows_per_file)],
+        })
+
+    done = {i for i in range(len(files)) if _is_done(out, state["shards"].get(_shard_name(i)))}
+    todo = [i for i in range(len(files)) if i not in done]
+    vectors_of = lambda i, side: _load_vectors(_vectors_path(out, i), side, rows_per_file[i])  # noqa: E731
+    # every file's passages make the pools, so any file without cached vectors is encoded
+    uncached = [i for i in range(len(files)) if vectors_of(i, "passages") is None or vectors_of(i, "queries") is None]
+    encode_s = encode_files(files, rows_per_file, uncached if todo else [], out, model_path=model_path,
+                            pooling=pooling, prefixes=prefixes, options=options)
+    search_started = time.perf_counter()
+    pools = build_pools(files, lambda i: vectors_of(i, "passages")) if todo else {}
+    total = SelectionCounts()
+    for i in todo:
+        t0 = time.perf_counter()
+        records = [rec for _, rec in reader.iter_file_rows(files[i])]
+        counts = SelectionCounts()
+        rows = mine_file(records, vectors_of(i, "queries"), vectors_of(i, "passages"), pools, options, counts)
+        write_shard_file(rows, out / _shard_name(i))
+        total.add(counts)
+        state["shards"][_shard_name(i)] = {"file_index": i, "input": files[i], "rows": len(rows),
+                                          "bytes": (out / _shard_name(i)).stat().st_size, "counts": asdict(counts)}
+        _write_json(out / STATE_NAME, state)
+        _say(f"{_shard_name(i)}: {len(rows)} rows, {counts.negatives / max(1, counts.rows):.1f} negatives per row "
+             f"({time.perf_counter() - t0:.1f} s)")
+    summary = {
+        "out": str(out), "shards_mined": len(todo), "shards_skipped": len(done), "rows": sum(rows_per_file),
+        "this_run": asdict(total), "encode_seconds": round(encode_s, 2),
+        "search_seconds": round(time.perf_counter() - search_started, 2),
+        "total_seconds": round(time.perf_counter() - started, 2),
+        "files_encoded": len(uncached) if todo else 0,
+    }
+    state["last_run"] = summary
+    _write_json(out / STATE_NAME, state)
+    return summary
+
