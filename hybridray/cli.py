@@ -273,6 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
     mine.add_argument("--pooling", default=None, help="mean, cls or last (default: the model's)")
     mine.add_argument("--overwrite", action="store_true",
                       help="replace an --out mined with other parameters (without it, the same command resumes)")
+    mine.add_argument("--verbose", action="store_true",
+                      help="show every library's logs and Ray Data's progress bars (or HYBRIDRAY_VERBOSE=1)")
     mine.set_defaults(func=_cmd_data_mine)
 
     report = sub.add_parser("report", help="show a finished run's summary, or compare runs",

@@ -222,6 +222,9 @@ def split_by_article(questions: list[Question], heldout_fraction: float, seed: i
     return heldout
 
 
+#: A longer sentence is no negative: the reader (at ``data.max_text_chars``' default) would
+#: reject the whole row for it.
+MAX_NEGATIVE_CHARS = 4000
 #: Where a row's in-context negatives came from (``in_context_negatives``), nearest first.
 NEGATIVE_SOURCES = ("paragraph", "article", "next_article")
 
@@ -252,7 +255,8 @@ def in_context_negatives(questions: Sequence[Question], raw: dict[str, dict],
     are taken; when the article has none either, those of the next article of the same language
     among ``questions`` (so one split never borrows from the other), so every row has at least
     one negative whenever its split holds a second sentence, and ``loss.hard_negatives=k`` can
-    read every row. Never a text equal to the row's positive. A negative's group id is the id
+    read every row. Never a text equal to the row's positive, nor one longer than
+    ``MAX_NEGATIVE_CHARS``. A negative's group id is the id
     of the question (of ``answered_by``, default ``questions``: pass every valid question of
     the source) whose answer sentence it is, else None; a sentence that answers two different
     questions is left out, since a negative names one group and the other question's queries
@@ -272,7 +276,8 @@ def in_context_negatives(questions: Sequence[Question], raw: dict[str, dict],
     def usable(lang: str, texts: Iterable[str], positive: str) -> list[str]:
         kept = []
         for text in texts:
-            if text != positive and len(answers.get((lang, text), ())) <= 1 and text not in kept:
+            if (text != positive and len(answers.get((lang, text), ())) <= 1 and text not in kept
+                    and len(text) <= MAX_NEGATIVE_CHARS):
                 kept.append(text)
         return kept
 

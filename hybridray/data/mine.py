@@ -371,9 +371,18 @@ def _identity(files: Sequence[str], rows_per_file: Sequence[int], options: MineO
     return {
         "schema_version": SCHEMA_VERSION,
         "input_files": [{"path": f, "rows": n} for f, n in zip(files, rows_per_file)],
-        **decisive, "model_path": model_path, "pooling": pooling,
+        **decisive, "model_path": model_path, "model_files": _model_fingerprint(model_path), "pooling": pooling,
         "query_prefix": prefixes[0], "passage_prefix": prefixes[1],
     }
+
+
+def _model_fingerprint(model_path: str) -> Optional[list]:
+    """Name, size and mtime of a local model directory's files: retrained weights in the same
+    directory (a run's ``model/``) are other parameters, never a stale resume. None for a hub id."""
+    path = Path(model_path)
+    if not path.is_dir():
+        return None
+    return [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in sorted(path.iterdir()) if f.is_file()]
 
 
 def _check_paths(shards: str, out: Path) -> None:
@@ -440,6 +449,7 @@ def _is_done(out: Path, entry: Optional[dict]) -> bool:
 def mine_hard_negatives(shards: str, out: str | Path, options: MineOptions, *, overwrite: bool = False) -> dict:
     """Mine ``options.top_k`` hard negatives per row of ``shards`` into ``out``; returns the
     summary (also in ``_mine.json``). Resumes an unfinished ``out`` mined with the same options."""
+    from hybridray.console import quiet_process
     from hybridray.train import init_ray
 
     options.check()
@@ -451,11 +461,14 @@ def mine_hard_negatives(shards: str, out: str | Path, options: MineOptions, *, o
                 options.passage_prefix if options.passage_prefix is not None else prefixes[1])
     pooling = options.pooling or pooling
     init_ray()
+    quiet_process()
     index = reader.index_shards(shards, max_text_chars=options.max_text_chars, strict=True)
     files, rows_per_file = index.files, index.rows_per_file
     identity = _identity(files, rows_per_file, options, model_path, pooling, prefixes)
 
     state = _read_state(out) if out.exists() else None
+    if out.exists() and not any(out.iterdir()):  # an empty directory made for it
+        out.rmdir()
     if out.exists() and (state is None or state.get("identity") != identity):
         if not overwrite:
             why = (f"mined with other parameters ({_differences(state['identity'], identity)})"
@@ -467,6 +480,7 @@ def mine_hard_negatives(shards: str, out: str | Path, options: MineOptions, *, o
     if state is None:
         state = {"identity": identity, "shards": {}}
         _write_json(out / STATE_NAME, state)
+    if not (out / MANIFEST_NAME).is_file():
         _write_json(out / MANIFEST_NAME, {
             "schema_version": SCHEMA_VERSION, "source": f"mined from {shards} with {options.model}",
             "languages": sorted(index.rows_read_per_language),
