@@ -182,6 +182,9 @@ class Encoder:
         from hybridray.device import default_device
         from hybridray.models import load_encoder
 
+        from hybridray.console import quiet_process
+
+        quiet_process()  # an actor is a fresh process: no weight-loading bars, no library chatter
         if default_device().type == "cpu":
             torch.set_num_threads(threads)
         self.model, self.tokenizer = load_encoder(model_path)
@@ -221,10 +224,11 @@ def _pool_size(workers: Optional[int]) -> tuple[int, dict]:
     import ray
 
     resources = ray.cluster_resources()
-    gpus = int(resources.get("GPU", 0))
-    if gpus:
-        return (workers or gpus), {"num_gpus": 1}
-    return (workers or max(1, int(resources.get("CPU", 1)))), {"num_cpus": 1}
+    kind = "GPU" if int(resources.get("GPU", 0)) else "CPU"
+    slots = max(1, int(resources.get(kind, 1)))
+    if workers is not None and workers > slots:  # the pool would wait forever for the rest
+        raise UserError(f"--workers {workers}: the Ray cluster has {slots} {kind}(s), one per encoder actor")
+    return (workers or slots), ({"num_gpus": 1} if kind == "GPU" else {"num_cpus": 1})
 
 
 def _vectors_path(out: Path, file_index: int) -> Path:
@@ -267,7 +271,8 @@ def encode_files(files: Sequence[str], rows_per_file: Sequence[int], todo: Seque
             parts.setdefault(fi, {})[int(start)] = vectors
             missing[fi] -= n
             if missing[fi] == 0:
-                chunks = [parts[fi][a] for a in sorted(parts.pop(fi))]
+                done = parts.pop(fi)
+                chunks = [done[a] for a in sorted(done)]
                 _save_vectors(_vectors_path(out, fi), np.concatenate([c[0] for c in chunks]),
                               np.concatenate([c[1] for c in chunks]))
                 _say(f"encoded {files[fi]} ({rows_per_file[fi]} rows)")
@@ -456,12 +461,12 @@ def mine_hard_negatives(shards: str, out: str | Path, options: MineOptions, *, o
     out = Path(out)
     _check_paths(shards, out)
     started = time.perf_counter()
+    quiet_process()
     model_path, pooling, prefixes = _check_model(options.model)
     prefixes = (options.query_prefix if options.query_prefix is not None else prefixes[0],
                 options.passage_prefix if options.passage_prefix is not None else prefixes[1])
     pooling = options.pooling or pooling
     init_ray()
-    quiet_process()
     index = reader.index_shards(shards, max_text_chars=options.max_text_chars, strict=True)
     files, rows_per_file = index.files, index.rows_per_file
     identity = _identity(files, rows_per_file, options, model_path, pooling, prefixes)
