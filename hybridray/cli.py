@@ -132,6 +132,10 @@ def _cmd_data_mine(args: argparse.Namespace) -> int:
           f"{counts['short_rows']} row(s) with fewer than {args.top_k}, {counts['empty_rows']} with none; "
           f"{counts['margin']} candidate(s) dropped by the margin; {summary['total_seconds']:.0f} s; "
           f"details in {args.out}/_mine.json")
+    if counts["empty_rows"]:
+        print(f"hybridray: note: {counts['empty_rows']} row(s) got no negative (every candidate of their "
+              "--range-max nearest was dropped); a run with loss.hard_negatives > 0 refuses such rows: lower "
+              "--relative-margin, raise --range-max, or add them to existing ones with --keep-existing")
     return 0
 
 
