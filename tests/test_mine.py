@@ -92,6 +92,32 @@ def test_margin_rule_on_real_vectors(source):
                                          if float(q @ text_vector[t]) <= ceiling][:3]
 
 
+def test_keep_existing_puts_the_input_negatives_first():
+    from hybridray.data.mine import Pool
+
+    rng = np.random.default_rng(0)
+    vectors = rng.normal(size=(6, 8)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    queries, passages = vectors[:3], vectors[3:]
+    records = [{"group_id": g, "lang": "en", "query": f"q{g}", "passage": f"p{g}", "hard_negatives": None,
+                "hard_negative_group_ids": None} for g in "abc"]
+    records[0].update(hard_negatives=["x", "pb"], hard_negative_group_ids=[None, "b"])
+    records[2].update(hard_negatives=["y"])  # no group ids: each answers none
+    pools = {"en": Pool(["pa", "pb", "pc"], [("a",), ("b",), ("c",)], passages)}
+
+    def mined(keep: bool):
+        options = MineOptions(model="m", top_k=2, relative_margin=None, keep_existing=keep)
+        return mine_file(records, queries, passages, pools, options, SelectionCounts())
+
+    kept = mined(True)
+    assert list(zip(kept[0]["hard_negatives"], kept[0]["hard_negative_group_ids"])) == [
+        ("x", None), ("pb", "b"), ("pc", "c")]  # pb once, where the input had it
+    assert sorted(kept[1]["hard_negatives"]) == ["pa", "pc"]
+    assert kept[2]["hard_negatives"][0] == "y" and kept[2]["hard_negative_group_ids"][0] is None
+    assert sorted(mined(False)[0]["hard_negatives"]) == ["pb", "pc"]
+    assert records[0]["hard_negatives"] == ["x", "pb"]  # the input rows are not changed
+
+
 # ----------------------------------------------------------------------------- the command
 def check_never_positive_nor_translation(rows):
     """On every row: no negative is a passage of the row's own group (any language), each is a
