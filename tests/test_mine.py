@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -118,6 +120,19 @@ def test_keep_existing_puts_the_input_negatives_first():
     assert records[0]["hard_negatives"] == ["x", "pb"]  # the input rows are not changed
 
 
+def test_vector_cache_is_keyed_by_the_input_file(tmp_path):
+    """Vectors cached for one version of an input file are not used for another."""
+    from hybridray.data.mine import _load_vectors, _save_vectors
+
+    path = tmp_path / "vectors-00000.npz"
+    q, p = np.ones((2, 3), np.float32), np.zeros((2, 3), np.float32)
+    _save_vectors(path, q, p, {"bytes": 10, "mtime_ns": 1})
+    assert (_load_vectors(path, "queries", 2, {"bytes": 10, "mtime_ns": 1}) == q).all()
+    assert _load_vectors(path, "queries", 2, {"bytes": 10, "mtime_ns": 2}) is None
+    assert _load_vectors(path, "passages", 2, {"bytes": 11, "mtime_ns": 1}) is None
+    assert _load_vectors(path, "passages", 3, {"bytes": 10, "mtime_ns": 1}) is None
+
+
 # ----------------------------------------------------------------------------- the command
 def check_never_positive_nor_translation(rows):
     """On every row: no negative is a passage of the row's own group (any language), each is a
@@ -166,6 +181,23 @@ def test_mine_end_to_end_then_resume_then_train(ray_session, source, tmp_path, c
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "mined with other parameters (top_k: 3 -> 2)" in err
     assert {p.name: sha(p) for p in out.glob("part-*.parquet")} == {k: v[0] for k, v in after.items()}
+
+    # an input file rewritten in place (same name, same rows, one passage changed): refused, naming the
+    # input files; restored byte for byte and mtime, the run is "already done" again
+    changed = source / "part-00001.parquet"
+    original, stat = changed.read_bytes(), changed.stat()
+    table = pq.read_table(changed).to_pylist()
+    table[0]["passage"] = table[0]["passage"] + " (edited)"
+    pq.write_table(pa.Table.from_pylist(table, schema=pq.read_schema(changed)), changed)
+    try:
+        assert cli.main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "the input files (changed" in err, err
+    finally:
+        changed.write_bytes(original)
+        os.utime(changed, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert cli.main(argv) == 0
+    assert "0 shard(s) mined, 3 already done" in capsys.readouterr().out
 
     # a training pipeline reads them with loss.hard_negatives=2
     from hybridray.config import build_config

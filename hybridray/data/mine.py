@@ -43,7 +43,9 @@ the same order), ``manifest.json`` written before any shard (so a reader pointed
 unfinished ``OUT`` refuses it, naming the missing shard), and ``_mine.json``: the parameters and
 every finished shard. Each shard is written to a hidden temporary file and renamed. A rerun
 with the same parameters skips the finished shards whose file is intact and redoes the rest; a
-rerun with other parameters is refused unless ``overwrite``. Only one input file's rows and the
+rerun with other parameters -- the input files' size and modification time among them, so an
+input rewritten in place is never resumed over -- is refused unless ``overwrite``; the cached
+vectors carry the same fingerprint of their input file and are re-encoded when it differs. Only one input file's rows and the
 passage pool (texts, groups, vectors of every passage) are in the driver's memory at a time.
 ``IN`` is never written to. ``OUT/_mine/`` (the cached vectors, 4 bytes x dim x 2 per row) may
 be deleted once the output is complete.
@@ -236,9 +238,11 @@ def _vectors_path(out: Path, file_index: int) -> Path:
 
 
 def encode_files(files: Sequence[str], rows_per_file: Sequence[int], todo: Sequence[int], out: Path, *,
-                 model_path: str, pooling: str, prefixes: tuple[str, str], options: MineOptions) -> float:
+                 model_path: str, pooling: str, prefixes: tuple[str, str], options: MineOptions,
+                 fingerprints: Sequence[dict]) -> float:
     """Encode the queries and passages of the files ``todo`` with an actor pool; each file's
-    vectors are saved (atomically) as soon as all its rows are in. Returns the seconds taken."""
+    vectors are saved (atomically, with the input file's ``fingerprints`` entry) as soon as all
+    its rows are in. Returns the seconds taken."""
     import ray.data
 
     if not todo:
@@ -250,7 +254,7 @@ def encode_files(files: Sequence[str], rows_per_file: Sequence[int], todo: Seque
         items += [{"file_index": i, "path": files[i], "start": a, "stop": min(a + step, rows_per_file[i])}
                   for a in range(0, rows_per_file[i], step)]
     if not items:
-        return _save_empty(files, rows_per_file, todo, out, started)
+        return _save_empty(files, rows_per_file, todo, out, started, fingerprints)
     actors, resources = _pool_size(options.workers)
     actors = min(actors, len(items))
     ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
@@ -274,31 +278,36 @@ def encode_files(files: Sequence[str], rows_per_file: Sequence[int], todo: Seque
                 done = parts.pop(fi)
                 chunks = [done[a] for a in sorted(done)]
                 _save_vectors(_vectors_path(out, fi), np.concatenate([c[0] for c in chunks]),
-                              np.concatenate([c[1] for c in chunks]))
+                              np.concatenate([c[1] for c in chunks]), fingerprints[fi])
                 _say(f"encoded {files[fi]} ({rows_per_file[fi]} rows)")
-    return _save_empty(files, rows_per_file, todo, out, started)
+    return _save_empty(files, rows_per_file, todo, out, started, fingerprints)
 
 
-def _save_empty(files, rows_per_file, todo, out: Path, started: float) -> float:
+def _save_empty(files, rows_per_file, todo, out: Path, started: float, fingerprints: Sequence[dict]) -> float:
     for i in todo:  # a file without rows: nothing to encode, but it is done
         if rows_per_file[i] == 0:
-            _save_vectors(_vectors_path(out, i), np.zeros((0, 1), np.float32), np.zeros((0, 1), np.float32))
+            _save_vectors(_vectors_path(out, i), np.zeros((0, 1), np.float32), np.zeros((0, 1), np.float32),
+                          fingerprints[i])
     return time.perf_counter() - started
 
 
-def _save_vectors(path: Path, queries: np.ndarray, passages: np.ndarray) -> None:
+def _save_vectors(path: Path, queries: np.ndarray, passages: np.ndarray, fingerprint: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     with os.fdopen(fd, "wb") as f:
-        np.savez(f, queries=queries, passages=passages)
+        np.savez(f, queries=queries, passages=passages, source=np.array(json.dumps(fingerprint, sort_keys=True)))
+    os.chmod(tmp, 0o644)
     os.replace(tmp, path)
 
 
-def _load_vectors(path: Path, side: str, rows: int) -> Optional[np.ndarray]:
+def _load_vectors(path: Path, side: str, rows: int, fingerprint: dict) -> Optional[np.ndarray]:
     """The cached vectors (``side``: queries or passages) of one file, or None if absent,
-    unreadable or not of ``rows`` rows. An npz member is read only when asked for."""
+    unreadable, not of ``rows`` rows, or encoded from another version of the input file (its
+    ``fingerprint``: size and modification time). An npz member is read only when asked for."""
     try:
         with np.load(path) as data:
+            if "source" not in data.files or str(data["source"]) != json.dumps(fingerprint, sort_keys=True):
+                return None
             vectors = data[side]
     except (OSError, ValueError, KeyError, EOFError):
         return None
@@ -370,12 +379,23 @@ def mine_file(records: list[dict], queries: np.ndarray, passages: np.ndarray, po
 
 
 # ----------------------------------------------------------------------------- the run
-def _identity(files: Sequence[str], rows_per_file: Sequence[int], options: MineOptions,
-              model_path: str, pooling: str, prefixes: tuple[str, str]) -> dict:
+def _input_fingerprint(uri: str) -> dict:
+    """Size and modification time of one input file: an input rewritten in place (the same
+    names and row counts, other texts) is another input, never a silent resume."""
+    fs, path = storage.filesystem_for(uri)
+    try:
+        info = fs.get_file_info(path)
+    except (OSError, pa.ArrowException) as exc:
+        raise UserError(f"{uri}: cannot read: {' '.join(str(exc).split())}") from None
+    return {"bytes": info.size, "mtime_ns": info.mtime_ns}
+
+
+def _identity(files: Sequence[str], rows_per_file: Sequence[int], fingerprints: Sequence[dict],
+              options: MineOptions, model_path: str, pooling: str, prefixes: tuple[str, str]) -> dict:
     decisive = {k: v for k, v in asdict(options).items() if k not in ("batch_size", "workers")}
     return {
         "schema_version": SCHEMA_VERSION,
-        "input_files": [{"path": f, "rows": n} for f, n in zip(files, rows_per_file)],
+        "input_files": [{"path": f, "rows": n, **fp} for f, n, fp in zip(files, rows_per_file, fingerprints)],
         **decisive, "model_path": model_path, "model_files": _model_fingerprint(model_path), "pooling": pooling,
         "query_prefix": prefixes[0], "passage_prefix": prefixes[1],
     }
@@ -437,7 +457,8 @@ def _write_json(path: Path, value: dict) -> None:
 
 def _differences(old: dict, new: dict) -> str:
     keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-    shown = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" if k != "input_files" else "the input files" for k in keys]
+    named = {"input_files": "the input files (changed, added or removed since)", "model_files": "the model's files"}
+    shown = [named.get(k) or f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys]
     return "; ".join(shown[:4])
 
 
@@ -469,7 +490,8 @@ def mine_hard_negatives(shards: str, out: str | Path, options: MineOptions, *, o
     init_ray()
     index = reader.index_shards(shards, max_text_chars=options.max_text_chars, strict=True)
     files, rows_per_file = index.files, index.rows_per_file
-    identity = _identity(files, rows_per_file, options, model_path, pooling, prefixes)
+    fingerprints = [_input_fingerprint(f) for f in files]
+    identity = _identity(files, rows_per_file, fingerprints, options, model_path, pooling, prefixes)
 
     state = _read_state(out) if out.exists() else None
     if out.exists() and not any(out.iterdir()):  # an empty directory made for it
@@ -496,11 +518,12 @@ def mine_hard_negatives(shards: str, out: str | Path, options: MineOptions, *, o
 
     done = {i for i in range(len(files)) if _is_done(out, state["shards"].get(_shard_name(i)))}
     todo = [i for i in range(len(files)) if i not in done]
-    vectors_of = lambda i, side: _load_vectors(_vectors_path(out, i), side, rows_per_file[i])  # noqa: E731
+    vectors_of = lambda i, side: _load_vectors(_vectors_path(out, i), side, rows_per_file[i],  # noqa: E731
+                                               fingerprints[i])
     # every file's passages make the pools, so any file without cached vectors is encoded
     uncached = [i for i in range(len(files)) if vectors_of(i, "passages") is None or vectors_of(i, "queries") is None]
     encode_s = encode_files(files, rows_per_file, uncached if todo else [], out, model_path=model_path,
-                            pooling=pooling, prefixes=prefixes, options=options)
+                            pooling=pooling, prefixes=prefixes, options=options, fingerprints=fingerprints)
     search_started = time.perf_counter()
     pools = build_pools(files, lambda i: vectors_of(i, "passages")) if todo else {}
     total = SelectionCounts()
