@@ -133,6 +133,33 @@ def test_vector_cache_is_keyed_by_the_input_file(tmp_path):
     assert _load_vectors(path, "passages", 3, {"bytes": 10, "mtime_ns": 1}) is None
 
 
+def test_a_query_with_two_answers_never_gets_the_other_as_a_negative(tmp_path):
+    """Rows a and b ask the same query with two answers (two groups): neither answer is the
+    other's negative, and the margin is taken below the lower of the two positive scores."""
+    rows = [{"group_id": g, "lang": "en", "query": q, "passage": p, "source": "t"}
+            for g, q, p in (("a", "who wrote it?", "pa"), ("b", "who wrote it?", "pb"), ("c", "other", "pc"),
+                            ("d", "other 2", "pd"))]
+    write_shards(rows, tmp_path / "in", rows_per_file=4, source="t")
+    files = reader.list_shard_files(str(tmp_path / "in"))
+    query = np.array([1.0, 0.0], np.float32)
+    # pa 0.95 and pb 0.6 answer it; pc (0.58) is within 5% of pb's score, pd (0.4) is not
+    passages = np.array([[0.95, 0.312], [0.6, 0.8], [0.58, 0.815], [0.4, 0.917]], np.float32)
+    queries = np.stack([query, query, [0, 1], [0, 1]]).astype(np.float32)
+    pools = build_pools(files, lambda i: passages)
+    assert pools["en"].query_groups == {"who wrote it?": ("a", "b")}
+    records = [r for _, r in reader.iter_file_rows(files[0])]
+
+    def negatives(**options):
+        counts = SelectionCounts()
+        mined = mine_file(records, queries, passages, pools, MineOptions(model="m", top_k=3, **options), counts)
+        return [r["hard_negatives"] for r in mined[:2]], counts
+
+    got, counts = negatives(relative_margin=None)
+    assert got == [["pc", "pd"], ["pc", "pd"]] and counts.same_query == 2
+    got, counts = negatives(relative_margin=0.05)  # ceiling 0.6 - 0.03 = 0.57 for both rows
+    assert got == [["pd"], ["pd"]]  # row a alone (s_pos 0.95) would have kept pc
+
+
 # ----------------------------------------------------------------------------- the command
 def check_never_positive_nor_translation(rows):
     """On every row: no negative is a passage of the row's own group (any language), each is a

@@ -26,7 +26,8 @@ write       driver                            one output shard per input file, a
 
 The selection follows sentence-transformers' ``mine_hard_negatives``: of the ``range_max``
 nearest passages, drop the row's own group (its positive and any translation or duplicate of
-it), a passage with the positive's text, and a passage that is the positive of two groups (a
+it), the positives of the other rows with the same query text in the language (a query with two
+answers is two groups; as there, the margin is then taken below the lowest positive score), a passage with the positive's text, and a passage that is the positive of two groups (a
 negative names one group; the other's queries would be penalised for their own answer); then
 the **margin rule against false negatives** drops a candidate scoring too close to the
 positive: above ``s_pos - absolute_margin``, or above ``s_pos - relative_margin * |s_pos|``
@@ -59,7 +60,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -123,6 +124,7 @@ class SelectionCounts:
     """Why candidates were dropped, over a shard or a run (the summary's numbers)."""
 
     same_group: int = 0
+    same_query: int = 0  # a positive of another row with the same query text (and language)
     positive_text: int = 0
     ambiguous: int = 0
     margin: int = 0
@@ -139,12 +141,13 @@ class SelectionCounts:
 def select_negatives(
     scores: Sequence[float], candidates: Sequence[int], positive_score: float, *, group: str,
     positive: str, texts: Sequence[str], groups: Sequence[tuple[str, ...]], options: MineOptions,
-    counts: SelectionCounts,
+    counts: SelectionCounts, same_query: frozenset = frozenset(),
 ) -> list[int]:
     """Pool indices of one row's negatives, best first (see the module docstring).
 
     ``scores`` / ``candidates``: the search hits, best first; ``texts`` / ``groups``: the pool's
-    passage texts and, per passage, the groups whose positive it is.
+    passage texts and, per passage, the groups whose positive it is; ``same_query``: the groups
+    of the other rows asking the same query in the same language (their positives answer it too).
     """
     ceiling = np.inf
     if options.absolute_margin is not None:
@@ -155,6 +158,8 @@ def select_negatives(
     for score, c in zip(scores, candidates):
         if group in groups[c]:
             counts.same_group += 1
+        elif same_query.intersection(groups[c]):
+            counts.same_query += 1
         elif texts[c] == positive:
             counts.positive_text += 1
         elif len(groups[c]) > 1:
@@ -326,18 +331,21 @@ class Pool:
     texts: list[str]
     groups: list[tuple[str, ...]]  # per passage, the groups whose positive it is
     vectors: np.ndarray
+    positive_of: dict[str, int] = field(default_factory=dict)  # group -> its positive's passage index
+    query_groups: dict[str, tuple[str, ...]] = field(default_factory=dict)  # query text -> groups asking it
 
 
 def build_pools(files: Sequence[str], passage_vectors: Callable[[int], np.ndarray]) -> dict[str, Pool]:
     """Per language, every distinct passage of the dataset with its groups and its vector (the
-    first occurrence's); files are read one at a time."""
+    first occurrence's), and the groups of each query text; files are read one at a time."""
     index: dict[str, dict[str, int]] = {}
     texts: dict[str, list[str]] = {}
     groups: dict[str, list[set]] = {}
     vectors: dict[str, list[np.ndarray]] = {}
+    queries: dict[str, dict[str, set]] = {}
     for fi, path in enumerate(files):
         file_vectors = passage_vectors(fi)
-        for r, (_, record) in enumerate(reader.iter_file_rows(path, ["group_id", "lang", "passage"])):
+        for r, (_, record) in enumerate(reader.iter_file_rows(path, ["group_id", "lang", "query", "passage"])):
             lang, text = record["lang"], record["passage"]
             seen = index.setdefault(lang, {})
             if text not in seen:
@@ -346,7 +354,10 @@ def build_pools(files: Sequence[str], passage_vectors: Callable[[int], np.ndarra
                 groups.setdefault(lang, []).append(set())
                 vectors.setdefault(lang, []).append(file_vectors[r])
             groups[lang][seen[text]].add(record["group_id"])
-    return {lang: Pool(texts[lang], [tuple(sorted(g)) for g in groups[lang]], np.stack(vectors[lang]))
+            queries.setdefault(lang, {}).setdefault(record["query"], set()).add(record["group_id"])
+    return {lang: Pool(texts[lang], [tuple(sorted(g)) for g in groups[lang]], np.stack(vectors[lang]),
+                       {g: i for i in reversed(range(len(groups[lang]))) for g in groups[lang][i]},
+                       {q: tuple(sorted(g)) for q, g in queries[lang].items() if len(g) > 1})
             for lang in texts}
 
 
@@ -365,9 +376,13 @@ def mine_file(records: list[dict], queries: np.ndarray, passages: np.ndarray, po
         positive_scores = np.einsum("ij,ij->i", queries[idx], passages[idx])
         for i, row_scores, row_hits, s_pos in zip(idx, scores, hits, positive_scores):
             row = out[i]
-            chosen = select_negatives(row_scores, row_hits, float(s_pos), group=row["group_id"],
+            # as sentence-transformers: every positive of the query is excluded, and the margin is
+            # taken below the lowest of their scores
+            same_query = frozenset(pool.query_groups.get(row["query"], ())) - {row["group_id"]}
+            s_pos = min([float(s_pos)] + [float(queries[i] @ pool.vectors[pool.positive_of[g]]) for g in same_query])
+            chosen = select_negatives(row_scores, row_hits, s_pos, group=row["group_id"],
                                       positive=row["passage"], texts=pool.texts, groups=pool.groups,
-                                      options=options, counts=counts)
+                                      options=options, counts=counts, same_query=same_query)
             mined = [(pool.texts[c], pool.groups[c][0]) for c in chosen]
             kept = list(zip(row.get("hard_negatives") or [],
                             row.get("hard_negative_group_ids") or [None] * len(row.get("hard_negatives") or [])))
