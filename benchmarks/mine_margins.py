@@ -13,10 +13,11 @@ from __future__ import annotations
 import argparse
 
 from hybridray.data import reader
-from hybridray.data.mine import MineOptions, SelectionCounts, _load_vectors, _vectors_path, build_pools, mine_file
+from hybridray.data.mine import (MineOptions, SelectionCounts, _input_fingerprint, _load_vectors, _vectors_path,
+                                 build_pools, mine_file)
 
 SETTINGS = [
-    dict(relative_margin=0.05, range_max=50), dict(relative_margin=0.03, range_max=50),
+    dict(relative_margin=0.05, range_max=50), dict(relative_margin=0.05, range_max=50, range_max_cap=1000), dict(relative_margin=0.03, range_max=50),
     dict(relative_margin=0.01, range_max=50), dict(relative_margin=None, absolute_margin=0.0, range_max=50),
     dict(relative_margin=None, range_max=50), dict(relative_margin=0.05, range_max=200),
     dict(relative_margin=0.05, range_max=1000), dict(relative_margin=0.02, range_max=200),
@@ -34,8 +35,8 @@ def main() -> None:
 
     files = reader.list_shard_files(args.shards)
     rows = [[rec for _, rec in reader.iter_file_rows(f)] for f in files]
-    vectors = {side: [_load_vectors(_vectors_path(Path(args.out), i), side, len(r)) for i, r in enumerate(rows)]
-               for side in ("queries", "passages")}
+    vectors = {side: [_load_vectors(_vectors_path(Path(args.out), i), side, len(r), _input_fingerprint(files[i]))
+                      for i, r in enumerate(rows)] for side in ("queries", "passages")}
     pools = build_pools(files, lambda i: vectors["passages"][i])
     print("| relative margin | absolute margin | range_max | rows without | rows short of top_k | negatives/row "
           "| dropped by margin |\n|---|---|---|---|---|---|---|")
@@ -43,9 +44,10 @@ def main() -> None:
         counts = SelectionCounts()
         for i, records in enumerate(rows):
             mine_file(records, vectors["queries"][i], vectors["passages"][i], pools,
-                      MineOptions(model="-", top_k=args.top_k, **setting), counts)
+                      MineOptions(model="-", top_k=args.top_k, **{"range_max_cap": setting["range_max"], **setting}),
+                      counts)
         print(f"| {setting.get('relative_margin') or 'off'} | {setting.get('absolute_margin', 'off')} | "
-              f"{setting['range_max']} | {counts.empty_rows} ({counts.empty_rows / counts.rows:.1%}) | "
+              f"{setting['range_max']}{' -> ' + str(setting['range_max_cap']) if 'range_max_cap' in setting else ''} | {counts.empty_rows} ({counts.empty_rows / counts.rows:.1%}) | "
               f"{counts.short_rows} | {counts.negatives / counts.rows:.2f} | {counts.margin} |")
 
 

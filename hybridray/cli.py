@@ -119,7 +119,8 @@ def _cmd_data_mine(args: argparse.Namespace) -> int:
     from hybridray.data.mine import MineOptions, mine_hard_negatives
 
     options = MineOptions(
-        model=args.model, top_k=args.top_k, range_max=args.range_max, absolute_margin=args.absolute_margin,
+        model=args.model, top_k=args.top_k, range_max=args.range_max, range_max_cap=args.range_max_cap,
+        absolute_margin=args.absolute_margin,
         relative_margin=args.relative_margin,
         keep_existing=args.keep_existing, query_prefix=args.query_prefix, passage_prefix=args.passage_prefix,
         pooling=args.pooling, max_length=args.max_length, max_text_chars=args.max_text_chars,
@@ -128,14 +129,14 @@ def _cmd_data_mine(args: argparse.Namespace) -> int:
     summary = mine_hard_negatives(args.shards, args.out, options, overwrite=args.overwrite)
     counts = summary["this_run"]
     print(f"hybridray: mined {args.out}: {summary['shards_mined']} shard(s) mined, {summary['shards_skipped']} "
-          f"already done; {counts['negatives'] / max(1, counts['rows']):.2f} negatives per row mined, "
-          f"{counts['short_rows']} row(s) with fewer than {args.top_k}, {counts['empty_rows']} with none; "
-          f"{counts['margin']} candidate(s) dropped by the margin; {summary['total_seconds']:.0f} s; "
-          f"details in {args.out}/_mine.json")
-    if counts["empty_rows"]:
-        print(f"hybridray: note: {counts['empty_rows']} row(s) got no negative (every candidate of their "
-              "--range-max nearest was dropped); a run with loss.hard_negatives > 0 refuses such rows: lower "
-              "--relative-margin, raise --range-max, or add them to existing ones with --keep-existing")
+          f"already done; {counts['negatives'] / max(1, counts['rows']):.2f} negatives per row mined "
+          f"({counts['searched_deeper']} row(s) searched beyond --range-max); {counts['short_rows']} row(s) left "
+          f"with fewer than {args.top_k}, {counts['empty_rows']} with none; {counts['margin']} candidate(s) "
+          f"dropped by the margin; {summary['total_seconds']:.0f} s; details in {args.out}/_mine.json")
+    if counts["empty_rows"]:  # counted after --keep-existing's merge: these rows really have none
+        print(f"hybridray: note: {counts['empty_rows']} row(s) have no negative (every candidate of their "
+              f"--range-max-cap nearest was dropped); a run with loss.hard_negatives > 0 refuses such rows: lower "
+              "--relative-margin, raise --range-max-cap, or add them to existing ones with --keep-existing")
     return 0
 
 
@@ -258,6 +259,9 @@ def build_parser() -> argparse.ArgumentParser:
     mine.add_argument("--top-k", type=int, default=8, help="negatives per row, best first (default 8)")
     mine.add_argument("--range-max", type=int, default=50,
                       help="nearest passages searched per query (default 50)")
+    mine.add_argument("--range-max-cap", type=int, default=1000,
+                      help="a row left short of --top-k is searched again, --range-max x4 a step, up to this "
+                           "many nearest (default 1000; equal to --range-max: never)")
     mine.add_argument("--relative-margin", type=_margin, default=0.05, metavar="M|off",
                       help="drop a candidate scoring above s_pos - M*|s_pos|, s_pos the positive's score "
                            "(default 0.05)")

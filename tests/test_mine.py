@@ -58,14 +58,14 @@ def test_selection_drops_the_positive_its_translations_shared_texts_and_near_sco
     # relative margin 0.05 of s_pos 0.86: ceiling 0.817 -- "too close" (0.85) is a likely false negative
     got, counts = choose(scores, 0.86, top_k=2, relative_margin=0.05)
     assert got == ["kept 1", "kept 2"]
-    assert (counts.same_group, counts.ambiguous, counts.margin, counts.short_rows) == (1, 1, 1, 0)
+    assert (counts.same_group, counts.ambiguous, counts.margin) == (1, 1, 1)
     # without a margin it is the hardest negative
     assert choose(scores, 0.86, top_k=2, relative_margin=None)[0] == ["too close", "kept 1"]
     # an absolute margin of 0.2: ceiling 0.66, so "kept 1" (0.7) goes too; the positive's text under
     # another group (0.55) and the translation (same group) never come back
     got, counts = choose(scores, 0.86, top_k=8, relative_margin=None, absolute_margin=0.2)
     assert got == ["kept 2", "kept 3"]
-    assert (counts.positive_text, counts.same_group, counts.margin, counts.short_rows) == (1, 2, 2, 1)
+    assert (counts.positive_text, counts.same_group, counts.margin) == (1, 2, 2)
     # a negative positive score (-0.2): the ceiling is still below it (-0.21)
     got, counts = choose([-0.1, -0.15, -0.3, -0.4], -0.2, top_k=2, relative_margin=0.05)
     assert got == ["kept 1"] and counts.margin == 1
@@ -111,6 +111,12 @@ def test_keep_existing_puts_the_input_negatives_first():
         options = MineOptions(model="m", top_k=2, relative_margin=None, keep_existing=keep)
         return mine_file(records, queries, passages, pools, options, SelectionCounts())
 
+    counts = SelectionCounts()
+    options = MineOptions(model="m", top_k=2, relative_margin=None, keep_existing=True)
+    mine_file(records, queries, passages, {"en": Pool(["pa"], [("a",)], passages[:1])}, options, counts)
+    # row a mined nothing (its own positive is the only candidate) but keeps its 2: it is not counted
+    # as a row without a negative (nor short); row b mined pa alone: short of 2
+    assert (counts.mined_none, counts.empty_rows, counts.short_rows) == (1, 0, 1)
     kept = mined(True)
     assert list(zip(kept[0]["hard_negatives"], kept[0]["hard_negative_group_ids"])) == [
         ("x", None), ("pb", "b"), ("pc", "c")]  # pb once, where the input had it
@@ -158,6 +164,28 @@ def test_a_query_with_two_answers_never_gets_the_other_as_a_negative(tmp_path):
     assert got == [["pc", "pd"], ["pc", "pd"]] and counts.same_query == 2
     got, counts = negatives(relative_margin=0.05)  # ceiling 0.6 - 0.03 = 0.57 for both rows
     assert got == [["pd"], ["pd"]]  # row a alone (s_pos 0.95) would have kept pc
+
+
+def test_rows_short_at_range_max_are_searched_deeper():
+    """Ten passages; the query's 4 nearest are within the margin. At range_max 2 the row gets
+    nothing; with the cap above range_max it is searched again (x4) and gets its 2."""
+    from hybridray.data.mine import Pool
+
+    angles = np.array([0.0, 0.01, 0.02, 0.03, 0.04, 0.5, 0.6, 0.7, 0.8, 0.9])
+    passages = np.stack([np.cos(angles), np.sin(angles)], 1).astype(np.float32)
+    pools = {"en": Pool([f"p{i}" for i in range(10)], [(f"g{i}",) for i in range(10)], passages)}
+    record = {"group_id": "g0", "lang": "en", "query": "q", "passage": "p0"}
+
+    def run(cap):
+        counts = SelectionCounts()
+        options = MineOptions(model="m", top_k=2, range_max=2, range_max_cap=cap, relative_margin=0.05)
+        row = mine_file([record], passages[:1], passages[:1], pools, options, counts)[0]
+        return row["hard_negatives"], counts
+
+    assert run(2) == ([], SelectionCounts(same_group=1, margin=2, rows=1, mined_none=1, short_rows=1, empty_rows=1))
+    got, counts = run(1000)
+    assert got == ["p5", "p6"] and counts.searched_deeper == 1 and counts.empty_rows == 0
+    assert counts.margin == 4 and counts.same_group == 1  # the counts of its last (deepest) search
 
 
 # ----------------------------------------------------------------------------- the command
