@@ -294,3 +294,23 @@ def test_bad_input_is_one_line(ray_session, source, tmp_path, capsys):
                                                        "passage": "", "source": "s"}) + "\n")
     assert "part-00000.jsonl:1: empty field 'passage'" in run(shards=str(bad))
     assert not (tmp_path / "o").exists()
+
+
+def test_training_refusal_names_the_first_row_without_negatives_and_the_count(tmp_path):
+    """loss.hard_negatives > 0 on a dataset where some rows have none: one line with file:row
+    and how many, pointing at data mine's flags."""
+    from hybridray.data.pipeline import _check_negatives
+    from hybridray.errors import UserError
+
+    rows = [{"group_id": f"g{i}", "lang": "en", "query": f"q{i}", "passage": f"p{i}", "source": "t",
+             "hard_negatives": ["n"] if i % 2 == 0 else None} for i in range(5)]
+    path = tmp_path / "part-00000.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    table = reader.index_file(str(path), 0, max_text_chars=4000)
+    index = reader.merge_index(str(tmp_path), [str(path)], [table], strict=True)
+    _check_negatives(index, 0)  # k = 0 reads none: accepted
+    with pytest.raises(UserError) as refused:
+        _check_negatives(index, 2)
+    message = str(refused.value)
+    assert "2 of 5 rows have no hard_negatives" in message and f"(first: {path}:2)" in message
+    assert "--range-max-cap" in message and len(message.splitlines()) == 1
