@@ -206,7 +206,7 @@ def check_never_positive_nor_translation(rows):
             assert group_of[(r["lang"], text)] == {group}
 
 
-def test_mine_end_to_end_then_resume_then_train(ray_session, source, tmp_path, capsys):
+def test_mine_end_to_end_then_resume_then_train(ray_session, source, tmp_path, capsys, monkeypatch):
     """As a user runs it. The tiny model is random (every cosine is about 0.93), so any margin
     drops nearly all candidates: this run switches it off; the rule is tested above."""
     out = tmp_path / "mined"
@@ -273,6 +273,25 @@ def test_mine_end_to_end_then_resume_then_train(ray_session, source, tmp_path, c
         assert (negatives != s["group_ids"][:, None]).all()
     assert stable_hash64(rows[0]["group_id"]) != NO_GROUP
 
+    # --overwrite with other parameters, interrupted while writing: the old output is back, intact
+    import hybridray.data.mine as mine
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    other = [("2" if a == "3" else a) for a in argv] + ["--overwrite"]
+    monkeypatch.setattr(mine, "write_shard_file", interrupted)
+    assert cli.main(other) == 130
+    capsys.readouterr()
+    assert {p.name: sha(p) for p in out.glob("part-*.parquet")} == {k: v[0] for k, v in after.items()}
+    assert json.loads((out / "_mine.json").read_text())["identity"]["top_k"] == 3
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    monkeypatch.undo()
+    assert cli.main(other) == 0  # and not interrupted: replaced
+    assert "3 shard(s) mined, 0 already done" in capsys.readouterr().out
+    assert all(len(r["hard_negatives"]) == 2 for r in rows_of(out))
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
 
 def test_bad_input_is_one_line(ray_session, source, tmp_path, capsys):
     def run(*extra, model="builtin:tiny", shards=str(source), out=str(tmp_path / "o")):
@@ -287,6 +306,15 @@ def test_bad_input_is_one_line(ray_session, source, tmp_path, capsys):
     (broken / "config.json").write_text("{not json")
     assert "--model" in run(model=str(broken))
     assert "mining never writes into its input" in run(out=str(source / "mined"))
+    assert "would match --shards" in run(shards=str(source / "*.parquet"), out=str(source / "sub"))
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    assert "is a file" in run(out=str(a_file))
+    not_mined = tmp_path / "not-mined"
+    not_mined.mkdir()
+    (not_mined / "keep.txt").write_text("mine")
+    assert "is not a data mine output" in run("--overwrite", out=str(not_mined))
+    assert (not_mined / "keep.txt").read_text() == "mine"
     assert "--range-max" in run("--top-k", "9", "--range-max", "5")
     bad = tmp_path / "bad"
     bad.mkdir()

@@ -50,13 +50,17 @@ every finished shard. Each shard is written to a hidden temporary file and renam
 with the same parameters skips the finished shards whose file is intact and redoes the rest; a
 rerun with other parameters -- the input files' size and modification time among them, so an
 input rewritten in place is never resumed over -- is refused unless ``overwrite``; the cached
-vectors carry the same fingerprint of their input file and are re-encoded when it differs. Only one input file's rows and the
+vectors carry the same fingerprint of their input file and are re-encoded when it differs.
+``overwrite`` replaces only a data mine output, and only once the options, the model and every
+input row are checked: the old output is moved aside, deleted when the new one is complete, and
+put back if the run fails (a SIGKILL leaves it as the hidden ``.OUT.replaced-PID`` beside OUT). Only one input file's rows and the
 passage pool (texts, groups, vectors of every passage) are in the driver's memory at a time.
 ``IN`` is never written to. ``OUT/_mine/`` (the cached vectors, 4 bytes x dim x 2 per row) may
 be deleted once the output is complete.
 """
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
 import shutil
@@ -452,15 +456,28 @@ def _model_fingerprint(model_path: str) -> Optional[list]:
 
 
 def _check_paths(shards: str, out: Path) -> None:
+    """One UserError, before any work, for an ``--out`` that is not a local directory, or that
+    is, holds or lies inside the input (a glob's matches included: a rerun would read them)."""
     if storage.is_remote(str(out)):
         raise UserError(f"--out {out}: mining writes a local directory (copy it to s3:// afterwards)")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out}: is a file; mining writes a directory")
     if storage.is_remote(shards):
         return
-    source = Path(shards).resolve()
     target = out.resolve()
-    if target == source or source in target.parents:
+    pattern = os.path.abspath(shards)
+    glob = reader._GLOB.search(pattern)
+    source = Path(pattern[: glob.start()].rsplit("/", 1)[0] if glob else pattern).resolve()
+    if glob:  # the output's own shards must never match the input's glob (the listing is recursive)
+        if any(fnmatch.fnmatchcase(str(target / name), pattern) for name in ("part-00000.parquet", "x.parquet",
+                                                                                 "x.jsonl")):
+            raise UserError(f"--out {out}: its shards would match --shards {shards}; choose an --out outside it")
+        if any(target == Path(f).resolve() or target in Path(f).resolve().parents
+               for f in reader.list_shard_files(shards)):
+            raise UserError(f"--out {out}: holds files of --shards {shards}; choose an --out beside it")
+    elif target == source or source in target.parents:
         raise UserError(f"--out {out}: is inside --shards {shards}; mining never writes into its input")
-    if target in source.parents:
+    if not glob and target in source.parents:
         raise UserError(f"--out {out}: holds --shards {shards}; choose an --out beside it")
 
 
@@ -537,13 +554,37 @@ def mine_hard_negatives(shards: str, out: str | Path, options: MineOptions, *, o
     state = _read_state(out) if out.exists() else None
     if out.exists() and not any(out.iterdir()):  # an empty directory made for it
         out.rmdir()
-    if out.exists() and (state is None or state.get("identity") != identity):
+    if out.exists() and (state is None or "identity" not in state):
+        raise UserError(f"--out {out}: already exists and is not a data mine output (no {STATE_NAME}); "
+                        "choose another --out (--overwrite replaces only a data mine output)")
+    replaced = None
+    if out.exists() and state.get("identity") != identity:
         if not overwrite:
-            why = (f"mined with other parameters ({_differences(state['identity'], identity)})"
-                   if state and "identity" in state else "already exists and is not a data mine output")
-            raise UserError(f"--out {out}: {why}; pass --overwrite to replace it, or choose another --out")
-        shutil.rmtree(out)
+            raise UserError(f"--out {out}: mined with other parameters ({_differences(state['identity'], identity)}); "
+                            "pass --overwrite to replace it, or choose another --out")
+        # everything is validated and the input is readable: the old output is moved aside, deleted
+        # once the new one is complete, and put back if this run fails
+        replaced = out.with_name(f".{out.name}.replaced-{os.getpid()}")
+        out.rename(replaced)
         state = None
+    try:
+        summary = _mine_into(out, state, identity, shards, options, index, fingerprints, model_path, pooling,
+                             prefixes, started)
+    except BaseException:
+        if replaced is not None:
+            shutil.rmtree(out, ignore_errors=True)
+            replaced.rename(out)
+        raise
+    if replaced is not None:
+        shutil.rmtree(replaced)
+    return summary
+
+
+def _mine_into(out: Path, state: Optional[dict], identity: dict, shards: str, options: MineOptions,
+               index: reader.ShardIndex, fingerprints: list[dict], model_path: str, pooling: str,
+               prefixes: tuple[str, str], started: float) -> dict:
+    """The run proper, into ``out`` (new, or an unfinished output of the same ``identity``)."""
+    files, rows_per_file = index.files, index.rows_per_file
     out.mkdir(parents=True, exist_ok=True)
     if state is None:
         state = {"identity": identity, "shards": {}}
