@@ -75,7 +75,7 @@ def _cmd_data_prepare(args: argparse.Namespace) -> int:
     langs = args.langs.split(",") if args.langs else None
     summary = prepare_lareqa(
         args.source, args.out, heldout_fraction=args.heldout_fraction, seed=args.seed,
-        langs=langs, overwrite=args.overwrite,
+        langs=langs, overwrite=args.overwrite, hard_negatives=args.hard_negatives,
     )
     rows = {split: sum(counts.values()) for split, counts in summary["rows"].items()}
     print(f"hybridray: prepared {args.out}: train {rows['train']} rows ({summary['articles']['train']} article "
@@ -102,6 +102,41 @@ def _cmd_data_from_squad(args: argparse.Namespace) -> int:
         exclude_passages_of=args.exclude_passages_of,
     )
     print(json.dumps(summary, indent=2, ensure_ascii=False))
+    return 0
+
+
+def _margin(value: str):
+    """A margin flag's value: a number, or ``off``."""
+    if value.lower() in ("off", "none"):
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'off', got {value!r}") from None
+
+
+def _cmd_data_mine(args: argparse.Namespace) -> int:
+    from hybridray.data.mine import MineOptions, mine_hard_negatives
+
+    options = MineOptions(
+        model=args.model, top_k=args.top_k, range_max=args.range_max, range_max_cap=args.range_max_cap,
+        absolute_margin=args.absolute_margin,
+        relative_margin=args.relative_margin,
+        keep_existing=args.keep_existing, query_prefix=args.query_prefix, passage_prefix=args.passage_prefix,
+        pooling=args.pooling, max_length=args.max_length, max_text_chars=args.max_text_chars,
+        batch_size=args.batch_size, workers=args.workers,
+    )
+    summary = mine_hard_negatives(args.shards, args.out, options, overwrite=args.overwrite)
+    counts = summary["this_run"]
+    print(f"hybridray: mined {args.out}: {summary['shards_mined']} shard(s) mined, {summary['shards_skipped']} "
+          f"already done; {counts['negatives'] / max(1, counts['rows']):.2f} negatives per row mined "
+          f"({counts['searched_deeper']} row(s) searched beyond --range-max); {counts['short_rows']} row(s) left "
+          f"with fewer than {args.top_k}, {counts['empty_rows']} with none; {counts['margin']} candidate(s) "
+          f"dropped by the margin; {summary['total_seconds']:.0f} s; details in {args.out}/_mine.json")
+    if counts["empty_rows"]:  # counted after --keep-existing's merge: these rows really have none
+        print(f"hybridray: note: {counts['empty_rows']} row(s) have no negative (every candidate of their "
+              f"--range-max-cap nearest was dropped); a run with loss.hard_negatives > 0 refuses such rows: lower "
+              "--relative-margin, raise --range-max-cap, or add them to existing ones with --keep-existing")
     return 0
 
 
@@ -186,6 +221,9 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("--seed", type=int, default=0, help="split seed (default 0)")
     prepare.add_argument("--langs", default=None, help="comma-separated languages (default: all)")
     prepare.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    prepare.add_argument("--hard-negatives", action=argparse.BooleanOptionalAction, default=True,
+                         help="write each row's in-context hard negatives: the other sentences of its answer's "
+                              "paragraph, in its language (default: on; read only with loss.hard_negatives > 0)")
     prepare.set_defaults(func=_cmd_data_prepare)
     from_squad = data_sub.add_parser(
         "from-squad", help="convert SQuAD-layout {lang}.json files (TyDi QA GoldP) into one shard dataset",
@@ -205,6 +243,47 @@ def build_parser() -> argparse.ArgumentParser:
                                  "evaluation split), so training never sees an evaluation gold passage")
     from_squad.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     from_squad.set_defaults(func=_cmd_data_from_squad)
+    mine = data_sub.add_parser(
+        "mine", help="mine hard negatives for a shard dataset with a retriever (Ray Data + faiss)",
+        description="Encode the queries and passages of --shards with --model (Ray Data, one actor per GPU or "
+                    "CPU slot), search each query among the passages of its language (faiss, exact inner "
+                    "product), and write a copy of the dataset to --out whose hard_negatives are the best "
+                    "passages that are neither the positive nor a translation of it, minus those the margin "
+                    "rule drops as likely false negatives. Rerunning the same command resumes.",
+    )
+    mine.add_argument("--model", required=True, help="the retriever: builtin:multilingual-e5-small, a run's model/ "
+                                                     "directory, a local or s3:// HF directory, or a hub id")
+    mine.add_argument("--shards", required=True, help="input shard dataset (directory, glob or s3:// prefix); "
+                                                      "never written to")
+    mine.add_argument("--out", required=True, help="output directory (local)")
+    mine.add_argument("--top-k", type=int, default=8, help="negatives per row, best first (default 8)")
+    mine.add_argument("--range-max", type=int, default=50,
+                      help="nearest passages searched per query (default 50)")
+    mine.add_argument("--range-max-cap", type=int, default=1000,
+                      help="a row left short of --top-k is searched again, --range-max x4 a step, up to this "
+                           "many nearest (default 1000; equal to --range-max: never)")
+    mine.add_argument("--relative-margin", type=_margin, default=0.05, metavar="M|off",
+                      help="drop a candidate scoring above s_pos - M*|s_pos|, s_pos the positive's score "
+                           "(default 0.05)")
+    mine.add_argument("--absolute-margin", type=_margin, default=None, metavar="M|off",
+                      help="drop a candidate scoring above s_pos - M (default: off)")
+    mine.add_argument("--keep-existing", action="store_true",
+                      help="keep the input's hard negatives (e.g. data prepare's in-context ones) first, then "
+                           "add the mined ones")
+    mine.add_argument("--batch-size", type=int, default=64, help="texts per forward pass (default 64)")
+    mine.add_argument("--workers", type=int, default=None,
+                      help="encoder actors (default: one per GPU of the Ray cluster, else one per CPU)")
+    mine.add_argument("--max-length", type=int, default=256, help="max tokens per text (default 256)")
+    mine.add_argument("--max-text-chars", type=int, default=4000,
+                      help="reject longer texts, as data.max_text_chars does (default 4000)")
+    mine.add_argument("--query-prefix", default=None, help="default: the model's (e.g. 'query: ' for E5)")
+    mine.add_argument("--passage-prefix", default=None, help="default: the model's (e.g. 'passage: ')")
+    mine.add_argument("--pooling", default=None, help="mean, cls or last (default: the model's)")
+    mine.add_argument("--overwrite", action="store_true",
+                      help="replace an --out mined with other parameters (without it, the same command resumes)")
+    mine.add_argument("--verbose", action="store_true",
+                      help="show every library's logs and Ray Data's progress bars (or HYBRIDRAY_VERBOSE=1)")
+    mine.set_defaults(func=_cmd_data_mine)
 
     report = sub.add_parser("report", help="show a finished run's summary, or compare runs",
                             description="One run directory: its closing summary (held-out before/after, "

@@ -227,7 +227,10 @@ class LossConfig(_Section):
     symmetric: bool = False
     #: Mask in-batch negatives that share the query's group_id (its translations).
     mask_same_group: bool = True
-    #: Hard negatives per query taken from the shards' ``hard_negatives`` column.
+    #: Hard negatives per query taken from the shards' ``hard_negatives`` column (0: off); written
+    #: by ``data prepare`` (the answer paragraph's other sentences) or ``data mine`` (a retriever's).
+    #: A row with fewer than k repeats some (unmasked: they weigh more in its softmax); a row with
+    #: none is refused at k > 0.
     hard_negatives: int = Field(0, ge=0, le=64)
 
 

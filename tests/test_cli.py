@@ -19,7 +19,7 @@ def run(*args, cwd=REPO):
 
 @pytest.mark.parametrize(
     "command", [["train"], ["eval"], ["tune"], ["plan"], ["data"], ["data", "prepare"], ["data", "from-squad"],
-                ["model"], ["model", "build"]]
+                ["data", "mine"], ["model"], ["model", "build"]]
 )
 def test_every_subcommand_has_help(command):
     result = run(*command, "--help")

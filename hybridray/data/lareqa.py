@@ -6,6 +6,10 @@ its translations. One shard row per (question, language): query = the question, 
 the gold answer sentence (the sentence whose break span holds ``answers[0].answer_start``),
 context = the paragraph.
 
+In-context hard negatives (``in_context_negatives``): a LAReQA pool is hardest on the other
+sentences of the answer's own paragraph, so each row's ``hard_negatives`` are those sentences,
+in the row's (the passage's) language, each with the group id of the question it answers.
+
 Article titles are translated too, so "an article" is identified across languages by the
 questions it holds: two (language, article) pairs that share a question id are the same
 article. The train / held-out split assigns whole articles, so no article — in any
@@ -18,7 +22,7 @@ import random
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Iterable, Optional, Sequence
 
 from hybridray.data.schema import RowError, is_valid_lang
 from hybridray.errors import UserError
@@ -218,7 +222,93 @@ def split_by_article(questions: list[Question], heldout_fraction: float, seed: i
     return heldout
 
 
-def question_rows(questions: list[Question], source_name: str, cluster_of: dict) -> list[dict]:
+#: A longer sentence is no negative: the reader (at ``data.max_text_chars``' default) would
+#: reject the whole row for it.
+MAX_NEGATIVE_CHARS = 4000
+#: Where a row's in-context negatives came from (``in_context_negatives``), nearest first.
+NEGATIVE_SOURCES = ("paragraph", "article", "next_article")
+
+
+@dataclass
+class InContextNegatives:
+    """Per ``(qid, lang)``: the negatives and the group each answers (None: none), and where
+    they came from (one of ``NEGATIVE_SOURCES``, or None when the split has nothing else)."""
+
+    texts: dict[tuple[str, str], list[str]] = field(default_factory=dict)
+    group_ids: dict[tuple[str, str], list[Optional[str]]] = field(default_factory=dict)
+    origin: Counter = field(default_factory=Counter)
+
+
+def _sentences(paragraph) -> list[str]:
+    """The non-empty, stripped sentences of a well-formed paragraph (none for a broken one)."""
+    if not isinstance(paragraph, dict) or _paragraph_problem(paragraph) is not None:
+        return []
+    return [s.strip() for s in paragraph["sentences"] if s.strip()]
+
+
+def in_context_negatives(questions: Sequence[Question], raw: dict[str, dict],
+                         answered_by: Optional[Sequence[Question]] = None) -> InContextNegatives:
+    """Each question's hard negatives: the other sentences of its answer's paragraph, in its
+    language (``raw``: the SQuAD objects per language).
+
+    When the paragraph has no other sentence, the sentences of the article's other paragraphs
+    are taken; when the article has none either, those of the next article of the same language
+    among ``questions`` (so one split never borrows from the other), so every row has at least
+    one negative whenever its split holds a second sentence, and ``loss.hard_negatives=k`` can
+    read every row. Never a text equal to the row's positive, nor one longer than
+    ``MAX_NEGATIVE_CHARS``. A negative's group id is the id
+    of the question (of ``answered_by``, default ``questions``: pass every valid question of
+    the source) whose answer sentence it is, else None; a sentence that answers two different
+    questions is left out, since a negative names one group and the other question's queries
+    would be penalised for their own answer.
+    """
+    answers: dict[tuple[str, str], set[str]] = {}
+    for q in answered_by if answered_by is not None else questions:
+        answers.setdefault((q.lang, q.sentence), set()).add(q.qid)
+    articles: dict[str, list[int]] = {}  # per language, the split's articles in file order
+    for q in questions:
+        articles.setdefault(q.lang, [])
+        if q.article not in articles[q.lang]:
+            articles[q.lang].append(q.article)
+    for order in articles.values():
+        order.sort()
+
+    def usable(lang: str, texts: Iterable[str], positive: str) -> list[str]:
+        kept = []
+        for text in texts:
+            if (text != positive and len(answers.get((lang, text), ())) <= 1 and text not in kept
+                    and len(text) <= MAX_NEGATIVE_CHARS):
+                kept.append(text)
+        return kept
+
+    def article_sentences(lang: str, a: int, skip: Optional[int] = None) -> list[str]:
+        paragraphs = raw[lang]["data"][a].get("paragraphs", [])
+        return [s for p, paragraph in enumerate(paragraphs) if p != skip for s in _sentences(paragraph)]
+
+    out = InContextNegatives()
+    for q in questions:
+        a, p, _ = q.position
+        texts = usable(q.lang, _sentences(raw[q.lang]["data"][a]["paragraphs"][p]), q.sentence)
+        origin = "paragraph"
+        if not texts:
+            texts, origin = usable(q.lang, article_sentences(q.lang, a, skip=p), q.sentence), "article"
+        if not texts:
+            order = articles[q.lang]
+            start = order.index(a)
+            for other in order[start + 1:] + order[:start]:
+                texts = usable(q.lang, article_sentences(q.lang, other), q.sentence)
+                if texts:
+                    origin = "next_article"
+                    break
+        key = (q.qid, q.lang)
+        out.texts[key] = texts
+        out.group_ids[key] = [next(iter(answers[(q.lang, t)])) if (q.lang, t) in answers else None for t in texts]
+        out.origin[origin if texts else "none"] += 1
+    return out
+
+
+def question_rows(questions: list[Question], source_name: str, cluster_of: dict,
+                  negatives: Optional[InContextNegatives] = None) -> list[dict]:
     """Shard rows, a group's translations adjacent (sorted by group id, then language)."""
     rows = [
         {
@@ -226,6 +316,8 @@ def question_rows(questions: list[Question], source_name: str, cluster_of: dict)
             "lang": q.lang,
             "query": q.question,
             "passage": q.sentence,
+            "hard_negatives": negatives.texts[(q.qid, q.lang)] if negatives else None,
+            "hard_negative_group_ids": negatives.group_ids[(q.qid, q.lang)] if negatives else None,
             "context": q.context,
             "article_id": cluster_of[(q.lang, q.article)],
             "source": source_name,

@@ -133,8 +133,9 @@ def check_lengths(model_cfg) -> None:
 def _check_negatives(index: reader.ShardIndex, k: int) -> None:
     if k and index.groups and index.min_negatives == 0:
         raise UserError(
-            f"{index.path}: loss.hard_negatives={k} but some rows have no hard_negatives; "
-            "set loss.hard_negatives=0 or add negatives to every row"
+            f"{index.path}: loss.hard_negatives={k} but {index.rows_without_negatives} of {index.n_rows} rows have "
+            f"no hard_negatives (first: {index.first_without_negatives}); set loss.hard_negatives=0, or fill them "
+            "(hybridray data mine: --keep-existing, a lower --relative-margin or a higher --range-max-cap)"
         )
 
 

@@ -7,7 +7,16 @@ Output layout (``OUT``)::
     OUT/heldout-lareqa/   the held-out articles in the source layout, for LAReQA evaluation
                           (the candidate pool is every sentence of those articles)
     OUT/rejects.jsonl     every source question that failed validation, with file and reason
-    OUT/prepare.json      what was done: source, seed, fraction, counts per split and language
+    OUT/prepare.json      what was done: source, seed, fraction, counts per split and language,
+                          where the rows' hard negatives came from
+
+Every row carries in-context hard negatives (``lareqa.in_context_negatives``: the other
+sentences of its answer's paragraph, in its language, with the groups they answer) unless
+``hard_negatives=False`` (``--no-hard-negatives``). Training reads them only with
+``loss.hard_negatives`` > 0; otherwise they cost disk (on MLQA-R the shards grow 1.8x) and the index
+pass's validation of a few more strings per row, never tokenisation. The held-out shards
+get them too; ``heldout-lareqa/`` (what the evaluation reads) keeps every sentence of its
+articles as the candidate pool, unchanged.
 
 ``SOURCE`` and ``OUT`` may be ``s3://`` URIs. A local ``OUT`` is built beside itself and
 swapped in, so a failure never leaves half an output or damages an old one. An ``s3://``
@@ -28,6 +37,7 @@ from hybridray import storage
 from hybridray.data.lareqa import (
     article_clusters,
     filter_lareqa,
+    in_context_negatives,
     question_rows,
     read_lareqa,
     split_by_article,
@@ -45,6 +55,7 @@ def prepare_lareqa(
     langs: Optional[Iterable[str]] = None,
     source_name: Optional[str] = None,
     overwrite: bool = False,
+    hard_negatives: bool = True,
 ) -> dict:
     """Convert, validate and split; returns the summary also written to ``prepare.json``."""
     if not 0.0 <= heldout_fraction < 1.0:
@@ -56,7 +67,8 @@ def prepare_lareqa(
         storage.check_writable(out)  # a missing bucket or denied access, before the work
         with tempfile.TemporaryDirectory(prefix="hybridray-prepare-") as local:
             summary = prepare_lareqa(source_dir, Path(local) / "out", heldout_fraction=heldout_fraction,
-                                     seed=seed, langs=langs, source_name=source_name)
+                                     seed=seed, langs=langs, source_name=source_name,
+                                     hard_negatives=hard_negatives)
             storage.delete_tree(out)
             storage.copy_tree(str(Path(local) / "out"), out)
         return summary
@@ -79,10 +91,13 @@ def prepare_lareqa(
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     tmp.chmod(0o755)
     try:
-        manifests = {
-            "train": write_shards(question_rows(train, source_name, cluster_of), tmp / "train", source=source_name),
-            "heldout": write_shards(question_rows(heldout, source_name, cluster_of), tmp / "heldout", source=source_name),
-        }
+        manifests, origins = {}, {}
+        for split, questions in (("train", train), ("heldout", heldout)):
+            negatives = (in_context_negatives(questions, source.raw, answered_by=source.questions)
+                         if hard_negatives else None)
+            origins[split] = dict(sorted(negatives.origin.items())) if negatives else None
+            manifests[split] = write_shards(question_rows(questions, source_name, cluster_of, negatives),
+                                            tmp / split, source=source_name)
         lareqa_dir = tmp / "heldout-lareqa"
         lareqa_dir.mkdir()
         for lang, raw in source.raw.items():
@@ -104,6 +119,8 @@ def prepare_lareqa(
                 "heldout": len(heldout_keys),
             },
             "rejected": dict(sorted(Counter(Path(r.file).stem for r in source.rejects).items())),
+            # rows per origin of their negatives: paragraph, article, next_article, none
+            "hard_negatives": origins if hard_negatives else None,
         }
         (tmp / "prepare.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
         if out_dir.exists():

@@ -226,6 +226,8 @@ class ShardIndex:
     filtered_rows: int = 0
     scattered_groups: int = 0  # groups whose rows are not adjacent in data order
     min_negatives: int = 0  # fewest hard negatives of any accepted row
+    rows_without_negatives: int = 0  # accepted rows with no hard negative
+    first_without_negatives: Optional[str] = None  # "file:row" of the first of them, in data order
     #: Every row read, per file (accepted, rejected or filtered) and per language (rows whose
     #: language could be read): what the dataset's manifest must agree with.
     rows_per_file: list[int] = field(default_factory=list)
@@ -312,6 +314,10 @@ def merge_index(
             members.setdefault(gid, []).append((lang, fi, row))
             counts[lang] += 1
             min_neg = n_neg if min_neg is None else min(min_neg, n_neg)
+            if n_neg == 0:
+                index.rows_without_negatives += 1
+                if index.first_without_negatives is None:
+                    index.first_without_negatives = "{}:{}".format(*locate(files[fi], row))
     for gid, rows in members.items():  # dicts keep first-occurrence (data) order
         rows.sort()
         index.groups.append(Group(gid, tuple(r[0] for r in rows), tuple((r[1], r[2]) for r in rows)))

@@ -7,6 +7,7 @@ dataset is only replaced when ``overwrite`` is asked for.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 from collections import Counter
@@ -46,13 +47,12 @@ def write_shards(
 
         def flush() -> None:
             name = f"part-{len(files):05d}.parquet"
-            table = pa.Table.from_pylist(buffer, schema=ARROW_SCHEMA)
-            pq.write_table(table, tmp / name)
+            write_shard_file(buffer, tmp / name)
             files.append({"path": name, "rows": len(buffer)})
             buffer.clear()
 
         for row in rows:
-            buffer.append({name: row.get(name) for name in ARROW_SCHEMA.names})
+            buffer.append(row)
             counts[row["lang"]] += 1
             if len(buffer) >= rows_per_file:
                 flush()
@@ -74,6 +74,25 @@ def write_shards(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def write_shard_file(rows: list[dict], path: str | Path) -> int:
+    """One parquet shard file of ``rows`` (schema columns; others ignored, missing ones null),
+    written to a hidden temporary sibling and renamed into place, so the name never holds a
+    half-written file. Returns the number of rows."""
+    path = Path(path)
+    table = pa.Table.from_pylist([{name: row.get(name) for name in ARROW_SCHEMA.names} for row in rows],
+                                 schema=ARROW_SCHEMA)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        pq.write_table(table, tmp)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return len(rows)
 
 
 def read_manifest(shard_dir: str | Path) -> dict:
