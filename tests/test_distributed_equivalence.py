@@ -43,6 +43,10 @@ GRAD_CASES = {
     "everything_learned_temperature": dict(
         loss=dict(mask_same_group=True, symmetric=True, learn_temperature=True), hard=True
     ),
+    # against a teacher that differs from the student (another seed), so the term is not 0
+    "distill_everything": dict(
+        loss=dict(mask_same_group=True, symmetric=True, learn_temperature=True, distill_weight=0.7), hard=True
+    ),
 }
 ENGINE_STAGES = (0, 2)
 ENGINE_LOSS = dict(temperature=0.05, mask_same_group=True, symmetric=True, hard_negatives=2)
@@ -51,15 +55,20 @@ ENGINE_CLIP = 0.05
 #: Learning rate of the SGD optimizer given to the engines (the schedule is constant, so this
 #: is the step size): large, so that ``before - after`` keeps its digits.
 SGD_LR = 1000.0
+#: Gradient caching: texts per encoder pass (3 does not divide the local batch: a short last chunk).
+CACHE_CHUNK = 3
+#: ZeRO stages of the cached runs (ZeRO-3 too: the grad_cache switch is honoured there as well).
+CACHE_STAGES = (0, 2, 3)
+DROPOUT = 0.1
 
 
-def tiny_bert():
+def tiny_bert(dropout=0.0, seed=0):
     from transformers import BertConfig, BertModel
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     return BertModel(BertConfig(
         vocab_size=1000, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-        intermediate_size=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+        intermediate_size=64, hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout,
     ))
 
 
@@ -95,14 +104,14 @@ def local_slice(batch, rank, world, hard=True):
     return out
 
 
-def engine_config(stage, world, clip=ENGINE_CLIP):
+def engine_config(stage, world, clip=ENGINE_CLIP, cache=0, distill=0.0):
     from hybridray.config import build_config
 
     return build_config({
         "sampler": {"batch_size": PAIRS},
         "scaling": {"num_workers": world},
         "deepspeed": {"zero_stage": stage},
-        "loss": ENGINE_LOSS,
+        "loss": {**ENGINE_LOSS, "cache_chunk_size": cache, "distill_weight": distill},
         "model": {"freeze_embeddings": False},
         # Clipping on, with a threshold the gradient norm exceeds: DeepSpeed's global norm over
         # the partitioned gradients is part of what is compared.
@@ -130,7 +139,8 @@ def _worker(index, ports, outputs):
     for name, case in GRAD_CASES.items():
         # float64: the equivalence is then checked far below float32 noise
         encoder = DualEncoder(copy.deepcopy(bert))
-        model = TrainingModel(encoder, InfoNCELoss(0.05, **case["loss"])).double()
+        teacher = DualEncoder(tiny_bert(seed=1)) if case["loss"].get("distill_weight") else None
+        model = TrainingModel(encoder, InfoNCELoss(0.05, **case["loss"]), teacher).double()
         loss = model(**local_slice(batch, rank, world, case["hard"]))
         loss.backward()
         grads = {}
@@ -152,6 +162,47 @@ def _worker(index, ports, outputs):
             engine.step()
             applied = {n: (before[n] - p.detach()) / SGD_LR for n, p in engine.module.named_parameters()}
             results[(stage, clip)] = dict(loss=all_reduce_mean(loss), grads=applied)
+    # Gradient caching through the engine. Without dropout: compared below with the uncached
+    # single-process reference. With dropout: compared with the uncached loss of this world
+    # size (each rank's RNG seeded alike for both) whose encoder is called on the same chunks,
+    # in the same order, so that it draws the same dropout masks -- which the cached run's
+    # re-encoding reproduces only by replaying each chunk's RNG state.
+    local = local_slice(batch, rank, world)
+    for stage in CACHE_STAGES:
+        for dropout in (0.0, DROPOUT):
+            config = engine_config(stage, world, ENGINE_CLIP, cache=CACHE_CHUNK)
+            model = TrainingModel.from_config(config, tiny_bert(dropout))
+            sgd = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=SGD_LR)
+            engine = build_engine(model, config, world, optimizer=sgd)
+            with full_weights(engine, stage):
+                before = {n: p.detach().clone() for n, p in engine.module.named_parameters()}
+            torch.manual_seed(100 + rank)
+            loss = engine(**local)
+            engine.backward(loss)
+            engine.step()
+            with full_weights(engine, stage):
+                applied = {n: (before[n] - p.detach()) / SGD_LR for n, p in engine.module.named_parameters()}
+            results[("cached", stage, dropout)] = dict(loss=all_reduce_mean(loss), grads=applied)
+    reference = TrainingModel.from_config(engine_config(0, world), tiny_bert(DROPOUT))
+    reference.train()
+    torch.manual_seed(100 + rank)
+    embeddings = [
+        torch.cat([reference.encoder.encode(local[f"{kind}_input_ids"][s:s + CACHE_CHUNK],
+                                            local[f"{kind}_attention_mask"][s:s + CACHE_CHUNK])
+                   for s in range(0, len(local[f"{kind}_input_ids"]), CACHE_CHUNK)])
+        for kind in ("query", "passage", "negative")
+    ]
+    loss = reference.loss(*embeddings, local["group_ids"], local["negative_group_ids"])
+    loss.backward()
+    grads = {}
+    for pname, param in reference.named_parameters():
+        grads[pname] = param.grad if param.grad is not None else torch.zeros_like(param)
+        dist.all_reduce(grads[pname])
+        grads[pname] /= world
+    norm = torch.sqrt(sum(g.norm() ** 2 for g in grads.values()))
+    grads = {n: g * min(1.0, ENGINE_CLIP / (norm.item() + 1e-6)) for n, g in grads.items()}  # as DeepSpeed clips
+    results[("chunked_reference", DROPOUT)] = dict(loss=all_reduce_mean(loss), grads=grads, norm=norm)
+
     if world == 1:
         # The plain-torch reference of what the engines must apply: the gradient of the
         # global-batch loss, unclipped and clipped by torch's clip_grad_norm_.
@@ -163,10 +214,43 @@ def _worker(index, ports, outputs):
             grads = {n: (p.grad if p.grad is not None else torch.zeros_like(p)).clone()
                      for n, p in model.named_parameters()}
             results[("reference", clip)] = dict(loss=loss.detach(), grads=grads, norm=norm)
+        results["teacher_round_trip"] = teacher_round_trip(outputs[1].parent / "teacher-checkpoint")
     if rank == 0:
         torch.save(results, outputs[world])
     dist.barrier()
     dist.destroy_process_group()
+
+
+def teacher_round_trip(directory):
+    """Distillation across a checkpoint (ZeRO-2, one process): one step, saved; then a fresh
+    model and engine built from the config, as at a resume, and the checkpoint loaded."""
+    from hybridray.checkpointing import DEEPSPEED_TAG, load_state, save_state
+    from hybridray.engine import TrainingModel, build_engine
+
+    config = engine_config(2, 1, cache=CACHE_CHUNK, distill=0.5)
+    engine = build_engine(TrainingModel.from_config(config, tiny_bert()), config, 1)
+    loss = engine(**global_batch())
+    engine.backward(loss)
+    engine.step()
+    save_state(engine, directory, step=1, reports={}, run={"fingerprint": "f"})
+    trained = {n: p.detach().clone() for n, p in engine.module.named_parameters()}
+    resumed = build_engine(TrainingModel.from_config(config, tiny_bert()), config, 1)
+    load_state(resumed, directory)
+    saved = torch.load(directory / DEEPSPEED_TAG / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+    return dict(start={n: p.detach() for n, p in tiny_bert().named_parameters()}, trained=trained,
+                resumed={n: p.detach().clone() for n, p in resumed.module.named_parameters()},
+                saved_keys=sorted(saved))
+
+
+def full_weights(engine, stage):
+    """Every rank holds the whole model inside (ZeRO-3 gathers its partitions)."""
+    import contextlib
+
+    import deepspeed
+
+    if stage != 3:
+        return contextlib.nullcontext()
+    return deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None)
 
 
 @pytest.fixture(scope="module")
@@ -219,3 +303,41 @@ def test_engine_applies_the_single_process_gradient(runs, stage, world, clip):
 def test_variable_size_gather_without_grad(runs):
     assert runs[0]["gather"].tolist() == [0, 1]
     assert runs[1]["gather"].tolist() == [0, 1, 10, 11, 12]
+
+
+@pytest.mark.parametrize("stage", CACHE_STAGES)
+@pytest.mark.parametrize("world", [1, 2])
+def test_cached_loss_applies_the_uncached_gradient(runs, stage, world):
+    """Gradient caching (``loss.cache_chunk_size``) through the DeepSpeed engine, clipping on:
+    without dropout it applies the single-process uncached gradient; with dropout, the
+    gradient of the uncached loss under the same dropout masks."""
+    exact = runs[0][("reference", ENGINE_CLIP)]
+    got = runs[world - 1][("cached", stage, 0.0)]
+    assert got["loss"].item() == pytest.approx(exact["loss"].item(), rel=1e-5)
+    assert_same_tensors(got["grads"], exact["grads"], rel=1e-4)
+
+    reference = runs[world - 1][("chunked_reference", DROPOUT)]
+    got = runs[world - 1][("cached", stage, DROPOUT)]
+    assert reference["norm"] > 4 * ENGINE_CLIP  # clipping acts, on the whole gradient once
+    # dropout is really on: the masks change the loss
+    assert abs(reference["loss"].item() - exact["loss"].item()) > 1e-3
+    assert got["loss"].item() == pytest.approx(reference["loss"].item(), rel=1e-5)
+    assert_same_tensors(got["grads"], reference["grads"], rel=1e-4)
+
+
+def test_distillation_teacher_is_the_starting_model_rebuilt_not_saved(runs):
+    """The teacher never trains, is left out of checkpoints, and a resume rebuilds it from the
+    config as the starting model while the student comes back from the checkpoint."""
+    trip = runs[0]["teacher_round_trip"]
+    start, trained, resumed = trip["start"], trip["trained"], trip["resumed"]
+    teacher = {n for n in trained if n.startswith("teacher.")}
+    assert teacher and not any(k.startswith("teacher.") for k in trip["saved_keys"])
+    assert any(k.startswith("encoder.") for k in trip["saved_keys"])
+    for name in teacher:
+        torch.testing.assert_close(trained[name], start[name.removeprefix("teacher.model.")], rtol=0, atol=0)
+        torch.testing.assert_close(resumed[name], start[name.removeprefix("teacher.model.")], rtol=0, atol=0)
+    moved = [n for n in trained if n.startswith("encoder.") and not torch.equal(trained[n], start[n.removeprefix("encoder.model.")])]
+    assert len(moved) > 20  # the student trained ...
+    for name in trained:
+        if name.startswith("encoder."):
+            torch.testing.assert_close(resumed[name], trained[name], rtol=0, atol=0)  # ... and came back
