@@ -145,6 +145,9 @@ def _worker(index, ports, outputs):
         loss.backward()
         grads = {}
         for pname, param in model.named_parameters():
+            if pname.startswith("teacher."):
+                assert param.grad is None  # frozen: the teacher never trains
+                continue
             grad = param.grad if param.grad is not None else torch.zeros_like(param)
             dist.all_reduce(grad)  # what DDP/DeepSpeed do: the average over ranks
             grads[pname] = grad / world
@@ -282,6 +285,9 @@ def test_two_processes_match_one(runs, case):
     assert_same_tensors(double["grads"], single["grads"], rel)
     if "learned_temperature" in case:
         assert single["grads"]["loss.log_temperature"].abs().item() > 0
+    if "distill" in case:  # the term is there (the same loss without it is lower)
+        without = runs[0]["everything_learned_temperature"]["loss"].item()
+        assert single["loss"].item() - without > 1e-3
 
 
 @pytest.mark.parametrize("clip", [0.0, ENGINE_CLIP])
