@@ -221,7 +221,9 @@ class LossConfig(_Section):
     #: Hard negatives per query taken from the shards' ``hard_negatives`` column.
     hard_negatives: int = Field(0, ge=0, le=64)
     #: Gradient caching (hybridray/grad_cache.py): 0 = off; else texts per encoder pass, so a
-    #: worker's activation memory is that of this many texts whatever sampler.batch_size is.
+    #: worker's encoder activations are those of this many texts whatever sampler.batch_size
+    #: is (the loss's score matrices still grow with the batch). Defines the run: dropout
+    #: masks are drawn chunk by chunk, so another value trains along another trajectory.
     cache_chunk_size: int = Field(0, ge=0)
     #: Weight of the distillation term against the frozen starting model (0 = off; see
     #: ``InfoNCELoss``): keeps the student's in-batch rankings close to the base model's.
@@ -519,10 +521,10 @@ OPERATIONAL_KEYS = frozenset({
     "train.log_every", "train.checkpoint_every", "train.eval_every", "train.eval_before",
     "scaling.cpus_per_worker", "scaling.gpus_per_worker", "scaling.resources_per_worker",
     "run.s3_endpoint", "data.task_cpus", "data.strict",
-    # memory levers: the same computation, laid out differently (the tests compare them;
-    # gradient caching draws dropout masks chunk by chunk, the same objective and gradient)
+    # memory levers: the same computation, laid out differently (the tests compare them).
+    # Not loss.cache_chunk_size: it draws dropout masks chunk by chunk (other masks, another
+    # trajectory), so it defines the run, like scaling.num_workers.
     "model.activation_checkpointing", "deepspeed.offload_optimizer", "deepspeed.offload_param",
-    "loss.cache_chunk_size",
     # a suite of extra evaluations after training: more reports, the same model
     "train.final_eval_suite",
     "data.train", "eval.batch_size",

@@ -94,15 +94,16 @@ def test_changed_shards_or_config_are_refused(where, tmp_path):
         plan_run(cfg, run_identity(cfg), overwrite=False)
 
 
-def test_distillation_defines_the_run_gradient_caching_does_not(tmp_path):
-    """A changed ``loss.distill_weight`` trains another model: another run. A changed
-    ``loss.cache_chunk_size`` is a memory lever (the same objective and gradient): it may
-    change across a resume, like activation checkpointing."""
+def test_distillation_and_gradient_caching_define_the_run(tmp_path):
+    """A changed ``loss.distill_weight`` trains another model: another run. So does a changed
+    ``loss.cache_chunk_size``: with dropout on, the chunked passes draw other dropout masks, so
+    a resume with another value would not end with the uninterrupted run's model."""
     runs, train = str(tmp_path / "runs"), str(shards(tmp_path / "shards"))
     cfg = config(runs, train, **{"loss.distill_weight": 0.5})
     leave_checkpoint(cfg, 4)
     cached = config(runs, train, **{"loss.distill_weight": 0.5, "loss.cache_chunk_size": 4})
-    assert plan_run(cached, run_identity(cached), overwrite=False).start_step == 4
+    with pytest.raises(UserError, match=r"different config \(loss.cache_chunk_size: 0 -> 4\)"):
+        plan_run(cached, run_identity(cached), overwrite=False)
     other = config(runs, train, **{"loss.distill_weight": 0.2})
     with pytest.raises(UserError, match=r"different config \(loss.distill_weight: 0.5 -> 0.2\)"):
         plan_run(other, run_identity(other), overwrite=False)
