@@ -226,7 +226,9 @@ class LossConfig(_Section):
     #: masks are drawn chunk by chunk, so another value trains along another trajectory.
     cache_chunk_size: int = Field(0, ge=0)
     #: Weight of the distillation term against the frozen starting model (0 = off; see
-    #: ``InfoNCELoss``): keeps the student's in-batch rankings close to the base model's.
+    #: ``InfoNCELoss``): keeps the student's in-batch rankings close to the base model's. The
+    #: teacher scores at the current (possibly learned) temperature. It is not checkpointed:
+    #: a resume reloads it from model.name_or_path, which must still hold the same model.
     distill_weight: float = Field(0.0, ge=0.0)
 
 

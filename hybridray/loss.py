@@ -58,8 +58,10 @@ class InfoNCELoss(nn.Module):
     the teacher side). Why the in-batch distribution rather than keeping embeddings close: it
     constrains only what retrieval uses -- how the base model ranks these candidates, which is
     where its monolingual quality lives -- and leaves the embedding space free to rotate and
-    pull translations together, which an L2 anchor on the embeddings would resist. At the
-    start (student = teacher) the term and its gradient are exactly 0.
+    pull translations together, which an L2 anchor on the embeddings would resist. Without
+    dropout, at the start (student = teacher) the term and its gradient are exactly 0; in
+    training the student drops out and the teacher does not, so the term acts from the first
+    step and also pulls the dropped-out student toward the clean teacher (R-Drop-like).
 
     Inputs (embeddings L2-normalised by the encoder, so dot products are cosines):
 
