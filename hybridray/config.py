@@ -223,7 +223,8 @@ class LossConfig(_Section):
     #: Gradient caching (hybridray/grad_cache.py): 0 = off; else texts per encoder pass, so a
     #: worker's encoder activations are those of this many texts whatever sampler.batch_size
     #: is (the loss's score matrices still grow with the batch). Defines the run: dropout
-    #: masks are drawn chunk by chunk, so another value trains along another trajectory.
+    #: masks are drawn chunk by chunk, so another value trains along another trajectory. A
+    #: value at or above a worker's texts per encoder call saves nothing and costs a forward.
     cache_chunk_size: int = Field(0, ge=0)
     #: Weight of the distillation term against the frozen starting model (0 = off; see
     #: ``InfoNCELoss``): keeps the student's in-batch rankings close to the base model's. The
