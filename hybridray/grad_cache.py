@@ -15,12 +15,17 @@ The loss depends on the encoder only through the embeddings, so its parameter gr
 
 All of it happens inside the one ``engine.backward(loss)`` of a step, so DeepSpeed reduces,
 clips and steps once per global batch as without caching. A parameter's gradient now builds
-up over several nested backward passes; ZeRO 1-3 would reduce it at the first, so every chunk
-but the last marks the encoder's parameters ``ds_grad_is_ready = False`` (DeepSpeed's switch
-for tiled computations, as its ``TiledMLP`` does) and the last marks them ready again.
+up over several nested backward passes; ZeRO-2 and ZeRO-3 reduce in gradient hooks and would
+reduce it at the first, so every chunk but the last marks the encoder's parameters
+``ds_grad_is_ready = False`` (DeepSpeed's switch for tiled computations, as its ``TiledMLP``
+does) and the last marks them ready again (ZeRO-1 without ``overlap_comm`` reduces only after
+the backward). This relies on a DeepSpeed 0.19.8 internal: ``engine.backward`` queues ZeRO's
+post-backward callback once, on the outer graph task, so the nested chunk backwards do not
+run the epilogue early; a DeepSpeed upgrade must rerun the test below.
 
-``tests/test_distributed_equivalence.py`` proves the applied gradient equal to the uncached
-loss's, on 1 and 2 workers, under ZeRO-0 and ZeRO-2, with dropout on.
+``tests/test_distributed_equivalence.py`` proves the applied gradient equal to that of the
+uncached loss under the same dropout masks, on 1 and 2 workers, under ZeRO-0/1/2/3 (ZeRO-3
+with every parameter partitioned), unclipped (the scale) and clipped.
 """
 from __future__ import annotations
 

@@ -9,7 +9,7 @@ Both sides run the same worker function, which builds the same seeded model and 
 with 1 process on the whole batch, once with 2 processes on half each. Rank 0 writes the
 results to a file the test compares.
 
-Through the DeepSpeed engine (ZeRO-0 and ZeRO-2) the optimizer is plain SGD with a large
+Through the DeepSpeed engine (ZeRO-0 and ZeRO-2; with gradient caching ZeRO-0 to 3) the optimizer is plain SGD with a large
 learning rate and no momentum or decay, so ``(before - after) / lr`` is exactly the gradient
 the engine applied: after the all-reduce *and* after clipping, with a threshold the gradient
 norm exceeds. Comparing parameters after an AdamW step instead (the first version of this
@@ -57,8 +57,9 @@ ENGINE_CLIP = 0.05
 SGD_LR = 1000.0
 #: Gradient caching: texts per encoder pass (3 does not divide the local batch: a short last chunk).
 CACHE_CHUNK = 3
-#: ZeRO stages of the cached runs (ZeRO-3 too: the grad_cache switch is honoured there as well).
-CACHE_STAGES = (0, 2, 3)
+#: ZeRO stages of the cached runs (ZeRO-1: the shipped small configs' stage; ZeRO-3 with every
+#: parameter really partitioned, see ``partition_everything``).
+CACHE_STAGES = (0, 1, 2, 3)
 DROPOUT = 0.1
 
 
@@ -120,6 +121,24 @@ def engine_config(stage, world, clip=ENGINE_CLIP, cache=0, distill=0.0):
     })
 
 
+def partition_everything():
+    """DeepSpeed keeps parameters under ``stage3_param_persistence_threshold`` (1e5 elements)
+    whole on every rank, and no tensor of ``tiny_bert`` reaches it: with the threshold at 0,
+    ZeRO-3 partitions every parameter, student and teacher, as it does a large model's, so the
+    cached re-encode inside backward runs on gathered-and-released weights."""
+    import hybridray.engine
+
+    plain = hybridray.engine.zero_optimization
+
+    def zero_optimization(ds):
+        section = plain(ds)
+        if section["stage"] == 3:
+            section["stage3_param_persistence_threshold"] = 0
+        return section
+
+    hybridray.engine.zero_optimization = zero_optimization
+
+
 def _worker(index, ports, outputs):
     """Processes 0 and 1 form the 2-process run; process 2 is the 1-process reference, in the
     same spawn so that the (slow) imports of both runs overlap.
@@ -131,6 +150,7 @@ def _worker(index, ports, outputs):
     from hybridray.models.encoder import DualEncoder
 
     torch.set_num_threads(1)
+    partition_everything()
     world, rank = (2, index) if index < 2 else (1, 0)
     init_process_group(rank, world, ports[world], "gloo")
     bert, batch = tiny_bert(), global_batch()
@@ -165,20 +185,26 @@ def _worker(index, ports, outputs):
             engine.step()
             applied = {n: (before[n] - p.detach()) / SGD_LR for n, p in engine.module.named_parameters()}
             results[(stage, clip)] = dict(loss=all_reduce_mean(loss), grads=applied)
-    # Gradient caching through the engine. Without dropout: compared below with the uncached
-    # single-process reference. With dropout: compared with the uncached loss of this world
-    # size (each rank's RNG seeded alike for both) whose encoder is called on the same chunks,
-    # in the same order, so that it draws the same dropout masks -- which the cached run's
-    # re-encoding reproduces only by replaying each chunk's RNG state.
+    # Gradient caching through the engine. Without dropout, unclipped: compared below with the
+    # uncached single-process reference, scale included (a doubled or halved gradient fails).
+    # With dropout, clipped: compared with the uncached loss of this world size (each rank's
+    # RNG seeded alike for both) whose encoder is called on the same chunks, in the same order,
+    # so that it draws the same dropout masks -- which the cached run's re-encoding reproduces
+    # only by replaying each chunk's RNG state; DeepSpeed's pre-clip norm is compared too.
     local = local_slice(batch, rank, world)
     for stage in CACHE_STAGES:
         for dropout in (0.0, DROPOUT):
             # Without dropout, with a distillation teacher too (ZeRO-3 partitions it): the student
-            # is the teacher at the first step, so the term adds exactly nothing there.
-            config = engine_config(stage, world, ENGINE_CLIP, cache=CACHE_CHUNK, distill=0.0 if dropout else 0.5)
+            # is the teacher at the first step and neither drops out, so the term is exactly 0.
+            config = engine_config(stage, world, ENGINE_CLIP if dropout else 0.0, cache=CACHE_CHUNK,
+                                   distill=0.0 if dropout else 0.5)
             model = TrainingModel.from_config(config, tiny_bert(dropout))
             sgd = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=SGD_LR)
             engine = build_engine(model, config, world, optimizer=sgd)
+            params = dict(engine.module.named_parameters())
+            # ZeRO-3: outside a gather every parameter, the teacher's too, is released locally
+            released = stage == 3 and all(not p.ds_persist and p.numel() == 0 for p in params.values())
+            teachers = sum(n.startswith("teacher.") for n in params)
             with full_weights(engine, stage):
                 before = {n: p.detach().clone() for n, p in engine.module.named_parameters()}
             torch.manual_seed(100 + rank)
@@ -187,7 +213,9 @@ def _worker(index, ports, outputs):
             engine.step()
             with full_weights(engine, stage):
                 applied = {n: (before[n] - p.detach()) / SGD_LR for n, p in engine.module.named_parameters()}
-            results[("cached", stage, dropout)] = dict(loss=all_reduce_mean(loss), grads=applied)
+            results[("cached", stage, dropout)] = dict(
+                loss=all_reduce_mean(loss), grads=applied, released=released, teachers=teachers,
+                ds_norm=engine.get_global_grad_norm() if stage else None)
     reference = TrainingModel.from_config(engine_config(0, world), tiny_bert(DROPOUT))
     reference.train()
     torch.manual_seed(100 + rank)
@@ -316,13 +344,19 @@ def test_variable_size_gather_without_grad(runs):
 @pytest.mark.parametrize("stage", CACHE_STAGES)
 @pytest.mark.parametrize("world", [1, 2])
 def test_cached_loss_applies_the_uncached_gradient(runs, stage, world):
-    """Gradient caching (``loss.cache_chunk_size``) through the DeepSpeed engine, clipping on:
-    without dropout it applies the single-process uncached gradient (with a distillation
-    teacher equal to the student: a term of exactly 0); with dropout, the gradient of the
-    uncached loss under the same dropout masks."""
-    exact = runs[0][("reference", ENGINE_CLIP)]
+    """Gradient caching (``loss.cache_chunk_size``) through the DeepSpeed engine: without
+    dropout and unclipped it applies the single-process uncached gradient, scale included (with
+    a distillation teacher equal to the student and without dropout: a term of exactly 0);
+    with dropout and clipping on, the gradient of the uncached loss under the same dropout
+    masks, DeepSpeed's pre-clip norm being the reference's. Under ZeRO-3 every parameter is
+    partitioned."""
+    exact = runs[0][("reference", 0.0)]
     got = runs[world - 1][("cached", stage, 0.0)]
+    assert got["teachers"] > 0
+    assert got["released"] == (stage == 3)  # ZeRO-3 partitions student and teacher
     assert got["loss"].item() == pytest.approx(exact["loss"].item(), rel=1e-5)
+    applied = torch.sqrt(sum(g.norm() ** 2 for n, g in got["grads"].items() if not n.startswith("teacher.")))
+    assert applied.item() == pytest.approx(exact["norm"].item(), rel=1e-4)  # the uncached scale
     assert_same_tensors({n: g for n, g in got["grads"].items() if not n.startswith("teacher.")},
                         exact["grads"], rel=1e-4)
     assert all(g.abs().max() == 0 for n, g in got["grads"].items() if n.startswith("teacher."))  # frozen
@@ -333,6 +367,8 @@ def test_cached_loss_applies_the_uncached_gradient(runs, stage, world):
     # dropout is really on: the masks change the loss
     assert abs(reference["loss"].item() - exact["loss"].item()) > 1e-3
     assert got["loss"].item() == pytest.approx(reference["loss"].item(), rel=1e-5)
+    if stage:  # ZeRO-0 with a torch optimizer records no norm; its scale is checked above
+        assert got["ds_norm"] == pytest.approx(reference["norm"].item(), rel=1e-4)
     assert_same_tensors(got["grads"], reference["grads"], rel=1e-4)
 
 
