@@ -232,6 +232,17 @@ class LossConfig(_Section):
     #: A row with fewer than k repeats some (unmasked: they weigh more in its softmax); a row with
     #: none is refused at k > 0.
     hard_negatives: int = Field(0, ge=0, le=64)
+    #: Gradient caching (hybridray/grad_cache.py): 0 = off; else texts per encoder pass, so a
+    #: worker's encoder activations are those of this many texts whatever sampler.batch_size
+    #: is (the loss's score matrices still grow with the batch). Defines the run: dropout
+    #: masks are drawn chunk by chunk, so another value trains along another trajectory. A
+    #: value at or above a worker's texts per encoder call saves nothing and costs a forward.
+    cache_chunk_size: int = Field(0, ge=0)
+    #: Weight of the distillation term against the frozen starting model (0 = off; see
+    #: ``InfoNCELoss``): keeps the student's in-batch rankings close to the base model's. The
+    #: teacher scores at the current (possibly learned) temperature. It is not checkpointed:
+    #: a resume reloads it from model.name_or_path, which must still hold the same model.
+    distill_weight: float = Field(0.0, ge=0.0)
 
 
 class OptimConfig(_Section):
@@ -241,7 +252,8 @@ class OptimConfig(_Section):
     schedule: Literal["linear", "cosine", "constant"] = "linear"
     #: Gradient clipping norm; 0 disables it (DeepSpeed would otherwise clip at 1.0 silently).
     grad_clip: float = Field(1.0, ge=0.0)
-    #: Must be 1 (see ``_one_update_per_global_batch``): a global batch is one update.
+    #: Must be 1 (see ``_one_update_per_global_batch``): a global batch is one update; for a
+    #: batch larger than memory allows, use loss.cache_chunk_size (gradient caching) instead.
     grad_accum: int = Field(1, ge=1)
 
     @field_validator("grad_accum")
@@ -250,12 +262,16 @@ class OptimConfig(_Section):
         # DeepSpeed accumulation would split each forward's rows and still step once per
         # global batch: every update would mix several global batches (a mono and a cross one
         # together), end the LR schedule early and checkpoint mid-accumulation, and in-batch
-        # negatives would span one micro-batch only. Refused until accumulation is done right
-        # (gradient caching over the whole global batch).
+        # negatives would span one micro-batch only. Gradient caching (loss.cache_chunk_size)
+        # is the right way to the same memory: one update per global batch, negatives from all
+        # of it. It is not mapped from grad_accum because the two keys would then name one
+        # computation twice (and two run identities for it); the message points to it instead.
         if value != 1:
             raise ValueError(
                 "values above 1 are not supported: each global batch is one optimizer step with "
-                "negatives from the whole batch; lower sampler.batch_size or add workers instead"
+                "negatives from the whole batch; to fit a large batch in memory set "
+                "loss.cache_chunk_size (gradient caching, e.g. the per-worker batch / the "
+                "accumulation steps you wanted) instead"
             )
         return value
 
@@ -527,7 +543,9 @@ OPERATIONAL_KEYS = frozenset({
     "train.log_every", "train.checkpoint_every", "train.eval_every", "train.eval_before",
     "scaling.cpus_per_worker", "scaling.gpus_per_worker", "scaling.resources_per_worker",
     "run.s3_endpoint", "data.task_cpus", "data.strict", "data.stream_chunk_steps",
-    # memory levers: the same computation, laid out differently (the tests compare them)
+    # memory levers: the same computation, laid out differently (the tests compare them).
+    # Not loss.cache_chunk_size: it draws dropout masks chunk by chunk (other masks, another
+    # trajectory), so it defines the run, like scaling.num_workers.
     "model.activation_checkpointing", "deepspeed.offload_optimizer", "deepspeed.offload_param",
     # a suite of extra evaluations after training: more reports, the same model
     "train.final_eval_suite",

@@ -7,6 +7,7 @@ on machines where DeepSpeed's accelerator probing is unwanted.
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 from functools import partial
 from typing import Optional
@@ -19,6 +20,7 @@ from hybridray.device import default_device, dist_backend, tell_deepspeed, use_b
 from hybridray.distributed import init_standalone, is_distributed
 from hybridray.distributed import world_size as current_world_size
 from hybridray.errors import UserError
+from hybridray.grad_cache import cached_embeddings, encode_in_chunks
 from hybridray.loss import InfoNCELoss
 from hybridray.models.encoder import DualEncoder
 
@@ -27,30 +29,57 @@ _NEVER = 10**9
 
 
 class TrainingModel(nn.Module):
-    """Encoder + loss: the module DeepSpeed wraps; ``forward`` returns the local loss.
+    """Encoder + loss (+ the frozen teacher of distillation): the module DeepSpeed wraps;
+    ``forward`` returns the local loss.
 
-    Both live in one module because ZeRO-3 gathers partitioned parameters in the forward
+    They live in one module because ZeRO-3 gathers partitioned parameters in the forward
     hooks of the wrapped module: encoding and the loss (whose temperature may be a
-    parameter) must run inside ``engine(...)``.
+    parameter) must run inside ``engine(...)``. The teacher is inside too, so that ZeRO-3
+    partitions it like the student; its parameters are frozen, so the optimizer never sees
+    them and checkpoints leave them out (``exclude_frozen_parameters``): it is the starting
+    model, rebuilt identically from ``model.name_or_path`` at every start and resume. It is in
+    eval mode always (no dropout) and runs without graph.
+
+    ``cache_chunk_size`` > 0 encodes through ``hybridray.grad_cache.cached_embeddings`` (the
+    teacher in chunks of the same size, without graph); ``length_buckets`` > 1 then splits
+    each chunk by length.
     """
 
-    def __init__(self, encoder: DualEncoder, loss: InfoNCELoss, length_buckets: int = 1):
+    def __init__(self, encoder: DualEncoder, loss: InfoNCELoss, teacher: Optional[DualEncoder] = None,
+                 cache_chunk_size: int = 0, length_buckets: int = 1):
         super().__init__()
         self.encoder = encoder
         self.loss = loss
+        if teacher is not None:
+            teacher.requires_grad_(False)
+            teacher.eval()
+        self.teacher = teacher
+        self.cache_chunk_size = cache_chunk_size
         self.length_buckets = length_buckets
 
     @classmethod
     def from_config(cls, config, model: Optional[nn.Module] = None) -> "TrainingModel":
         """From ``config.model`` / ``config.loss``; ``model`` overrides ``model.name_or_path``.
-        Under ZeRO-3 a named model is loaded straight into partitions (``zero3_loading``)."""
+        Under ZeRO-3 a named model is loaded straight into partitions (``zero3_loading``).
+        With ``loss.distill_weight`` > 0 the teacher is a second, frozen copy of the starting
+        model (without LoRA adapters or activation checkpointing)."""
+        distill = config.loss.distill_weight > 0
         with zero3_loading(config) if model is None else contextlib.nullcontext():
+            starting = copy.deepcopy(model) if distill and model is not None else None
             encoder = DualEncoder.from_config(config.model, model)
-        return cls(encoder, InfoNCELoss.from_config(config.loss), config.model.length_buckets)
+            teacher = DualEncoder.frozen_from_config(config.model, starting) if distill else None
+        return cls(encoder, InfoNCELoss.from_config(config.loss), teacher, config.loss.cache_chunk_size,
+                   config.model.length_buckets)
+
+    def train(self, mode: bool = True) -> "TrainingModel":
+        super().train(mode)
+        if self.teacher is not None:
+            self.teacher.eval()  # the teacher never drops out
+        return self
 
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Embeddings of one side, in row order; with ``length_buckets`` > 1 the rows are
-        encoded in that many chunks of similar length (``length_chunks``)."""
+        """The student's embeddings of one side, in row order; with ``length_buckets`` > 1 the
+        rows are encoded in that many chunks of similar length (``length_chunks``)."""
         if self.length_buckets <= 1:
             return self.encoder.encode(input_ids, attention_mask)
         order, chunks = length_chunks(attention_mask, self.length_buckets)
@@ -72,12 +101,22 @@ class TrainingModel(nn.Module):
         negative_group_ids: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """Local loss of ``B`` pairs (+ ``B*k`` query-major hard negatives)."""
-        query = self.encode(query_input_ids, query_attention_mask)
-        passage = self.encode(passage_input_ids, passage_attention_mask)
-        negatives = None
+        inputs = [(query_input_ids, query_attention_mask), (passage_input_ids, passage_attention_mask)]
         if negative_input_ids is not None:
-            negatives = self.encode(negative_input_ids, negative_attention_mask)
-        return self.loss(query, passage, negatives, group_ids, negative_group_ids)
+            inputs.append((negative_input_ids, negative_attention_mask))
+        chunk = self.cache_chunk_size
+        if chunk:
+            params = [p for p in self.encoder.parameters() if p.requires_grad]
+            embeddings = cached_embeddings(self.encode, inputs, chunk, params)
+        else:
+            embeddings = [self.encode(ids, mask) for ids, mask in inputs]
+        teacher = None
+        if self.teacher is not None:
+            with torch.no_grad():
+                teacher = encode_in_chunks(self.teacher.encode, inputs, chunk) + [None] * (3 - len(inputs))
+        query, passage, *rest = embeddings
+        negatives = rest[0] if rest else None
+        return self.loss(query, passage, negatives, group_ids, negative_group_ids, teacher)
 
 
 def length_chunks(attention_mask: torch.Tensor, n: int) -> tuple[torch.Tensor, list[tuple[torch.Tensor, slice]]]:

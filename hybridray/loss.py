@@ -45,7 +45,23 @@ class InfoNCELoss(nn.Module):
     reduction is chosen; ``tests/test_distributed_equivalence.py`` proves it against a single
     process. The global loss for logging is the mean of the local losses over ranks
     (``hybridray.distributed.all_reduce_mean``), since every rank has the same ``B``. One
-    global batch is one optimizer step (``optim.grad_accum`` > 1 is refused by the config).
+    global batch is one optimizer step (``optim.grad_accum`` > 1 is refused by the config; a
+    batch larger than memory is trained with gradient caching, ``hybridray.grad_cache``, which
+    hands this loss the same embeddings and so changes nothing here).
+
+    **Distillation** (``distill_weight`` > 0, ``teacher`` given: the frozen starting model's
+    embeddings of the same texts). Each row's softmax over its columns -- the very scores,
+    masks and temperature of the contrastive term -- is matched to the teacher's:
+    ``distill_weight * KL(p_teacher || p_student)``, averaged over rows (both directions with
+    ``symmetric``) and reduced as above; the teacher's columns are gathered without gradient
+    and its scores use the temperature's value (no gradient to a learned temperature through
+    the teacher side). Why the in-batch distribution rather than keeping embeddings close: it
+    constrains only what retrieval uses -- how the base model ranks these candidates, which is
+    where its monolingual quality lives -- and leaves the embedding space free to rotate and
+    pull translations together, which an L2 anchor on the embeddings would resist. Without
+    dropout, at the start (student = teacher) the term and its gradient are exactly 0; in
+    training the student drops out and the teacher does not, so the term acts from the first
+    step and also pulls the dropped-out student toward the clean teacher (R-Drop-like).
 
     Inputs (embeddings L2-normalised by the encoder, so dot products are cosines):
 
@@ -60,6 +76,8 @@ class InfoNCELoss(nn.Module):
     ``hard_negative_group_ids``  [B*k] int   optional, the group each hard negative
                                              answers (``NO_GROUP`` = none); without it
                                              hard negatives are never masked
+    ``teacher``                  3 tensors   optional, the teacher's (query, passage,
+                                             hard negatives or None), shapes as above
     ===========================  ==========  =============================================
 
     Returns the scalar local loss (see the reduction above).
@@ -89,11 +107,15 @@ class InfoNCELoss(nn.Module):
         learn_temperature: bool = False,
         symmetric: bool = False,
         mask_same_group: bool = True,
+        distill_weight: float = 0.0,
     ) -> None:
         super().__init__()
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
+        if distill_weight < 0:
+            raise ValueError(f"distill_weight must be >= 0, got {distill_weight}")
         self.symmetric = symmetric
+        self.distill_weight = distill_weight
         self.mask_same_group = mask_same_group
         self.temperature_bounds = (min(0.01, temperature), max(1.0, temperature))
         # Shape [1], not a 0-dim scalar: DeepSpeed broadcasts parameters as byte views,
@@ -112,6 +134,7 @@ class InfoNCELoss(nn.Module):
             learn_temperature=loss_config.learn_temperature,
             symmetric=loss_config.symmetric,
             mask_same_group=loss_config.mask_same_group,
+            distill_weight=loss_config.distill_weight,
         )
 
     @property
@@ -137,9 +160,13 @@ class InfoNCELoss(nn.Module):
         hard_negatives: Optional[torch.Tensor] = None,
         group_ids: Optional[torch.Tensor] = None,
         hard_negative_group_ids: Optional[torch.Tensor] = None,
+        teacher: Optional[tuple] = None,
     ) -> torch.Tensor:
         if query.shape != passage.shape:
             raise ValueError(f"query {tuple(query.shape)} != passage {tuple(passage.shape)}")
+        distill = self.distill_weight > 0
+        if distill and teacher is None:
+            raise ValueError("distill_weight > 0 needs the teacher's embeddings")
         local = query.shape[0]
         labels = rank() * local + torch.arange(local, device=query.device)
         local_groups = groups = None
@@ -148,12 +175,15 @@ class InfoNCELoss(nn.Module):
             groups = all_gather_no_grad(local_groups)
 
         columns = [all_gather_with_grad(passage)]
+        teacher_columns = [all_gather_no_grad(teacher[1])] if distill else None
         column_groups = [groups]
         spared = labels[:, None]  # per row, the columns never masked: its positive ...
         if hard_negatives is not None:
             negatives = hard_negatives.reshape(-1, query.shape[-1])
             k = negatives.shape[0] // local
             columns.append(all_gather_with_grad(negatives))
+            if distill:
+                teacher_columns.append(all_gather_no_grad(teacher[2].reshape(-1, query.shape[-1])))
             column_groups.append(
                 all_gather_no_grad(hard_negative_group_ids.reshape(-1))
                 if groups is not None and hard_negative_group_ids is not None
@@ -164,30 +194,59 @@ class InfoNCELoss(nn.Module):
             spared = torch.cat([spared, own], dim=1)
         if columns[0].shape[0] != world_size() * local:
             raise ValueError("every rank must pass the same number of pairs")
-        loss = self._cross_entropy(query, columns, column_groups, local_groups, labels, spared)
+        mask = self._mask(query, columns, column_groups, local_groups, spared)
+        scores = self._scores(query, columns, mask)
+        loss = F.cross_entropy(scores, labels)
+        if distill:
+            teacher_scores = self._scores(teacher[0], teacher_columns, mask, self.temperature.detach())
+            distillation = _kl(teacher_scores, scores, mask)
 
         if self.symmetric:
             queries = all_gather_with_grad(query)
-            backward = self._cross_entropy(passage, [queries], [groups], local_groups, labels, labels[:, None])
-            loss = (loss + backward) / 2
+            mask = self._mask(passage, [queries], [groups], local_groups, labels[:, None])
+            scores = self._scores(passage, [queries], mask)
+            loss = (loss + F.cross_entropy(scores, labels)) / 2
+            if distill:
+                teacher_scores = self._scores(teacher[1], [all_gather_no_grad(teacher[0])], mask,
+                                              self.temperature.detach())
+                distillation = (distillation + _kl(teacher_scores, scores, mask)) / 2
+        if distill:
+            loss = loss + self.distill_weight * distillation
         return loss
 
-    def _cross_entropy(self, rows, columns, column_groups, row_groups, labels, spared) -> torch.Tensor:
-        """Mean over ``rows`` of -log softmax(rows . columns / tau)[label], with the columns
-        that share the row's group masked, except the row's ``spared`` columns."""
+    def _scores(self, rows, columns, mask, temperature=None) -> torch.Tensor:
+        """``rows . columns / tau`` in at least float32, ``-inf`` where ``mask`` is set."""
         dtype = torch.promote_types(rows.dtype, torch.float32)  # never score in bf16/fp16
-        scores = rows.to(dtype) @ torch.cat(columns).to(dtype).T / self.temperature
-        if row_groups is not None:
-            blocks = []
-            for b, (block, block_groups) in enumerate(zip(columns, column_groups)):
-                if block_groups is None:  # no group ids: never masked
-                    blocks.append(torch.zeros(len(rows), len(block), dtype=torch.bool, device=rows.device))
-                    continue
-                same = row_groups.reshape(-1, 1) == block_groups.reshape(1, -1)
-                if b > 0:  # hard negatives: NO_GROUP answers no pair
-                    same &= block_groups.reshape(1, -1) != NO_GROUP
-                blocks.append(same)
-            mask = torch.cat(blocks, dim=1)
-            mask[torch.arange(len(rows), device=rows.device)[:, None], spared] = False
-            scores = scores.masked_fill(mask, float("-inf"))
-        return F.cross_entropy(scores, labels)
+        tau = self.temperature if temperature is None else temperature
+        scores = rows.to(dtype) @ torch.cat(columns).to(dtype).T / tau
+        return scores if mask is None else scores.masked_fill(mask, float("-inf"))
+
+    @staticmethod
+    def _mask(rows, columns, column_groups, row_groups, spared) -> Optional[torch.Tensor]:
+        """The columns that share the row's group (true where masked), except the row's
+        ``spared`` columns; None when there are no group ids."""
+        if row_groups is None:
+            return None
+        blocks = []
+        for b, (block, block_groups) in enumerate(zip(columns, column_groups)):
+            if block_groups is None:  # no group ids: never masked
+                blocks.append(torch.zeros(len(rows), len(block), dtype=torch.bool, device=rows.device))
+                continue
+            same = row_groups.reshape(-1, 1) == block_groups.reshape(1, -1)
+            if b > 0:  # hard negatives: NO_GROUP answers no pair
+                same &= block_groups.reshape(1, -1) != NO_GROUP
+            blocks.append(same)
+        mask = torch.cat(blocks, dim=1)
+        mask[torch.arange(len(rows), device=rows.device)[:, None], spared] = False
+        return mask
+
+
+def _kl(teacher_scores: torch.Tensor, student_scores: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """Mean over rows of ``KL(softmax(teacher) || softmax(student))``; masked columns (``-inf``
+    on both sides, probability 0) add nothing."""
+    log_student = F.log_softmax(student_scores, dim=-1)
+    log_teacher = F.log_softmax(teacher_scores, dim=-1)
+    terms = log_teacher.exp() * (log_teacher - log_student)
+    if mask is not None:
+        terms = torch.where(mask, torch.zeros_like(terms), terms)
+    return terms.sum(dim=-1).mean()

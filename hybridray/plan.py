@@ -14,7 +14,11 @@ Four parts, per GPU (one Ray Train worker per GPU):
   unpartitioned (0) or with only the optimizer state partitioned (1).
 - **activations** -- counted tensor by tensor (:func:`layer_token_bytes`), from the micro-batch,
   the query/passage lengths (all padded to the maximum: the worst step), hard negatives, the
-  model's shape and activation checkpointing.
+  model's shape, activation checkpointing and gradient caching (``loss.cache_chunk_size``:
+  one chunk's activations instead of the whole micro-batch's).
+- **distillation teacher** (``loss.distill_weight`` > 0) -- a second, frozen copy of the
+  starting model: its 16-bit weights (partitioned under ZeRO-3, like the student's), counted
+  with the parameters.
 
 The parameter counts come from building the configured encoder (LoRA and frozen parts
 included) on PyTorch's ``meta`` device: exact, instant, and with no weights anywhere.
@@ -181,6 +185,12 @@ def model_states(shape: ModelShape, config: Config, gpus_per_node: int) -> dict:
             cpu += 16 * trainable / nodes * CPU_BUFFER_FACTOR
         else:
             gpu["optimizer"] = 12 * trainable / partition
+    if config.loss.distill_weight > 0:  # the teacher: the starting model without adapters, frozen
+        teacher = shape.total_params - (trainable if config.model.lora else 0)
+        if ds.zero_stage == 3 and off_param:
+            cpu += 2 * teacher / nodes * CPU_BUFFER_FACTOR
+        else:
+            gpu["parameters"] += 2 * teacher / (world if ds.zero_stage == 3 else 1)
     if not _bf16(config):  # fp32 training: 4-byte weights and gradients, no 16-bit copies
         gpu["parameters"] *= 2
         gpu["gathered_layer"] *= 2
@@ -283,22 +293,35 @@ def activations(shape: ModelShape, config: Config) -> dict:
     block's saved tensors; with it, only each block's input (``e*h`` per token per block).
     In the backward pass one block's full activations of the largest encode call are live on
     top (recomputed under checkpointing, or gradient temporaries without it).
+
+    With gradient caching (``loss.cache_chunk_size`` = c) every encode call is at most c rows
+    and only one is alive at a time: the largest chunk's stored and working activations, plus
+    the cached embeddings of the whole micro-batch and their gradient. A distillation teacher
+    runs without graph: one block's working activations of its largest call, and its scores.
     """
     from hybridray.engine import micro_batch_size
 
     e = 2 if _bf16(config) else 4
     batch = micro_batch_size(config, config.scaling.num_workers)
     k = config.loss.hard_negatives
-    calls = {
-        "queries": batch * config.model.max_query_length,
-        "passages": batch * config.model.max_passage_length,
-        "hard_negatives": batch * k * config.model.max_passage_length,
-    }
+    rows = {"queries": batch, "passages": batch, "hard_negatives": batch * k}
+    lengths = {"queries": config.model.max_query_length, "passages": config.model.max_passage_length,
+               "hard_negatives": config.model.max_passage_length}
+    calls = {kind: rows[kind] * lengths[kind] for kind in rows}
     tokens = sum(calls.values())
-    stored = tokens * stored_token_bytes(shape, e, config.model.activation_checkpointing)
+    chunk = config.loss.cache_chunk_size
+    if chunk:  # one chunk alive at a time
+        calls = {kind: min(chunk, rows[kind]) * lengths[kind] for kind in rows}
+    live = max(calls.values()) if chunk else tokens
+    stored = live * stored_token_bytes(shape, e, config.model.activation_checkpointing)
     working = max(calls.values()) * layer_token_bytes(shape, e)
+    if config.loss.distill_weight > 0:
+        working += max(calls.values()) * layer_token_bytes(shape, e)  # the teacher's, without graph
     columns = config.sampler.batch_size * (1 + k)
-    loss = 3 * 4 * batch * columns * (2 if config.loss.symmetric else 1)  # fp32 scores, softmax, grad
+    distill = 2 if config.loss.distill_weight > 0 else 1
+    loss = 3 * 4 * batch * columns * (2 if config.loss.symmetric else 1) * distill  # fp32 scores, softmax, grad
+    if chunk:
+        loss += 2 * e * sum(rows.values()) * shape.hidden_size  # cached embeddings + their gradient
     return {"stored": stored, "working": working, "loss": loss, "tokens": tokens, "micro_batch": batch}
 
 
@@ -383,6 +406,10 @@ def format_plan(p: MemoryPlan, config: Config) -> str:
     levers = [f"ZeRO-{p.zero_stage}", "bf16" if p.bf16 else "fp32"]
     if m.activation_checkpointing:
         levers.append("activation checkpointing")
+    if config.loss.cache_chunk_size:
+        levers.append(f"gradient caching ({config.loss.cache_chunk_size} texts per pass)")
+    if config.loss.distill_weight > 0:
+        levers.append("a frozen teacher (distillation)")
     ds = config.deepspeed
     levers += [f"{k.replace('_', ' ')}: cpu" for k in ("offload_optimizer", "offload_param") if getattr(ds, k) == "cpu"]
     trainable = f"{_count(s.trainable_params)} trainable"

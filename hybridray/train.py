@@ -38,15 +38,17 @@ REPORTED_METRICS = frozenset({
 
 # ----------------------------------------------------------------------------- worker side
 def full_weights(engine, config: Config):
-    """Collective context in which every rank holds the whole model: ZeRO-3 gathers its
-    partitioned parameters; stages 0-2 hold them already."""
+    """Collective context in which every rank holds the whole model (the student: a
+    distillation teacher stays partitioned): ZeRO-3 gathers its partitioned parameters;
+    stages 0-2 hold them already."""
     import contextlib
 
     if config.deepspeed.zero_stage != 3:
         return contextlib.nullcontext()
     import deepspeed
 
-    return deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None)
+    student = [p for name, p in engine.module.named_parameters() if not name.startswith("teacher.")]
+    return deepspeed.zero.GatheredParameters(student, modifier_rank=None)
 
 
 def heldout_evaluation(engine, tokenizer, heldout, config: Config, label: str) -> Optional[dict]:

@@ -51,6 +51,9 @@ def test_dump_round_trips():
         ("train.eval_before=\"yes\"", "train.eval_before: expected true or false"),
         ("scaling.resources_per_worker={slot: true}", "scaling.resources_per_worker: expected a str or float, got a boolean inside"),
         ("eval.langs=[de, true]", "eval.langs: expected a str, got a boolean inside"),
+        ("loss.cache_chunk_size=-1", "loss.cache_chunk_size"),
+        ("loss.distill_weight=-0.5", "loss.distill_weight"),
+        ("optim.grad_accum=4", "optim.grad_accum: values above 1 are not supported"),
     ],
 )
 def test_bad_values_name_the_key(override, key):
@@ -122,3 +125,11 @@ def test_hang_timeout_sets_the_collective_timeouts_never_a_longer_health_check(m
 
     assert os.environ["RAY_TRAIN_WORKER_HEALTH_CHECK_TIMEOUT_S"] == str(health)
     assert os.environ["RAY_TRAIN_COLLECTIVE_TIMEOUT_S"] == str(hang)
+
+
+def test_gradient_accumulation_points_to_gradient_caching():
+    with pytest.raises(UserError, match=r"optim.grad_accum: .* set loss.cache_chunk_size \(gradient caching"):
+        build_config({}, ["optim.grad_accum=2"])
+    config = build_config({}, ["loss.cache_chunk_size=8", "loss.distill_weight=0.5"])
+    assert (config.loss.cache_chunk_size, config.loss.distill_weight) == (8, 0.5)
+    assert (build_config({}).loss.cache_chunk_size, build_config({}).loss.distill_weight) == (0, 0.0)  # off

@@ -183,3 +183,105 @@ def test_gathers_are_the_identity_without_a_process_group():
     assert world_size() == 1
     assert all_gather_with_grad(t) is t
     assert not all_gather_no_grad(t).requires_grad
+
+
+# ----------------------------------------------------------------------------- distillation
+def reference_distillation(student, teacher, groups, neg_groups, tau, teacher_tau, symmetric, mask):
+    """KL(teacher || student) of each row's softmax over its unmasked columns, by loops; rows
+    averaged, the two directions averaged with ``symmetric``. ``student`` / ``teacher`` are
+    (queries, passages, hard negatives or None)."""
+
+    def kept(pos, candidates):
+        # the reference above's masking rule, column by column
+        out = []
+        for c, (group, is_pos, owner) in enumerate(candidates):
+            same_group = groups is not None and group is not None and group == groups[pos] and group != NO_GROUP
+            if not (mask and not is_pos and owner != pos and same_group):
+                out.append(c)
+        return out
+
+    def direction(rows_s, cols_s, rows_t, cols_t, candidates_of):
+        terms = []
+        for i in range(len(rows_s)):
+            cols = kept(i, candidates_of(i))
+            log_s = torch.log_softmax(torch.stack([rows_s[i] @ cols_s[c] for c in cols]) / tau, 0)
+            log_t = torch.log_softmax(torch.stack([rows_t[i] @ cols_t[c] for c in cols]) / teacher_tau, 0)
+            terms.append((log_t.exp() * (log_t - log_s)).sum())
+        return sum(terms) / len(terms)
+
+    (qs, ps, hs), (qt, pt, ht) = student, teacher
+    n = len(qs)
+
+    def forward_candidates(i):
+        cands = [(groups[j], j == i, None) for j in range(n)]
+        if hs is not None:
+            cands += [(neg_groups[m], False, m // K) for m in range(len(hs))]
+        return cands
+
+    cols_s = list(ps) + (list(hs) if hs is not None else [])
+    cols_t = list(pt) + (list(ht) if ht is not None else [])
+    total = direction(qs, cols_s, qt, cols_t, forward_candidates)
+    if symmetric:
+        backward = direction(ps, list(qs), pt, list(qt), lambda i: [(groups[j], j == i, None) for j in range(n)])
+        total = (total + backward) / 2
+    return total
+
+
+@pytest.mark.parametrize("case", ["masked", "hard_negatives_masked", "everything"])
+def test_distillation_matches_brute_force(case):
+    """Loss with the term = contrastive loss + weight * the looped KL; gradients against
+    autograd through that reference, for the student's embeddings and a learned temperature."""
+    opts = CASES[case]
+    q, p, h = embeddings(0, N), embeddings(1, N), embeddings(2, N * K) if opts["hard"] else None
+    teacher = tuple(t.detach() + 0.3 * embeddings(seed, len(t)).detach() if t is not None else None
+                    for seed, t in zip((3, 4, 5), (q, p, h)))
+    teacher = tuple(F.normalize(t, dim=-1) if t is not None else None for t in teacher)
+    groups, neg_groups = torch.tensor(GROUPS), torch.tensor(NEG_GROUPS[: N * K])
+    weight = 0.7
+    loss_fn = InfoNCELoss(0.1, learn_temperature=True, symmetric=opts["symmetric"], mask_same_group=opts["mask"],
+                          distill_weight=weight).double()
+    got = loss_fn(q, p, h, groups, neg_groups if opts["hard"] else None, teacher)
+    got.backward()
+    students = [t for t in (q, p, h) if t is not None]
+    grads = [t.grad.clone() for t in students] + [loss_fn.log_temperature.grad.clone()]
+    for t in students:
+        t.grad = None
+
+    log_tau = torch.tensor(math.log(0.1), dtype=torch.float64, requires_grad=True)
+    contrastive = reference(q, p, h, GROUPS, NEG_GROUPS, log_tau.exp(), opts["symmetric"], opts["mask"])
+    # the teacher side sees the temperature's value only (no gradient through it)
+    distillation = reference_distillation((q, p, h), teacher, GROUPS, NEG_GROUPS, log_tau.exp(),
+                                          log_tau.detach().exp(), opts["symmetric"], opts["mask"])
+    want = contrastive + weight * distillation
+    want.backward()
+    assert distillation.item() > 1e-3  # the teacher differs: the term is there
+    # the loss keeps log(tau) in float32 (then cast): agreement to float32 rounding of tau
+    assert got.item() == pytest.approx(want.item(), rel=1e-6)
+    for g, t in zip(grads, students + [log_tau]):
+        torch.testing.assert_close(g.reshape(t.grad.shape), t.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_distillation_is_zero_when_the_student_is_the_teacher():
+    """At the start (student = teacher) the term and its gradient vanish: the loss and its
+    gradient are the contrastive loss's, bit for bit."""
+    q, p, h = embeddings(0, N), embeddings(1, N), embeddings(2, N * K)
+    groups, neg_groups = torch.tensor(GROUPS), torch.tensor(NEG_GROUPS)
+    teacher = (q.detach().clone(), p.detach().clone(), h.detach().clone())
+    results = []
+    for weight in (0.0, 2.0):
+        loss_fn = InfoNCELoss(0.1, symmetric=True, distill_weight=weight)
+        loss = loss_fn(q, p, h, groups, neg_groups, teacher if weight else None)
+        loss.backward()
+        results.append((loss.item(), [t.grad.clone() for t in (q, p, h)]))
+        for t in (q, p, h):
+            t.grad = None
+    (plain, plain_grads), (distilled, distilled_grads) = results
+    assert distilled == plain
+    for a, b in zip(plain_grads, distilled_grads):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-15)
+
+
+def test_distillation_needs_the_teacher():
+    q, p = embeddings(0, N), embeddings(1, N)
+    with pytest.raises(ValueError, match="teacher"):
+        InfoNCELoss(0.1, distill_weight=1.0)(q, p)

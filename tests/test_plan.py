@@ -14,7 +14,7 @@ import torch
 
 from hybridray.config import build_config
 from hybridray.errors import UserError
-from hybridray.plan import GiB, model_shape, plan, plan_grid, stored_token_bytes
+from hybridray.plan import GiB, format_plan, model_shape, plan, plan_grid, stored_token_bytes
 
 from conftest import REPO
 
@@ -212,6 +212,23 @@ def test_activations_scale_with_batch_lengths_and_negatives():
     assert longer.activations > base.activations and negatives.activations > base.activations
     assert bigger.activations == pytest.approx(2 * base.activations, rel=0.01)
     assert model_state_bytes(bigger) == model_state_bytes(base)
+
+
+def test_gradient_caching_plans_one_chunk_and_the_teacher_adds_its_weights():
+    """Gradient caching: activations of one chunk, whatever the batch (bounded memory); the
+    distillation teacher: the weights of a second, frozen model (ZeRO-3 partitions them)."""
+    levers = {"activation_checkpointing": True}
+    base = plan(config(MISTRAL_7B, lora={"r": 16}, model=levers))
+    cached = plan(config(MISTRAL_7B, lora={"r": 16}, model=levers, loss={"cache_chunk_size": 2}))
+    tree = _tree(MISTRAL_7B)
+    bigger = plan(build_config({**tree, "sampler": {"batch_size": 512}, "loss": {"cache_chunk_size": 2}}))
+    assert cached.activations < base.activations / 3
+    assert bigger.micro_batch == 64 and bigger.activations < base.activations  # 8x the batch, less memory
+    assert model_state_bytes(cached) == model_state_bytes(base)
+    teacher = plan(config(MISTRAL_7B, lora={"r": 16}, model=levers, loss={"distill_weight": 0.5}))
+    frozen_copy = 2 * (base.shape.total_params - base.shape.trainable_params) / base.world_size
+    assert teacher.parameters - base.parameters == pytest.approx(frozen_copy, rel=1e-6)
+    assert "gradient caching (2 texts per pass)" in format_plan(cached, config(MISTRAL_7B, loss={"cache_chunk_size": 2}))
 
 
 def _tree(name):

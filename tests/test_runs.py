@@ -94,6 +94,24 @@ def test_changed_shards_or_config_are_refused(where, tmp_path):
         plan_run(cfg, run_identity(cfg), overwrite=False)
 
 
+def test_distillation_and_gradient_caching_define_the_run(tmp_path):
+    """A changed ``loss.distill_weight`` trains another model: another run. So does a changed
+    ``loss.cache_chunk_size``: with dropout on, the chunked passes draw other dropout masks, so
+    a resume with another value would not end with the uninterrupted run's model."""
+    runs, train = str(tmp_path / "runs"), str(shards(tmp_path / "shards"))
+    cfg = config(runs, train, **{"loss.distill_weight": 0.5})
+    leave_checkpoint(cfg, 4)
+    cached = config(runs, train, **{"loss.distill_weight": 0.5, "loss.cache_chunk_size": 4})
+    with pytest.raises(UserError, match=r"different config \(loss.cache_chunk_size: 0 -> 4\)"):
+        plan_run(cached, run_identity(cached), overwrite=False)
+    other = config(runs, train, **{"loss.distill_weight": 0.2})
+    with pytest.raises(UserError, match=r"different config \(loss.distill_weight: 0.5 -> 0.2\)"):
+        plan_run(other, run_identity(other), overwrite=False)
+    off = config(runs, train)
+    with pytest.raises(UserError, match=r"loss.distill_weight: 0.5 -> 0.0"):
+        plan_run(off, run_identity(off), overwrite=False)
+
+
 def test_outputs_without_a_checkpoint_are_refused_and_overwrite_deletes(where):
     runs, train = where
     cfg = config(runs, train)

@@ -97,6 +97,32 @@ def assert_after_equals_one_process(config, run_dir):
     assert_same_scores(got, want)
 
 
+def test_distillation_with_gradient_caching_trains_end_to_end(ray_session, tmp_path, mlqa_prepared, small_heldout):
+    """``loss.distill_weight`` and ``loss.cache_chunk_size`` through the real trainer (ZeRO-2,
+    2 workers): the run trains, evaluates and exports the student alone; the checkpoint holds
+    no teacher weights (a resume rebuilds it: test_distributed_equivalence.py)."""
+    import torch
+
+    from hybridray.train import run_training
+
+    config = tiny_config(tmp_path, mlqa_prepared, small_heldout, **{
+        "loss.distill_weight": 0.5, "loss.cache_chunk_size": 2, "deepspeed.zero_stage": 2,
+        "train.max_steps": 4, "train.checkpoint_every": 4, "train.log_every": 2, "train.eval_before": "false"})
+    summary = run_training(config)
+    run_dir = tmp_path / "runs" / config.name
+    assert summary["metrics"]["step"] == 4
+    losses = [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+              if "loss" in json.loads(line)]
+    assert losses and all(0 < loss < 100 for loss in losses)
+    assert 0.0 < json.loads((run_dir / "eval" / "after" / "report.json").read_text())["summary"]["map"]["multi"] <= 1.0
+    states = list(Path(summary["checkpoint"]).glob("deepspeed/mp_rank_00_model_states.pt"))
+    assert len(states) == 1
+    saved = torch.load(states[0], weights_only=False)["module"]
+    assert any(k.startswith("encoder.") for k in saved) and not any(k.startswith("teacher.") for k in saved)
+    exported = load_export(summary["model"])
+    assert exported and not any("teacher" in k for k in exported)
+
+
 RESUME = {"train.eval_before": "true", "train.max_steps": 6, "train.checkpoint_every": 3}
 
 

@@ -98,6 +98,23 @@ class DualEncoder(nn.Module):
         encoder.tokenizer = tokenizer
         return encoder
 
+    @classmethod
+    def frozen_from_config(cls, model_cfg, model: Optional[nn.Module] = None) -> "DualEncoder":
+        """The starting model of ``model_cfg`` as it is before training, frozen and in eval mode
+        (a distillation teacher): loaded with the same recipe and pooling, without LoRA
+        adapters or activation checkpointing. ``model`` (a built module, not shared with the
+        student) replaces ``model_cfg.name_or_path``."""
+        if model is None:
+            from hybridray.models import load_encoder
+
+            model, _ = load_encoder(
+                model_cfg.name_or_path, append_eos=model_cfg.append_eos,
+                padding_side=model_cfg.padding_side, bidirectional=model_cfg.bidirectional,
+            )
+        encoder = cls(model, model_cfg.pooling)
+        encoder.requires_grad_(False)
+        return encoder.eval()
+
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         positions = position_inputs(self.model, attention_mask)  # decoders: padding-side proof
         hidden = self.model(input_ids=input_ids, attention_mask=attention_mask, **positions).last_hidden_state
