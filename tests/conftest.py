@@ -125,5 +125,20 @@ def spawn_one_and_two(worker, tmp: Path, names: tuple[str, str]):
 
     ports = {1: free_port(), 2: free_port()}
     outputs = {1: tmp / names[0], 2: tmp / names[1]}
-    mp.spawn(worker, args=(ports, outputs), nprocs=3, join=True)
+    mp.spawn(run_spawned, args=(worker, ports, outputs), nprocs=3, join=True)
     return torch.load(outputs[1]), torch.load(outputs[2])
+
+
+def run_spawned(index, worker, *args):
+    """``worker(index, *args)`` in a spawned process, with Python's traceback of every thread
+    on a fatal signal (``faulthandler``: a worker once died of SIGABRT in CI with no trace),
+    and an exit without interpreter teardown once it returned: the work is done and saved, and
+    a gloo or DeepSpeed destructor aborting at exit must not fail a finished run."""
+    import faulthandler
+    import sys
+
+    faulthandler.enable(all_threads=True)
+    worker(index, *args)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

@@ -22,7 +22,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from conftest import MLQA_R
+from conftest import MLQA_R, run_spawned
 from hybridray.config import build_config
 
 #: Small encoding batches: the shards of the held-out set need different numbers of batches.
@@ -99,7 +99,7 @@ def test_heldout_evaluation_on_two_ranks_equals_one_process(tmp_path):
     batches = [math.ceil((hi - lo) / EVAL["batch_size"]) for lo, hi in (shard_bounds(n_distinct[1], 2, r) for r in (0, 1))]
     assert n_distinct[0] % 2 and batches[0] > batches[1]  # uneven shards: rank 1 runs a filler pass under ZeRO-3
     out = tmp_path / "ranks.pt"
-    mp.spawn(_ranks, args=(free_port(), heldout_dir, out), nprocs=2, join=True)
+    mp.spawn(run_spawned, args=(_ranks, free_port(), heldout_dir, out), nprocs=2, join=True)
     results = torch.load(out)
 
     model, tokenizer = load_encoder("builtin:tiny")
@@ -407,7 +407,7 @@ def test_encode_sharded_with_an_empty_shard_and_copies_keeps_order_and_lockstep(
     from hybridray.models import load_encoder
 
     out = tmp_path / "sharded.pt"
-    mp.spawn(_sharded_ranks, args=(free_port(), out), nprocs=2, join=True)
+    mp.spawn(run_spawned, args=(_sharded_ranks, free_port(), out), nprocs=2, join=True)
     model, tokenizer = load_encoder("builtin:tiny")
     for texts, (vectors, forwards) in zip(SHARD_CASES, torch.load(out, weights_only=False)):
         want = encode_texts(model, tokenizer, texts, batch_size=1, pooling="mean", max_length=16, progress=False)
