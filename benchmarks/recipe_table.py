@@ -13,8 +13,10 @@ averaged per resource group (Joshi et al. classes, ``hybridray.evaluate.language
 Options (each alone on top of hybrid α = 0.5):
 - ``ctx``: in-context hard negatives (``data prepare``'s, the answer paragraph's other
   sentences), ``loss.hard_negatives=1`` (the paper's triplets: one per query);
-- ``mined``: hard negatives mined with the base model (``hybridray data mine``, its default
-  margin), ``loss.hard_negatives=1``;
+- ``mined``: hard negatives mined with the base model (``hybridray data mine --relative-margin
+  off``: the 8 nearest passages that are neither the positive nor a translation of it; with
+  the default margin a few rows are left without one, which training refuses),
+  ``loss.hard_negatives=1``;
 - ``cache``: gradient caching, a 4x larger global batch (128) in chunks of 16 texts, for the
   same number of training pairs (a quarter of the steps, warm-up scaled alike, lr × 2 =
   sqrt(4) as usual for a larger batch);
@@ -163,7 +165,10 @@ def main() -> None:
             work / "prepare.log")
     data = {"ctx": data_dir / "train", "heldout": data_dir / "heldout-lareqa",
             "mined": work / "mlqa-r-mined", "both": work / "mlqa-r-mined-ctx"}
-    mine = [str(BIN), "data", "mine", "--model", "builtin:multilingual-e5-small", "--shards", str(data["ctx"])]
+    # margin off: the default margin (0.05) leaves rows whose positive scores below every
+    # candidate without a negative, and a run with loss.hard_negatives > 0 refuses those
+    mine = [str(BIN), "data", "mine", "--model", "builtin:multilingual-e5-small", "--shards", str(data["ctx"]),
+            "--relative-margin", "off"]
     mine_seconds = {}
     if not (data["mined"] / "_mine.json").exists() or not (data["mined"] / "manifest.json").exists():
         mine_seconds["mined"] = run(mine + ["--out", str(data["mined"])], work / "mine.log")
