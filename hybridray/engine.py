@@ -77,14 +77,16 @@ class TrainingModel(nn.Module):
             self.teacher.eval()  # the teacher never drops out
         return self
 
-    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """The student's embeddings of one side, in row order; with ``length_buckets`` > 1 the
-        rows are encoded in that many chunks of similar length (``length_chunks``)."""
+    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+               encoder: Optional[DualEncoder] = None) -> torch.Tensor:
+        """Embeddings of one side by ``encoder`` (default: the student), in row order; with
+        ``length_buckets`` > 1 the rows are encoded in that many chunks of similar length
+        (``length_chunks``)."""
+        encode = (encoder or self.encoder).encode
         if self.length_buckets <= 1:
-            return self.encoder.encode(input_ids, attention_mask)
+            return encode(input_ids, attention_mask)
         order, chunks = length_chunks(attention_mask, self.length_buckets)
-        parts = [self.encoder.encode(input_ids[rows][:, cols], attention_mask[rows][:, cols])
-                 for rows, cols in chunks]
+        parts = [encode(input_ids[rows][:, cols], attention_mask[rows][:, cols]) for rows, cols in chunks]
         inverse = torch.empty_like(order)
         inverse[order] = torch.arange(len(order), device=order.device)
         return torch.cat(parts)[inverse]
@@ -113,7 +115,8 @@ class TrainingModel(nn.Module):
         teacher = None
         if self.teacher is not None:
             with torch.no_grad():
-                teacher = encode_in_chunks(self.teacher.encode, inputs, chunk) + [None] * (3 - len(inputs))
+                teacher_encode = partial(self.encode, encoder=self.teacher)  # buckets too
+                teacher = encode_in_chunks(teacher_encode, inputs, chunk) + [None] * (3 - len(inputs))
         query, passage, *rest = embeddings
         negatives = rest[0] if rest else None
         return self.loss(query, passage, negatives, group_ids, negative_group_ids, teacher)

@@ -105,7 +105,7 @@ def local_slice(batch, rank, world, hard=True):
     return out
 
 
-def engine_config(stage, world, clip=ENGINE_CLIP, cache=0, distill=0.0):
+def engine_config(stage, world, clip=ENGINE_CLIP, cache=0, distill=0.0, buckets=1):
     from hybridray.config import build_config
 
     return build_config({
@@ -113,7 +113,7 @@ def engine_config(stage, world, clip=ENGINE_CLIP, cache=0, distill=0.0):
         "scaling": {"num_workers": world},
         "deepspeed": {"zero_stage": stage},
         "loss": {**ENGINE_LOSS, "cache_chunk_size": cache, "distill_weight": distill},
-        "model": {"freeze_embeddings": False},
+        "model": {"freeze_embeddings": False, "length_buckets": buckets},
         # Clipping on, with a threshold the gradient norm exceeds: DeepSpeed's global norm over
         # the partitioned gradients is part of what is compared.
         "optim": {"lr": 1e-3, "warmup_steps": 0, "schedule": "constant", "weight_decay": 0.0,
@@ -196,8 +196,11 @@ def _worker(index, ports, outputs):
         for dropout in (0.0, DROPOUT):
             # Without dropout, with a distillation teacher too (ZeRO-3 partitions it): the student
             # is the teacher at the first step and neither drops out, so the term is exactly 0.
+            # Under ZeRO-2/3 also with 2 length buckets inside each cache chunk: several
+            # sub-forwards per chunk, each gathering (ZeRO-3) between the not-ready marks.
             config = engine_config(stage, world, ENGINE_CLIP if dropout else 0.0, cache=CACHE_CHUNK,
-                                   distill=0.0 if dropout else 0.5)
+                                   distill=0.0 if dropout else 0.5,
+                                   buckets=2 if stage >= 2 and not dropout else 1)
             model = TrainingModel.from_config(config, tiny_bert(dropout))
             sgd = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=SGD_LR)
             engine = build_engine(model, config, world, optimizer=sgd)
@@ -215,6 +218,7 @@ def _worker(index, ports, outputs):
                 applied = {n: (before[n] - p.detach()) / SGD_LR for n, p in engine.module.named_parameters()}
             results[("cached", stage, dropout)] = dict(
                 loss=all_reduce_mean(loss), grads=applied, released=released, teachers=teachers,
+                buckets=engine.module.length_buckets,
                 ds_norm=engine.get_global_grad_norm() if stage else None)
     reference = TrainingModel.from_config(engine_config(0, world), tiny_bert(DROPOUT))
     reference.train()
@@ -349,9 +353,10 @@ def test_cached_loss_applies_the_uncached_gradient(runs, stage, world):
     a distillation teacher equal to the student and without dropout: a term of exactly 0);
     with dropout and clipping on, the gradient of the uncached loss under the same dropout
     masks, DeepSpeed's pre-clip norm being the reference's. Under ZeRO-3 every parameter is
-    partitioned."""
+    partitioned; under ZeRO-2/3 the exact runs also split each cache chunk into 2 length buckets."""
     exact = runs[0][("reference", 0.0)]
     got = runs[world - 1][("cached", stage, 0.0)]
+    assert got["buckets"] == (2 if stage >= 2 else 1)  # length buckets inside the cache chunks
     assert got["teachers"] > 0
     assert got["released"] == (stage == 3)  # ZeRO-3 partitions student and teacher
     assert got["loss"].item() == pytest.approx(exact["loss"].item(), rel=1e-5)
