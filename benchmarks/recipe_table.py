@@ -17,14 +17,17 @@ Options (each alone on top of hybrid α = 0.5):
   off``: the 8 nearest passages that are neither the positive nor a translation of it; with
   the default margin a few rows are left without one, which training refuses),
   ``loss.hard_negatives=1``;
-- ``cache``: gradient caching, a 4x larger global batch (128) in chunks of 16 texts, for the
-  same number of training pairs (a quarter of the steps, warm-up scaled alike, lr × 2 =
-  sqrt(4) as usual for a larger batch);
+- ``cache``: what gradient caching is for, a 4x larger global batch (128, in chunks of 16
+  texts), for the same number of training pairs: a quarter of the steps, warm-up scaled alike,
+  lr × 2 = sqrt(4) as usual for a larger batch. Caching itself is the same maths as no
+  caching, so this row measures the larger batch (four changes against hybrid), not caching;
 - ``distill``: ``loss.distill_weight=0.5`` against the frozen starting model.
 
 The best combination is every option whose row beats hybrid's mean of its two seeds on the
 mean of the three held-out mAPs (``--best`` names it instead); with both negatives sources it
-reads ``data mine --keep-existing`` shards (in-context + mined) with ``loss.hard_negatives=2``.
+reads ``data mine --keep-existing`` shards (the ~5.9 in-context + 8 mined negatives of a row in
+one list) with ``loss.hard_negatives=2`` drawn uniformly from that list (about 43% in-context;
+not one of each).
 α = 1 and α = 0 are then run with the same options on (the paper's best-or-tied question).
 
 Run (from the repository root, under the shared lock; ~1.5 h on 2 cores)::
@@ -40,6 +43,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shlex
 import statistics
 import subprocess
@@ -54,7 +58,21 @@ MLQA_R = REPO.parent / "shared" / "data" / "mlqa-r"
 TATOEBA = REPO.parent / "shared" / "data" / "tatoeba"
 #: Tatoeba languages: high-resource (three training languages and one unseen), low-resource.
 TATOEBA_LANGS = "ara,deu,cmn,rus,amh,swh,tel,xho,mar"
+WORK_LABEL = "/tmp/hybridray-recipe"
 OPTIONS = ("ctx", "mined", "cache", "distill")
+#: What each option is, as the table names it.
+OPTION_LABELS = {"ctx": "in-context negatives", "mined": "mined negatives (no margin)",
+                 "cache": "4× batch by gradient caching (lr 1e-4)", "distill": "distillation 0.5"}
+LABELS = {"zero-shot": "Zero-shot (base multilingual-e5-small)", "hybrid": "Hybrid (α = 0.5)",
+          "xx": "X-X (sampler.mode: x-x)", "mono": "X-X-mono (α = 1)", "cross": "X-Y (α = 0)",
+          **{f"hybrid-{o}": f"Hybrid + {label}" for o, label in OPTION_LABELS.items()}}
+
+
+def label(key: str, best: list[str]) -> str:
+    """The table's name of a row (the best rows name their options)."""
+    options = " + ".join(OPTION_LABELS[o] for o in best) or "nothing"
+    return {"best": f"**Hybrid + {options} (best)**", "best-mono": f"α = 1 + {options}",
+            "best-cross": f"α = 0 + {options}"}.get(key) or LABELS[key]
 
 
 def option_overrides(options: set[str], steps: int, data: dict[str, Path]) -> list[str]:
@@ -154,8 +172,13 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True, help="the markdown table")
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--best", default=None, help="comma-separated options of the best row (default: chosen)")
+    ap.add_argument("--render", action="store_true", help="only write the table from --work's rows.json")
     args = ap.parse_args()
     work = args.work.resolve()
+    if args.render:
+        rows = json.loads((work / "rows.json").read_text())
+        args.out.write_text(render(rows, json.loads((work / "meta.json").read_text())))
+        return
     (work / "runs").mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
 
@@ -205,6 +228,7 @@ def main() -> None:
     meta = {"steps": args.steps, "best": sorted(best), "hybrid_mean_map": hybrid, "mine_seconds": mine_seconds,
             "total_s": time.perf_counter() - t_start, "tatoeba_langs": TATOEBA_LANGS}
     (work / "meta.json").write_text(json.dumps(meta, indent=1))
+    table.save()  # with zero-shot
     args.out.write_text(render(table.rows, meta))
     print(args.out.read_text())
 
@@ -213,13 +237,24 @@ def _spread(values: list[float]) -> str:
     return f"{statistics.mean(values):.3f} ± {(max(values) - min(values)) / 2:.3f}"
 
 
+def _portable(command: str) -> str:
+    """A command as a reader types it: ``hybridray`` (the venv's) and ``../shared/data``."""
+    command = re.sub(r"\S*/\.venv/bin/hybridray", "hybridray", command)
+    return re.sub(r"[^\s:=]*/shared/data/", "../shared/data/", command)
+
+
+def _pairs(row: dict) -> str:
+    """Training pairs of a run: steps x global batch."""
+    batch = next((int(a.split("=")[1]) for a in shlex.split(row["command"]) if a.startswith("sampler.batch_size=")), 32)
+    return f"{row['steps']} × {batch}" if row["steps"] else "—"
+
+
 def render(rows: list[dict], meta: dict) -> str:
     """Table 1's layout: one line per row (seed-averaged where two seeds ran, ± half the range),
     then each run's command."""
-    lines = ["| row | seeds | mono mAP | cross mAP | multi mAP | R@1 mono | R@1 cross | R@10 multi | rank distance "
-             "| Tatoeba high | Tatoeba low | wall (s) |", "|" + "---|" * 12]
-    keys = list(dict.fromkeys(r["key"] for r in rows))
-    for key in keys:
+    lines = ["| row | seeds | steps × batch | mono mAP | cross mAP | multi mAP | R@1 mono | R@1 cross | R@10 multi "
+             "| rank distance | Tatoeba high | Tatoeba low | wall (s) |", "|" + "---|" * 13]
+    for key in dict.fromkeys(r["key"] for r in rows):
         group = [r for r in rows if r["key"] == key]
 
         def cell(get, fmt="{:.3f}"):
@@ -231,18 +266,20 @@ def render(rows: list[dict], meta: dict) -> str:
         def tat(side):
             return lambda r: r["tatoeba"][side] if "tatoeba" in r else None
         lines.append("| " + " | ".join([
-            group[0]["label"], ",".join(str(r["seed"]) for r in group if r["seed"] is not None) or "—",
+            label(key, meta["best"]), ",".join(str(r["seed"]) for r in group if r["seed"] is not None) or "—",
+            _pairs(group[0]),
             cell(lambda r: r["map"]["mono"]), cell(lambda r: r["map"]["cross"]), cell(lambda r: r["map"]["multi"]),
             cell(lambda r: r["recall"]["mono"]), cell(lambda r: r["recall"]["cross"]), cell(lambda r: r["recall"]["multi"]),
             cell(lambda r: r["rank_distance"], "{:.1f}"),
             cell(tat("high")), cell(tat("low")), cell(lambda r: r["wall_s"], "{:.0f}"),
         ]) + " |")
-    lines += ["", f"Budget: {meta['steps']} steps of batch 32 per row; best combination: "
-              f"{', '.join(meta['best']) or 'none'}; whole table {meta['total_s'] / 60:.0f} min.", "", "Commands:", ""]
+    lines += ["", f"Best combination (chosen by the rule above): {', '.join(meta['best']) or 'none'}; "
+              f"the whole table took {meta['total_s'] / 60:.0f} min.", "", "Commands (from the repository root; "
+              f"`{WORK_LABEL}` is the script's `--work`):", ""]
     for r in rows:
-        lines.append(f"- {r['label']}, seed {r['seed']}: `{r['command']}`")
+        lines.append(f"- {label(r['key'], meta['best'])}, seed {r['seed']}: `{_portable(r['command'])}`")
         if "tatoeba" in r:
-            lines.append(f"  - Tatoeba: `{r['tatoeba']['command'].replace(str(REPO) + '/', '')}`")
+            lines.append(f"  - Tatoeba: `{_portable(r['tatoeba']['command'])}`")
     return "\n".join(lines) + "\n"
 
 
