@@ -99,6 +99,9 @@ def train_command(name: str, seed: int, steps: int, work: Path, data: dict[str, 
            f"train.max_steps={steps}", f"optim.warmup_steps={max(1, steps // 10)}",
            f"train.checkpoint_every={steps}", f"train.eval_before={str(eval_before).lower()}",
            "model.length_buckets=4", f"data.train={data['ctx']}", f"data.heldout={data['heldout']}",
+           # the plain recipe whatever configs/local.yaml's defaults are (the table ran when they
+           # were these; the demo's default now has negatives and distillation on)
+           "loss.hard_negatives=0", "loss.distill_weight=0", "loss.cache_chunk_size=0",
            f"run.storage_path={work / 'runs'}"]
     return cmd + extra  # later overrides win (data.train, max_steps, warmup_steps of an option)
 
@@ -233,13 +236,13 @@ def main() -> None:
     print(args.out.read_text())
 
 
-def _spread(values: list[float]) -> str:
-    return f"{statistics.mean(values):.3f} ± {(max(values) - min(values)) / 2:.3f}"
+def _spread(values: list[float], fmt: str = "{:.3f}") -> str:
+    return f"{fmt.format(statistics.mean(values))} ± {fmt.format((max(values) - min(values)) / 2)}"
 
 
 def _portable(command: str) -> str:
     """A command as a reader types it: ``hybridray`` (the venv's) and ``../shared/data``."""
-    command = re.sub(r"\S*/\.venv/bin/hybridray", "hybridray", command)
+    command = re.sub(r"\S*\.venv/bin/hybridray", "hybridray", command)
     return re.sub(r"[^\s:=]*/shared/data/", "../shared/data/", command)
 
 
@@ -261,7 +264,7 @@ def render(rows: list[dict], meta: dict) -> str:
             values = [get(r) for r in group if get(r) is not None]
             if not values:
                 return "—"
-            return _spread(values) if len(values) > 1 else fmt.format(values[0])
+            return _spread(values, fmt) if len(values) > 1 else fmt.format(values[0])
 
         def tat(side):
             return lambda r: r["tatoeba"][side] if "tatoeba" in r else None
@@ -275,7 +278,11 @@ def render(rows: list[dict], meta: dict) -> str:
         ]) + " |")
     lines += ["", f"Best combination (chosen by the rule above): {', '.join(meta['best']) or 'none'}; "
               f"the whole table took {meta['total_s'] / 60:.0f} min.", "", "Commands (from the repository root; "
-              f"`{WORK_LABEL}` is the script's `--work`):", ""]
+              f"`{WORK_LABEL}` is the script's `--work`):", "",
+              f"- Data: `hybridray data prepare --source ../shared/data/mlqa-r --out {WORK_LABEL}/mlqa-r --overwrite`",
+              f"- Mined: `hybridray data mine --model builtin:multilingual-e5-small --shards {WORK_LABEL}/mlqa-r/train "
+              f"--relative-margin off --out {WORK_LABEL}/mlqa-r-mined` (and `--out {WORK_LABEL}/mlqa-r-mined-ctx "
+              "--keep-existing` for the best rows)"]
     for r in rows:
         lines.append(f"- {label(r['key'], meta['best'])}, seed {r['seed']}: `{_portable(r['command'])}`")
         if "tatoeba" in r:
