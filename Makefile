@@ -27,13 +27,11 @@ prepare: data/mlqa-r/prepare.json
 
 # The demo's hard negatives (configs/local.yaml): the in-context ones of prepare plus the 8
 # passages the base model ranks nearest, neither the positive nor a translation of it (no
-# margin: the recipe table's setting, BENCHMARKS.md). The stamp is written once mining is done.
-data/.mlqa-r-mined.done: data/mlqa-r/prepare.json
+# margin: the recipe table's setting, BENCHMARKS.md). Always run: data mine resumes a finished
+# output in seconds (vectors cached) and mines again when prepare wrote new shards.
+mine: prepare
 	$(VENV)/bin/hybridray data mine --model builtin:multilingual-e5-small --shards data/mlqa-r/train \
 		--out data/mlqa-r-mined --keep-existing --relative-margin off --overwrite
-	touch $@
-
-mine: data/.mlqa-r-mined.done
 
 # TyDi QA GoldP train questions as one shard dataset (data.extra_mono in configs/tydi-extra-mono.yaml).
 data/tydi-train/manifest.json: $(VENV)/.installed

@@ -284,7 +284,8 @@ def render(rows: list[dict], meta: dict) -> str:
               f"--relative-margin off --out {WORK_LABEL}/mlqa-r-mined` (and `--out {WORK_LABEL}/mlqa-r-mined-ctx "
               "--keep-existing` for the best rows)"]
     for r in rows:
-        lines.append(f"- {label(r['key'], meta['best'])}, seed {r['seed']}: `{_portable(r['command'])}`")
+        seed = "—" if r["seed"] is None else r["seed"]
+        lines.append(f"- {label(r['key'], meta['best'])}, seed {seed}: `{_portable(r['command'])}`")
         if "tatoeba" in r:
             lines.append(f"  - Tatoeba: `{_portable(r['tatoeba']['command'])}`")
     return "\n".join(lines) + "\n"
