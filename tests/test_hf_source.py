@@ -37,10 +37,12 @@ def read_rows(directory: Path) -> list[dict]:
 
 
 def with_negatives(rows: list[dict]) -> list[dict]:
-    """Two hard negatives per row: passages of rows further down (other groups)."""
+    """Two hard negatives per row: passages of rows further down (other groups). They replace
+    ``data prepare``'s in-context ones, and with them the groups those answer (the mapping
+    below has no such column)."""
     n = len(rows)
-    return [{**r, "hard_negatives": [rows[(i + 7) % n]["passage"], rows[(i + 13) % n]["passage"]]}
-            for i, r in enumerate(rows)]
+    return [{**r, "hard_negatives": [rows[(i + 7) % n]["passage"], rows[(i + 13) % n]["passage"]],
+             "hard_negative_group_ids": None} for i, r in enumerate(rows)]
 
 
 def as_hf_rows(rows: list[dict]) -> list[dict]:
