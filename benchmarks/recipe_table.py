@@ -51,10 +51,10 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench_common import MLQA_R, REPO  # noqa: E402
+
 BIN = REPO / ".venv" / "bin" / "hybridray"
-MLQA_R = REPO.parent / "shared" / "data" / "mlqa-r"
 TATOEBA = REPO.parent / "shared" / "data" / "tatoeba"
 #: Tatoeba languages: high-resource (three training languages and one unseen), low-resource.
 TATOEBA_LANGS = "ara,deu,cmn,rus,amh,swh,tel,xho,mar"

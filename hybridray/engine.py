@@ -82,7 +82,7 @@ class TrainingModel(nn.Module):
         """Embeddings of one side by ``encoder`` (default: the student), in row order; with
         ``length_buckets`` > 1 the rows are encoded in that many chunks of similar length
         (``length_chunks``)."""
-        encode = (encoder or self.encoder).encode
+        encode = (self.encoder if encoder is None else encoder).encode
         if self.length_buckets <= 1:
             return encode(input_ids, attention_mask)
         order, chunks = length_chunks(attention_mask, self.length_buckets)
