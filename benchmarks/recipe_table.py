@@ -15,7 +15,7 @@ Options (each alone on top of hybrid α = 0.5):
   sentences), ``loss.hard_negatives=1`` (the paper's triplets: one per query);
 - ``mined``: hard negatives mined with the base model (``hybridray data mine --relative-margin
   off``: the 8 nearest passages that are neither the positive nor a translation of it; with
-  the default margin a few rows are left without one, which training refuses),
+  the default margin a few rows are left without one, which training rejects),
   ``loss.hard_negatives=1``;
 - ``cache``: what gradient caching is for, a 4x larger global batch (128, in chunks of 16
   texts), for the same number of training pairs: a quarter of the steps, warm-up scaled alike,
@@ -192,7 +192,8 @@ def main() -> None:
     data = {"ctx": data_dir / "train", "heldout": data_dir / "heldout-lareqa",
             "mined": work / "mlqa-r-mined", "both": work / "mlqa-r-mined-ctx"}
     # margin off: the default margin (0.05) leaves rows whose positive scores below every
-    # candidate without a negative, and a run with loss.hard_negatives > 0 refuses those
+    # candidate without a negative, and a run with loss.hard_negatives > 0 rejects those (when
+    # the table was run it refused the dataset): margin-free mining keeps every row
     mine = [str(BIN), "data", "mine", "--model", "builtin:multilingual-e5-small", "--shards", str(data["ctx"]),
             "--relative-margin", "off"]
     mine_seconds = {}
@@ -228,8 +229,11 @@ def main() -> None:
     table.train("best-mono", f"α = 1 + {tag}", 0, ["sampler.alpha=1", *extra], with_tatoeba=False)
     table.train("best-cross", f"α = 0 + {tag}", 0, ["sampler.alpha=0", *extra], with_tatoeba=False)
 
-    meta = {"steps": args.steps, "best": sorted(best), "hybrid_mean_map": hybrid, "mine_seconds": mine_seconds,
-            "total_s": time.perf_counter() - t_start, "tatoeba_langs": TATOEBA_LANGS}
+    # a resumed table adds this invocation's time to the earlier ones' and keeps their mining times
+    before = json.loads((work / "meta.json").read_text()) if (work / "meta.json").exists() else {}
+    meta = {"steps": args.steps, "best": sorted(best), "hybrid_mean_map": hybrid,
+            "mine_seconds": {**before.get("mine_seconds", {}), **mine_seconds},
+            "total_s": before.get("total_s", 0) + time.perf_counter() - t_start, "tatoeba_langs": TATOEBA_LANGS}
     (work / "meta.json").write_text(json.dumps(meta, indent=1))
     table.save()  # with zero-shot
     args.out.write_text(render(table.rows, meta))

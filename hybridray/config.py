@@ -230,7 +230,7 @@ class LossConfig(_Section):
     #: Hard negatives per query taken from the shards' ``hard_negatives`` column (0: off); written
     #: by ``data prepare`` (the answer paragraph's other sentences) or ``data mine`` (a retriever's).
     #: A row with fewer than k repeats some (unmasked: they weigh more in its softmax); a row with
-    #: none is refused at k > 0.
+    #: none is a reject at k > 0 (in the rejects report; data.strict refuses the dataset at it).
     hard_negatives: int = Field(0, ge=0, le=64)
     #: Gradient caching (hybridray/grad_cache.py): 0 = off; else texts per encoder pass, so a
     #: worker's encoder activations are those of this many texts whatever sampler.batch_size

@@ -210,6 +210,8 @@ class InfoNCELoss(nn.Module):
                 teacher_scores = self._scores(teacher[1], [all_gather_no_grad(teacher[0])], mask,
                                               self.temperature.detach())
                 distillation = (distillation + _kl(teacher_scores, scores, mask)) / 2
+        # the distillation term alone (unweighted, detached): what the trainer logs as distill_kl
+        self.last_distillation = distillation.detach() if distill else None
         if distill:
             loss = loss + self.distill_weight * distillation
         return loss

@@ -6,7 +6,8 @@ Everything here reads what a run left in its directory (local or ``s3://``): ``s
 by the driver from rank 0's progress records). Files this module writes:
 
 ====================================  ==========================================================
-``metrics.jsonl``                     per step: loss, lr, samples, batch type; val_* after evals
+``metrics.jsonl``                     per step: loss (distill_kl with distillation), lr, samples,
+                                      batch type; val_* after evals
 ``plots/training_curves.png``         loss per step, held-out multi mAP per evaluation
 ``plots/heldout_by_language.png``     per language, before / after: multi mAP, rank distance
 ``tensorboard/``                      the same scalars as TensorBoard events
@@ -168,7 +169,7 @@ def plot_languages(before: dict, after: dict, path: Path) -> None:
 
 
 #: Record keys written to TensorBoard, and their section.
-_SCALARS = {"loss": "train", "lr": "train", "temperature": "train", "val_map": "heldout",
+_SCALARS = {"loss": "train", "distill_kl": "train", "lr": "train", "temperature": "train", "val_map": "heldout",
             "val_map_mono": "heldout", "val_map_cross": "heldout", "val_rank_distance": "heldout"}
 #: How often a remote (``s3://``) run directory receives the live files.
 UPLOAD_EVERY_S = 60.0

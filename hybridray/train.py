@@ -181,7 +181,8 @@ def train_func(loop_config: dict) -> None:
             board.push.remote({"message": "held-out evaluation before training ..."})
         reports["before"] = evaluate_now(engine, tokenizer, heldout, config, "before training")
 
-    window = {"loss": 0.0, "n": 0, "samples": 0, "tokens": 0, "mono": 0, "cross": 0, "x-x": 0}
+    window = {"loss": 0.0, "kl": 0.0, "n": 0, "samples": 0, "tokens": 0, "mono": 0, "cross": 0, "x-x": 0}
+    distill = config.loss.distill_weight > 0
     window_start = time.perf_counter()
     last_step = config.train.max_steps - 1
     batches = iter_worker_batches(
@@ -199,10 +200,12 @@ def train_func(loop_config: dict) -> None:
             clamp_temperature(engine)
 
             step_loss = float(all_reduce_mean(loss))
+            step_kl = float(all_reduce_mean(engine.module.loss.last_distillation)) if distill else None
             # which pairs (groups, languages, hard negatives) this step trained, on all ranks
             trained = groups_digest(batch["group_ids"], batch.get("query_langs", ()), batch.get("passage_langs", ()),
                                     batch.get("negative_group_ids"))
             window["loss"] += step_loss
+            window["kl"] += step_kl or 0.0
             window["n"] += 1
             window[batch["batch_type"]] += 1
             window["samples"] += config.sampler.batch_size
@@ -215,6 +218,8 @@ def train_func(loop_config: dict) -> None:
             eval_now = done or (config.train.eval_every and (step + 1) % config.train.eval_every == 0)
             record = {"step": step + 1, "time": time.time(), "loss": step_loss, "lr": engine.get_lr()[0],
                       "samples": config.sampler.batch_size, "batch_type": batch["batch_type"], "groups": trained}
+            if distill:
+                record["distill_kl"] = step_kl
             if not (log_now or save_now or eval_now):
                 if board is not None:
                     board.push.remote(record)  # fire and forget: no wait, no barrier
@@ -231,6 +236,8 @@ def train_func(loop_config: dict) -> None:
                 "tokens_per_s": window["tokens"] / elapsed,
                 "mono_batches": window["mono"], "cross_batches": window["cross"], "xx_batches": window["x-x"],
             }
+            if distill:  # KL(teacher || student) of the in-batch scores, before its weight
+                metrics["distill_kl"] = window["kl"] / max(1, window["n"])
             if eval_now:
                 if board is not None and config.data.heldout:
                     board.push.remote({"message": f"held-out evaluation at step {step + 1} ..."})
@@ -254,7 +261,7 @@ def train_func(loop_config: dict) -> None:
             else:
                 ray.train.report(metrics)
             window = dict.fromkeys(window, 0)
-            window["loss"] = 0.0
+            window["loss"] = window["kl"] = 0.0
             window_start = time.perf_counter()
 
 

@@ -71,7 +71,7 @@ def test_selection_drops_the_positive_its_translations_shared_texts_and_near_sco
     assert got == ["kept 1"] and counts.margin == 1
 
 
-def test_margin_rule_on_real_vectors(source):
+def test_margin_rule_on_real_vectors(source, tmp_path):
     """With the tiny model's vectors, the margined negatives are exactly the unmargined ranking
     with every candidate above s_pos - 0.05 |s_pos| taken out, cut at top_k."""
     from hybridray.evaluate.encode import encode_texts
@@ -82,7 +82,7 @@ def test_margin_rule_on_real_vectors(source):
     records = {i: [r for _, r in reader.iter_file_rows(f)] for i, f in enumerate(files)}
     vectors = {i: tuple(encode_texts(model, tokenizer, [r[side] for r in rs], max_length=64, progress=False)
                         for side in ("query", "passage")) for i, rs in records.items()}
-    pools = build_pools(files, lambda i: vectors[i][1])
+    pools = build_pools(files, lambda i: vectors[i][1], tmp_path / "pool")
     text_vector = {t: v for pool in pools.values() for t, v in zip(pool.texts, pool.vectors)}
     strict, loose = SelectionCounts(), SelectionCounts()
     mined = mine_file(records[0], *vectors[0], pools, MineOptions(model="m", top_k=3, relative_margin=0.05), strict)
@@ -151,8 +151,9 @@ def test_a_query_with_two_answers_never_gets_the_other_as_a_negative(tmp_path):
     # pa 0.95 and pb 0.6 answer it; pc (0.58) is within 5% of pb's score, pd (0.4) is not
     passages = np.array([[0.95, 0.312], [0.6, 0.8], [0.58, 0.815], [0.4, 0.917]], np.float32)
     queries = np.stack([query, query, [0, 1], [0, 1]]).astype(np.float32)
-    pools = build_pools(files, lambda i: passages)
-    assert pools["en"].query_groups == {"who wrote it?": ("a", "b")}
+    pools = build_pools(files, lambda i: passages, tmp_path / "pool")
+    assert pools["en"].groups_asking("who wrote it?") == ("a", "b") and pools["en"].groups_asking("other") == ()
+    assert len(pools["en"].query_groups) == 1
     records = [r for _, r in reader.iter_file_rows(files[0])]
 
     def negatives(**options):
@@ -188,6 +189,60 @@ def test_rows_short_at_range_max_are_searched_deeper():
     assert counts.margin == 4 and counts.same_group == 1  # the counts of its last (deepest) search
 
 
+def test_text_store_reads_back_what_was_appended(tmp_path):
+    from hybridray.data.mine import TextStore
+
+    texts = ["", "plain", "ünïcödé — 中文 עברית", "", "x" * 10_000, "line\nbreak"]
+    store = TextStore(tmp_path / "t.bin")
+    for t in texts:
+        store.append(t)
+    store.close()
+    assert len(store) == len(texts) and list(store) == texts and store[2] == texts[2]
+    empty = TextStore(tmp_path / "e.bin").close()
+    assert len(empty) == 0 and list(empty) == []
+
+
+def test_pool_on_disk_searched_in_chunks_equals_the_whole(tmp_path, monkeypatch):
+    """build_pools keeps the first occurrence of each passage text per language, with every group
+    it answers, and its vector, on disk; the pool searched in chunks (of 7, and of 1) returns the
+    same scores and passages, in the same order, as one search of the whole pool -- equal
+    vectors included (duplicated vectors under different texts tie, and keep their order)."""
+    import hybridray.data.mine as mine
+    from hybridray.evaluate.search import search
+
+    rng = np.random.default_rng(0)
+    rows, vectors = [], []
+    for i in range(60):
+        text = f"p{i % 45}"  # 15 texts repeated: deduplicated to their first row
+        rows.append({"group_id": f"g{i}", "lang": "en" if i % 3 else "de", "query": f"q{i % 50}", "passage": text,
+                     "source": "t"})
+        vectors.append(rng.normal(size=8))
+    vectors = np.array(vectors, np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    vectors[10] = vectors[11]  # an exact tie between two different passages
+    write_shards(rows, tmp_path / "in", rows_per_file=20, source="t")
+    files = reader.list_shard_files(str(tmp_path / "in"))
+    pools = build_pools(files, lambda i: vectors[20 * i:20 * i + 20], tmp_path / "pool")
+    for lang in ("en", "de"):
+        first = {}
+        for i, r in enumerate(rows):
+            if r["lang"] == lang:
+                first.setdefault(r["passage"], []).append(i)
+        pool = pools[lang]
+        assert list(pool.texts) == list(first)
+        assert np.array_equal(np.asarray(pool.vectors), vectors[[v[0] for v in first.values()]])
+        assert pool.groups == [tuple(sorted(rows[i]["group_id"] for i in v)) for v in first.values()]
+        assert isinstance(pool.vectors, np.memmap) and len(pool.texts) < 40
+        queries = vectors[:12]
+        whole = search(queries, np.asarray(pool.vectors), 9)
+        for chunk in (7, 1):
+            monkeypatch.setattr(mine, "POOL_CHUNK_ROWS", chunk)
+            got = pool.search(queries, 9)
+            assert np.array_equal(got[0], whole[0]) and np.array_equal(got[1], whole[1])
+    assert sorted(p.name for p in (tmp_path / "pool").iterdir()) == [
+        "texts-0.bin", "texts-1.bin", "vectors-0.f32", "vectors-1.f32"]
+
+
 # ----------------------------------------------------------------------------- the command
 def check_never_positive_nor_translation(rows):
     """On every row: no negative is a passage of the row's own group (any language), each is a
@@ -209,6 +264,11 @@ def check_never_positive_nor_translation(rows):
 def test_mine_end_to_end_then_resume_then_train(ray_session, source, tmp_path, capsys, monkeypatch):
     """As a user runs it. The tiny model is random (every cosine is about 0.93), so any margin
     drops nearly all candidates: this run switches it off; the rule is tested above."""
+    import hybridray.data.mine as mine
+
+    # the first run searches each language's pool (~17 passages) in chunks of 5; the resume
+    # below searches it whole and must write the same bytes
+    monkeypatch.setattr(mine, "POOL_CHUNK_ROWS", 5)
     out = tmp_path / "mined"
     argv = ["data", "mine", "--model", "builtin:tiny", "--shards", str(source), "--out", str(out),
             "--top-k", "3", "--relative-margin", "off", "--max-length", "64"]
@@ -220,7 +280,10 @@ def test_mine_end_to_end_then_resume_then_train(ray_session, source, tmp_path, c
     check_never_positive_nor_translation(rows)
     assert sorted(p.name for p in source.iterdir()) == ["manifest.json", *(f"part-0000{i}.parquet" for i in range(3))]
 
+    assert not (out / "_mine" / "pool").exists()  # the on-disk pool is the run's, not kept
+
     # a lost shard is mined again (from the cached vectors), the others are left as they are
+    monkeypatch.setattr(mine, "POOL_CHUNK_ROWS", 65536)
     before = {p.name: (sha(p), p.stat().st_mtime_ns) for p in out.glob("part-*.parquet")}
     (out / "part-00001.parquet").unlink()
     assert cli.main(argv) == 0
@@ -228,7 +291,7 @@ def test_mine_end_to_end_then_resume_then_train(ray_session, source, tmp_path, c
     after = {p.name: (sha(p), p.stat().st_mtime_ns) for p in out.glob("part-*.parquet")}
     assert after["part-00000.parquet"] == before["part-00000.parquet"]
     assert after["part-00002.parquet"] == before["part-00002.parquet"]
-    assert after["part-00001.parquet"][0] == before["part-00001.parquet"][0]  # the same negatives
+    assert after["part-00001.parquet"][0] == before["part-00001.parquet"][0]  # the same negatives, unchunked
     assert json.loads((out / "_mine.json").read_text())["last_run"]["files_encoded"] == 0
 
     # other parameters into the same --out: one line, nothing touched
@@ -272,10 +335,14 @@ def test_mine_end_to_end_then_resume_then_train(ray_session, source, tmp_path, c
         assert (negatives != NO_GROUP).all()
         assert (negatives != s["group_ids"][:, None]).all()
     assert stable_hash64(rows[0]["group_id"]) != NO_GROUP
+    # the input has no negatives at all: every row is a reject, and the refusal says why
+    from hybridray.errors import UserError
+
+    with pytest.raises(UserError, match=r"no valid rows \(120 rejected; 120 of them have no hard_negatives "
+                                        r"\(first: .*part-00000.parquet:0\) and loss.hard_negatives=2"):
+        build_train_dataset(build_config({**cfg.model_dump(mode="json"), "data": {"train": str(source)}}, []), rejects_path=None)
 
     # --overwrite with other parameters, interrupted while writing: the old output is back, intact
-    import hybridray.data.mine as mine
-
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
@@ -324,10 +391,10 @@ def test_bad_input_is_one_line(ray_session, source, tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
-def test_training_refusal_names_the_first_row_without_negatives_and_the_count(tmp_path):
-    """loss.hard_negatives > 0 on a dataset where some rows have none: one line with file:row
-    and how many, pointing at data mine's flags."""
-    from hybridray.data.pipeline import _check_negatives
+def test_rows_without_negatives_are_rejects_when_a_run_draws_them(tmp_path):
+    """loss.hard_negatives > 0 on a dataset where some rows have none: each such row is a reject
+    naming file:row and pointing at data mine's flags (the rest train); data.strict refuses
+    the dataset at the first; at k = 0 every row is read."""
     from hybridray.errors import UserError
 
     rows = [{"group_id": f"g{i}", "lang": "en", "query": f"q{i}", "passage": f"p{i}", "source": "t",
@@ -335,10 +402,17 @@ def test_training_refusal_names_the_first_row_without_negatives_and_the_count(tm
     path = tmp_path / "part-00000.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     table = reader.index_file(str(path), 0, max_text_chars=4000)
-    index = reader.merge_index(str(tmp_path), [str(path)], [table], strict=True)
-    _check_negatives(index, 0)  # k = 0 reads none: accepted
+
+    def merged(**kwargs):
+        return reader.merge_index(str(tmp_path), [str(path)], [table], **kwargs)
+
+    every = merged(strict=True)
+    assert [g.group_id for g in every.groups] == [f"g{i}" for i in range(5)] and every.rows_without_negatives == 2
+    some = merged(strict=False, need_negatives=True)
+    assert [g.group_id for g in some.groups] == ["g0", "g2", "g4"] and some.min_negatives == 1
+    assert [(r.file, r.row) for r in some.rejects] == [(str(path), 2), (str(path), 4)]  # jsonl: line numbers
+    assert some.reject_counts() == {"no_hard_negatives": 2} and "--range-max-cap" in some.rejects[0].reason
     with pytest.raises(UserError) as refused:
-        _check_negatives(index, 2)
+        merged(strict=True, need_negatives=True)
     message = str(refused.value)
-    assert "2 of 5 rows have no hard_negatives" in message and f"(first: {path}:2)" in message
-    assert "--range-max-cap" in message and len(message.splitlines()) == 1
+    assert message.startswith(f"{path}:2: no hard_negatives") and len(message.splitlines()) == 1

@@ -114,6 +114,9 @@ def test_distillation_with_gradient_caching_trains_end_to_end(ray_session, tmp_p
     losses = [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
               if "loss" in json.loads(line)]
     assert losses and all(0 < loss < 100 for loss in losses)
+    kls = [json.loads(line).get("distill_kl") for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+           if "loss" in json.loads(line)]
+    assert len(kls) == len(losses) and all(kl is not None and 0 <= kl < 100 for kl in kls)  # logged, as a KL
     assert 0.0 < json.loads((run_dir / "eval" / "after" / "report.json").read_text())["summary"]["map"]["multi"] <= 1.0
     states = list(Path(summary["checkpoint"]).glob("deepspeed/mp_rank_00_model_states.pt"))
     assert len(states) == 1

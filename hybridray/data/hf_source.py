@@ -315,13 +315,13 @@ def prepare(
 def index_hf(
     path: str, options: Optional[HFSourceConfig], *, key: str, cache_root: str, max_text_chars: int,
     languages: Optional[Sequence[str]] = None, strict: bool = False, task_cpus: float = 0.25,
-    rows_per_file: int = ROWS_PER_FILE,
+    rows_per_file: int = ROWS_PER_FILE, need_negatives: bool = False,
 ) -> reader.ShardIndex:
     """``reader.index_shards`` of an ``hf:`` source: rejects name the dataset and its row."""
     source = prepare(path, options, key=key, cache_root=cache_root, rows_per_file=rows_per_file, task_cpus=task_cpus)
     index = reader.index_shards(
         source.directory, max_text_chars=max_text_chars, languages=languages, strict=strict,
-        task_cpus=task_cpus, locate=source.locate,
+        task_cpus=task_cpus, locate=source.locate, need_negatives=need_negatives,
     )
     index.path = source.label
     return index

@@ -18,8 +18,9 @@ index       Ray Data tasks (``reader``)       validate every row (strict: the fi
 encode      Ray Data ``map_batches`` with an  queries and passages -> unit vectors; one actor
             actor pool (``Encoder``)          per GPU, or per CPU slot; cached per input file
                                               under ``OUT/_mine/`` (a resume re-encodes none)
-search      driver, faiss (exact inner        per language, the passages deduplicated by text;
-            product, ``evaluate.search``)     one input file at a time
+search      driver, faiss (exact inner        per language, the passages deduplicated by text,
+            product, ``evaluate.search``)     on disk and searched in chunks; one input file
+                                              at a time
 select      driver (``select_negatives``)     exclusions and the margin rule, top ``top_k``
 write       driver                            one output shard per input file, atomically
 ==========  ================================  ===============================================
@@ -53,21 +54,28 @@ input rewritten in place is never resumed over -- is refused unless ``overwrite`
 vectors carry the same fingerprint of their input file and are re-encoded when it differs.
 ``overwrite`` replaces only a data mine output, and only once the options, the model and every
 input row are checked: the old output is moved aside, deleted when the new one is complete, and
-put back if the run fails (a SIGKILL leaves it as the hidden ``.OUT.replaced-PID`` beside OUT). Only one input file's rows and the
-passage pool (texts, groups, vectors of every passage) are in the driver's memory at a time.
-``IN`` is never written to. ``OUT/_mine/`` (the cached vectors, 4 bytes x dim x 2 per row) may
-be deleted once the output is complete.
+put back if the run fails (a SIGKILL leaves it as the hidden ``.OUT.replaced-PID`` beside OUT).
+
+The driver's memory does not grow with the passages' texts or vectors: it holds one input
+file's rows and vectors, and one chunk of a language's passage vectors (``POOL_CHUNK_ROWS``)
+at a time. The pool's distinct passages are written to ``OUT/_mine/pool/`` (their texts and
+vectors, memory-mapped; deleted at the end of the run) and searched chunk by chunk, with the
+same hits as one search of the whole (``RunningTopK``); what stays in memory per distinct
+passage is its groups and an offset, plus a 16-byte digest while the pool is built (~500
+bytes a passage measured, against ~5.7 KB when the pool was held in memory; BENCHMARKS.md
+"Mining memory"). ``IN`` is never written to. ``OUT/_mine/`` (the
+cached vectors, 4 bytes x dim x 2 per row) may be deleted once the output is complete.
 """
 from __future__ import annotations
 
 import fnmatch
+import hashlib
 import json
 import os
 import shutil
 import sys
 import tempfile
 import time
-from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -333,48 +341,157 @@ def _say(message: str) -> None:
 
 
 # ----------------------------------------------------------------------------- the pool
+#: Pool passages per exact search (one faiss index): the driver holds one such chunk of a
+#: language's passage vectors at a time (98 MB at e5-small's 384 dims), never the whole pool.
+POOL_CHUNK_ROWS = 65536
+
+
+class TextStore:
+    """Texts appended to one file and read back by index through a memory map, so that a
+    pool's passage texts stay on disk (the driver keeps 8 bytes of offset per text)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._file = open(path, "wb")
+        self._offsets = [0]
+        self._map: Optional[np.ndarray] = None
+
+    def append(self, text: str) -> None:
+        data = text.encode("utf-8")
+        self._file.write(data)
+        self._offsets.append(self._offsets[-1] + len(data))
+
+    def close(self) -> "TextStore":
+        """Done appending: the file is read through a memory map from now on."""
+        self._file.close()
+        self._offsets = np.array(self._offsets, dtype=np.int64)
+        self._map = np.memmap(self.path, dtype=np.uint8, mode="r") if self._offsets[-1] else np.zeros(0, np.uint8)
+        return self
+
+    def __len__(self) -> int:
+        return len(self._offsets) - 1
+
+    def __getitem__(self, i: int) -> str:
+        return bytes(self._map[self._offsets[i]:self._offsets[i + 1]]).decode("utf-8")
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+
+def text_key(text: str) -> bytes:
+    """A 16-byte digest standing for a text in the pool's in-memory indices (the text itself is
+    on disk); two different texts share one with probability ~2^-128 per pair."""
+    return hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
+
+
 @dataclass
 class Pool:
-    """One language's candidate passages, deduplicated by text."""
+    """One language's candidate passages, deduplicated by text. ``texts`` and ``vectors`` may
+    be on disk (a :class:`TextStore` and a memory-mapped array, as :func:`build_pools` makes
+    them); the search reads ``vectors`` in chunks of :data:`POOL_CHUNK_ROWS`."""
 
-    texts: list[str]
+    texts: Sequence[str]
     groups: list[tuple[str, ...]]  # per passage, the groups whose positive it is
     vectors: np.ndarray
     positive_of: dict[str, int] = field(default_factory=dict)  # group -> its positive's passage index
-    query_groups: dict[str, tuple[str, ...]] = field(default_factory=dict)  # query text -> groups asking it
+    query_groups: dict[bytes, tuple[str, ...]] = field(default_factory=dict)  # text_key(query) -> groups asking it
+
+    def groups_asking(self, query: str) -> tuple[str, ...]:
+        """The groups whose rows ask ``query`` in this language, when it has more than one answer."""
+        return self.query_groups.get(text_key(query), ())
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Exact top-``k`` passages of each query, best first: :func:`~hybridray.evaluate.search.search`
+        of the whole pool, run over chunks of it (``RunningTopK``: the same hits in the same order)."""
+        from hybridray.evaluate.search import RunningTopK, search
+
+        n = len(self.vectors)
+        if n <= POOL_CHUNK_ROWS:
+            return search(queries, np.asarray(self.vectors), k)
+        top = RunningTopK(queries, k, n)
+        for lo in range(0, n, POOL_CHUNK_ROWS):
+            hi = min(lo + POOL_CHUNK_ROWS, n)
+            top.add(np.arange(lo, hi), np.asarray(self.vectors[lo:hi]))
+        return top.result()
 
 
-def build_pools(files: Sequence[str], passage_vectors: Callable[[int], np.ndarray]) -> dict[str, Pool]:
+def build_pools(files: Sequence[str], passage_vectors: Callable[[int], np.ndarray], workdir: Path) -> dict[str, Pool]:
     """Per language, every distinct passage of the dataset with its groups and its vector (the
-    first occurrence's), and the groups of each query text; files are read one at a time."""
-    index: dict[str, dict[str, int]] = {}
-    texts: dict[str, list[str]] = {}
-    groups: dict[str, list[set]] = {}
-    vectors: dict[str, list[np.ndarray]] = {}
-    queries: dict[str, dict[str, set]] = {}
-    for fi, path in enumerate(files):
-        file_vectors = passage_vectors(fi)
-        for r, (_, record) in enumerate(reader.iter_file_rows(path, ["group_id", "lang", "query", "passage"])):
-            lang, text = record["lang"], record["passage"]
-            seen = index.setdefault(lang, {})
-            if text not in seen:
-                seen[text] = len(seen)
-                texts.setdefault(lang, []).append(text)
-                groups.setdefault(lang, []).append(set())
-                vectors.setdefault(lang, []).append(file_vectors[r])
-            groups[lang][seen[text]].add(record["group_id"])
-            queries.setdefault(lang, {}).setdefault(record["query"], set()).add(record["group_id"])
-    return {lang: Pool(texts[lang], [tuple(sorted(g)) for g in groups[lang]], np.stack(vectors[lang]),
-                       {g: i for i in reversed(range(len(groups[lang]))) for g in groups[lang][i]},
-                       {q: tuple(sorted(g)) for q, g in queries[lang].items() if len(g) > 1})
-            for lang in texts}
+    first occurrence's), and the groups of each query text; files are read one at a time.
+
+    The texts and vectors are written under ``workdir`` (emptied first) as they are found and
+    memory-mapped: the driver keeps, per distinct passage, its groups and an offset, per group
+    its positive's index, and, while building, a 16-byte digest per distinct passage and query
+    (a set of groups only for the few texts that answer or ask for more than one)."""
+    workdir = Path(workdir)
+    shutil.rmtree(workdir, ignore_errors=True)
+    workdir.mkdir(parents=True)
+    seen: dict[str, dict[bytes, int]] = {}
+    texts: dict[str, TextStore] = {}
+    vector_files: dict[str, object] = {}
+    groups: dict[str, list] = {}  # per passage: its group (a str), or a set of several
+    queries: dict[str, dict[bytes, object]] = {}  # text_key(query) -> its group, or a set of several
+    dims: dict[str, int] = {}
+    try:
+        for fi, path in enumerate(files):
+            file_vectors = passage_vectors(fi)
+            new_rows: dict[str, list[int]] = {}
+            for r, (_, record) in enumerate(reader.iter_file_rows(path, ["group_id", "lang", "query", "passage"])):
+                lang, text, group = record["lang"], record["passage"], sys.intern(record["group_id"])
+                if lang not in seen:
+                    n = len(seen)
+                    seen[lang], groups[lang], queries[lang] = {}, [], {}
+                    texts[lang] = TextStore(workdir / f"texts-{n}.bin")
+                    vector_files[lang] = open(workdir / f"vectors-{n}.f32", "wb")
+                    dims[lang] = file_vectors.shape[1]
+                key = text_key(text)
+                i = seen[lang].get(key)
+                if i is None:
+                    seen[lang][key] = len(groups[lang])
+                    texts[lang].append(text)
+                    groups[lang].append(group)
+                    new_rows.setdefault(lang, []).append(r)
+                else:
+                    groups[lang][i] = _with_group(groups[lang][i], group)
+                query = text_key(record["query"])
+                queries[lang][query] = _with_group(queries[lang].get(query), group)
+            for lang, rows in new_rows.items():
+                if file_vectors.shape[1] != dims[lang]:
+                    raise ValueError(f"{path}: vectors of {file_vectors.shape[1]} dims, earlier files {dims[lang]}")
+                vector_files[lang].write(np.ascontiguousarray(file_vectors[rows], dtype=np.float32).tobytes())
+    except BaseException:
+        for store in texts.values():
+            store._file.close()
+        raise
+    finally:
+        for f in vector_files.values():
+            f.close()
+    del seen
+    pools = {}
+    for n, lang in enumerate(groups):
+        lang_groups = [(g,) if isinstance(g, str) else tuple(sorted(g)) for g in groups[lang]]
+        pools[lang] = Pool(texts[lang].close(), lang_groups,
+                           np.memmap(workdir / f"vectors-{n}.f32", dtype=np.float32, mode="r",
+                                     shape=(len(lang_groups), dims[lang])),
+                           {g: i for i in reversed(range(len(lang_groups))) for g in lang_groups[i]},
+                           {q: tuple(sorted(g)) for q, g in queries[lang].items() if not isinstance(g, str)})
+        groups[lang] = queries[lang] = None  # freed language by language
+    return pools
+
+
+def _with_group(have, group: str):
+    """``have`` (None, one group, or a set of several) with ``group`` added."""
+    if have is None or have == group:
+        return group
+    if isinstance(have, str):
+        return {have, group}
+    have.add(group)
+    return have
 
 
 def mine_file(records: list[dict], queries: np.ndarray, passages: np.ndarray, pools: dict[str, Pool],
               options: MineOptions, counts: SelectionCounts) -> list[dict]:
     """One file's rows with their mined negatives (same order)."""
-    from hybridray.evaluate.search import search
-
     out = [dict(r) for r in records]
     by_lang: dict[str, list[int]] = {}
     for i, r in enumerate(records):
@@ -382,7 +499,7 @@ def mine_file(records: list[dict], queries: np.ndarray, passages: np.ndarray, po
     for lang, idx in by_lang.items():
         pool = pools[lang]
         positive_scores = np.einsum("ij,ij->i", queries[idx], passages[idx])
-        same_query = [frozenset(pool.query_groups.get(out[i]["query"], ())) - {out[i]["group_id"]} for i in idx]
+        same_query = [frozenset(pool.groups_asking(out[i]["query"])) - {out[i]["group_id"]} for i in idx]
         # as sentence-transformers: every positive of the query is excluded, and the margin is
         # taken below the lowest of their scores
         s_pos = [min([float(s)] + [float(queries[i] @ pool.vectors[pool.positive_of[g]]) for g in same])
@@ -392,7 +509,7 @@ def mine_file(records: list[dict], queries: np.ndarray, passages: np.ndarray, po
         chosen: dict[int, tuple[list[int], SelectionCounts]] = {}
         pending, depth = list(range(len(idx))), options.range_max
         while True:
-            scores, hits = search(queries[[idx[j] for j in pending]], pool.vectors, depth + 1)
+            scores, hits = pool.search(queries[[idx[j] for j in pending]], depth + 1)
             for j, row_scores, row_hits in zip(pending, scores, hits):
                 row, row_counts = out[idx[j]], SelectionCounts()
                 chosen[j] = (select_negatives(row_scores, row_hits, s_pos[j], group=row["group_id"],
@@ -607,7 +724,8 @@ def _mine_into(out: Path, state: Optional[dict], identity: dict, shards: str, op
     encode_s = encode_files(files, rows_per_file, uncached if todo else [], out, model_path=model_path,
                             pooling=pooling, prefixes=prefixes, options=options, fingerprints=fingerprints)
     search_started = time.perf_counter()
-    pools = build_pools(files, lambda i: vectors_of(i, "passages")) if todo else {}
+    pool_dir = out / WORK_DIR / "pool"  # rebuilt by every run from the cached vectors, deleted at its end
+    pools = build_pools(files, lambda i: vectors_of(i, "passages"), pool_dir) if todo else {}
     total = SelectionCounts()
     for i in todo:
         t0 = time.perf_counter()
@@ -621,6 +739,8 @@ def _mine_into(out: Path, state: Optional[dict], identity: dict, shards: str, op
         _write_json(out / STATE_NAME, state)
         _say(f"{_shard_name(i)}: {len(rows)} rows, {counts.negatives / max(1, counts.rows):.1f} negatives per row "
              f"({time.perf_counter() - t0:.1f} s)")
+    del pools
+    shutil.rmtree(pool_dir, ignore_errors=True)
     summary = {
         "out": str(out), "shards_mined": len(todo), "shards_skipped": len(done), "rows": sum(rows_per_file),
         "this_run": asdict(total), "encode_seconds": round(encode_s, 2),

@@ -113,7 +113,7 @@ class PipelineInfo:
 # ----------------------------------------------------------------------------- driver side
 def _index(path: str, config, strict: bool, hf=None, key: str = "data.hf"):
     kwargs = dict(max_text_chars=config.data.max_text_chars, languages=config.data.languages,
-                  strict=strict, task_cpus=config.data.task_cpus)
+                  strict=strict, task_cpus=config.data.task_cpus, need_negatives=config.loss.hard_negatives > 0)
     if hf_source.is_hf(path):  # materialised once into the run's storage, then read as shards
         cache_root = config.run.storage_path.rstrip("/") + "/hf-cache"
         return hf_source.index_hf(path, hf, key=key, cache_root=cache_root, **kwargs)
@@ -128,15 +128,6 @@ def check_lengths(model_cfg) -> None:
         value = getattr(model_cfg, key)
         if value > limit:
             raise UserError(f"model.{key} ({value}) is more than {model_cfg.name_or_path} takes ({limit} tokens)")
-
-
-def _check_negatives(index: reader.ShardIndex, k: int) -> None:
-    if k and index.groups and index.min_negatives == 0:
-        raise UserError(
-            f"{index.path}: loss.hard_negatives={k} but {index.rows_without_negatives} of {index.n_rows} rows have "
-            f"no hard_negatives (first: {index.first_without_negatives}); set loss.hard_negatives=0, or fill them "
-            "(hybridray data mine: --keep-existing, a lower --relative-margin or a higher --range-max-cap)"
-        )
 
 
 def build_train_dataset(config, *, rejects_path: Optional[str], start_step: int = 0):
@@ -159,11 +150,11 @@ def build_train_dataset(config, *, rejects_path: Optional[str], start_step: int 
     all_rejects = main.rejects + [r for e in extras for r in e.rejects]
     if rejects_path:
         reader.write_rejects(rejects_path, all_rejects)
-    if not main.groups:
-        raise UserError(f"{cfg.data.train}: no valid rows ({len(main.rejects)} rejected)")
     k = cfg.loss.hard_negatives
-    for index in [main, *extras]:
-        _check_negatives(index, k)
+    if not main.groups:
+        why = (f"; {main.rows_without_negatives} of them have no hard_negatives (first: {main.first_without_negatives})"
+               f" and loss.hard_negatives={k} draws from them" if k and main.rows_without_negatives else "")
+        raise UserError(f"{cfg.data.train}: no valid rows ({len(main.rejects)} rejected{why})")
     if sum(e.weight for e in cfg.data.extra_mono) > 1.0:
         raise UserError("data.extra_mono: the weights must sum to at most 1")
 

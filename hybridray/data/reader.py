@@ -38,6 +38,9 @@ from hybridray import storage
 from hybridray.storage import filesystem_for, uri_of
 
 SHARD_SUFFIXES = (".parquet", ".jsonl")
+#: The reject reason of a row without hard negatives in a run that draws them.
+NO_NEGATIVES = ("no hard_negatives, and loss.hard_negatives > 0 draws from them (hybridray data mine fills more "
+                "rows with --keep-existing, a lower --relative-margin or a higher --range-max-cap)")
 _GLOB = re.compile(r"[*?\[]")
 
 #: ``(file, row) -> (name, row)`` as a rejects report should show them (an ``hf:`` source's
@@ -226,7 +229,7 @@ class ShardIndex:
     filtered_rows: int = 0
     scattered_groups: int = 0  # groups whose rows are not adjacent in data order
     min_negatives: int = 0  # fewest hard negatives of any accepted row
-    rows_without_negatives: int = 0  # accepted rows with no hard negative
+    rows_without_negatives: int = 0  # valid rows with no hard negative (rejects, if need_negatives)
     first_without_negatives: Optional[str] = None  # "file:row" of the first of them, in data order
     #: Every row read, per file (accepted, rejected or filtered) and per language (rows whose
     #: language could be read): what the dataset's manifest must agree with.
@@ -247,7 +250,7 @@ def reason_kind(reason: str) -> str:
         ("missing field", "missing_field"), ("empty field", "empty_field"),
         ("unknown language", "unknown_language"), ("duplicate", "duplicate"),
         ("field 'hard_negatives'", "bad_hard_negatives"), ("a hard negative", "too_long"),
-        ("field 'hard_negative_group_ids'", "bad_hard_negatives"),
+        ("field 'hard_negative_group_ids'", "bad_hard_negatives"), (NO_NEGATIVES, "no_hard_negatives"),
         ("unknown field", "unknown_field"), ("invalid JSON", "invalid_json"),
         ("not a JSON object", "invalid_json"),
     ):
@@ -261,11 +264,13 @@ def reason_kind(reason: str) -> str:
 
 
 def merge_index(
-    path: str, files: list[str], tables: Iterable[pa.Table], *, strict: bool, locate: Optional[Locate] = None
+    path: str, files: list[str], tables: Iterable[pa.Table], *, strict: bool, locate: Optional[Locate] = None,
+    need_negatives: bool = False,
 ) -> ShardIndex:
     """Fold the per-file index tables (in file order) into groups, with global checks.
 
     ``strict`` raises UserError on the first bad row in data order, naming file:row.
+    ``need_negatives`` (a run with ``loss.hard_negatives > 0``) rejects a row without any.
     """
     index = ShardIndex(path, files)
     locate = locate or (lambda file, row: (file, row))
@@ -298,6 +303,13 @@ def merge_index(
             if filtered:
                 index.filtered_rows += 1
                 continue
+            if n_neg == 0:
+                index.rows_without_negatives += 1
+                if index.first_without_negatives is None:
+                    index.first_without_negatives = "{}:{}".format(*locate(files[fi], row))
+                if need_negatives:
+                    reject(fi, row, NO_NEGATIVES)
+                    continue
             key = (gid, lang)
             if key in first_seen:
                 first = "{}:{}".format(*locate(files[first_seen[key][0]], first_seen[key][1]))
@@ -314,10 +326,6 @@ def merge_index(
             members.setdefault(gid, []).append((lang, fi, row))
             counts[lang] += 1
             min_neg = n_neg if min_neg is None else min(min_neg, n_neg)
-            if n_neg == 0:
-                index.rows_without_negatives += 1
-                if index.first_without_negatives is None:
-                    index.first_without_negatives = "{}:{}".format(*locate(files[fi], row))
     for gid, rows in members.items():  # dicts keep first-occurrence (data) order
         rows.sort()
         index.groups.append(Group(gid, tuple(r[0] for r in rows), tuple((r[1], r[2]) for r in rows)))
@@ -407,8 +415,10 @@ def index_shards(
     strict: bool = False,
     task_cpus: float = 0.25,
     locate: Optional[Locate] = None,
+    need_negatives: bool = False,
 ) -> ShardIndex:
-    """Pass 1 over a shard dataset on Ray Data (one task per file, results in file order)."""
+    """Pass 1 over a shard dataset on Ray Data (one task per file, results in file order);
+    ``need_negatives``: see :func:`merge_index`."""
     import ray.data
 
     files = list_shard_files(path)
@@ -420,7 +430,7 @@ def index_shards(
     )
     ds.context.execution_options.preserve_order = True
     index = merge_index(path, files, ds.iter_batches(batch_size=None, batch_format="pyarrow"), strict=strict,
-                        locate=locate)
+                        locate=locate, need_negatives=need_negatives)
     check_manifest(index)
     return index
 
