@@ -135,8 +135,9 @@ def _cmd_data_mine(args: argparse.Namespace) -> int:
           f"dropped by the margin; {summary['total_seconds']:.0f} s; details in {args.out}/_mine.json")
     if counts["empty_rows"]:  # counted after --keep-existing's merge: these rows really have none
         print(f"hybridray: note: {counts['empty_rows']} row(s) have no negative (every candidate of their "
-              f"--range-max-cap nearest was dropped); a run with loss.hard_negatives > 0 refuses such rows: lower "
-              "--relative-margin, raise --range-max-cap, or add them to existing ones with --keep-existing")
+              f"--range-max-cap nearest was dropped); a run with loss.hard_negatives > 0 leaves them out as rejects "
+              "(data.strict: true refuses the dataset): to keep them, lower --relative-margin, raise "
+              "--range-max-cap, or add the mined negatives to existing ones with --keep-existing")
     return 0
 
 

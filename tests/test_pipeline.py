@@ -206,6 +206,10 @@ def test_rejects_report_and_info(full_run):
     assert info.n_groups == 48 and info.languages == [*LANGS, "zh"]
     assert info.n_windows == 3 and info.steps_per_epoch == 6
     assert info.rejects["unknown_language"] == 2
+    # and the console is told: how many, why, where each is named
+    said = [n for n in info.notes if "rejected" in n]
+    assert len(said) == 1 and said[0].startswith("8 row(s) rejected and left out (") and "2 unknown_language" in said[0]
+    assert said[0].endswith(f"; each is named in {rejects}")
     # zh exists for one group only: said once, with the counts, instead of silently no zh steps
     assert [n for n in info.notes if "monolingual" in n] == [
         "no monolingual steps in 'zh' in 1 of 3 window(s): it has 1 group(s) there, fewer than "

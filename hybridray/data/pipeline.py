@@ -166,6 +166,10 @@ def build_train_dataset(config, *, rejects_path: Optional[str], start_step: int 
         for e, x in zip(cfg.data.extra_mono, extras)
     ]
     notes = []
+    if all_rejects:  # never silent: how many rows were left out, why, and where each is named
+        kinds = ", ".join(f"{n} {kind}" for kind, n in sorted(_merged_counts(main, extras).items()))
+        notes.append(f"{len(all_rejects)} row(s) rejected and left out ({kinds})"
+                     + (f"; each is named in {rejects_path}" if rejects_path else ""))
     if extras and (scfg.mode == "x-x" or scfg.alpha == 0.0):
         notes.append("data.extra_mono is only used by monolingual steps; this run has none")
     notes.extend(unused_extra_languages(cfg.data.extra_mono, extras, main.rows_per_language, scfg.batch_size))
