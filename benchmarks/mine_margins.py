@@ -37,7 +37,10 @@ def main() -> None:
     rows = [[rec for _, rec in reader.iter_file_rows(f)] for f in files]
     vectors = {side: [_load_vectors(_vectors_path(Path(args.out), i), side, len(r), _input_fingerprint(files[i]))
                       for i, r in enumerate(rows)] for side in ("queries", "passages")}
-    pools = build_pools(files, lambda i: vectors["passages"][i], Path(args.out) / "_mine" / "pool-margins")
+    import tempfile
+
+    workdir = tempfile.TemporaryDirectory(prefix="mine-margins-")  # the pool on disk, deleted at exit
+    pools = build_pools(files, lambda i: vectors["passages"][i], Path(workdir.name) / "pool")
     print("| relative margin | absolute margin | range_max | rows without | rows short of top_k | negatives/row "
           "| dropped by margin |\n|---|---|---|---|---|---|---|")
     for setting in SETTINGS:

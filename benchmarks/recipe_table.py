@@ -143,6 +143,7 @@ class Table:
     def __init__(self, work: Path, steps: int, data: dict[str, Path]):
         self.work, self.steps, self.data = work, steps, data
         self.rows: list[dict] = []
+        self.ran = self.reused = 0  # rows trained by this invocation, rows read from an earlier one
 
     def train(self, key: str, label: str, seed: int, extra: list[str], eval_before: bool = False,
               with_tatoeba: bool = True) -> dict:
@@ -151,6 +152,9 @@ class Table:
         cmd = train_command(name, seed, self.steps, self.work, self.data, extra, eval_before)
         if not (run_dir / "summary.json").exists():
             run(cmd, self.work / f"{name}.log")
+            self.ran += 1
+        else:
+            self.reused += 1
         summary = json.loads((run_dir / "summary.json").read_text())
         row = {"key": key, "label": label, "seed": seed, "command": shlex.join(cmd).replace(str(REPO) + "/", ""),
                "wall_s": summary["wall_seconds"], "steps": summary["metrics"]["step"],
@@ -229,11 +233,13 @@ def main() -> None:
     table.train("best-mono", f"α = 1 + {tag}", 0, ["sampler.alpha=1", *extra], with_tatoeba=False)
     table.train("best-cross", f"α = 0 + {tag}", 0, ["sampler.alpha=0", *extra], with_tatoeba=False)
 
-    # a resumed table adds this invocation's time to the earlier ones' and keeps their mining times
-    before = json.loads((work / "meta.json").read_text()) if (work / "meta.json").exists() else {}
+    # a resumed table (rows read from an earlier invocation) adds this invocation's time to the
+    # earlier ones' and keeps their mining times; one that ran nothing keeps the earlier total
+    before = json.loads((work / "meta.json").read_text()) if (work / "meta.json").exists() and table.reused else {}
+    spent = time.perf_counter() - t_start if table.ran or not before else 0
     meta = {"steps": args.steps, "best": sorted(best), "hybrid_mean_map": hybrid,
             "mine_seconds": {**before.get("mine_seconds", {}), **mine_seconds},
-            "total_s": before.get("total_s", 0) + time.perf_counter() - t_start, "tatoeba_langs": TATOEBA_LANGS}
+            "total_s": before.get("total_s", 0) + spent, "tatoeba_langs": TATOEBA_LANGS}
     (work / "meta.json").write_text(json.dumps(meta, indent=1))
     table.save()  # with zero-shot
     args.out.write_text(render(table.rows, meta))

@@ -250,9 +250,10 @@ class ProgressDisplay:
         if "val_map" in item:
             self.val_map = item["val_map"]
         counts = self.counts()
-        fields = {"loss": f"{item['loss']:.3f}", "lr": f"{item['lr']:.1e}"}
+        fields = {"loss": f"{item['loss']:.3f}"}
         if item.get("distill_kl") is not None:  # loss.distill_weight > 0: the distillation term alone
             fields["kl"] = f"{item['distill_kl']:.4f}"
+        fields["lr"] = f"{item['lr']:.1e}"
         speed = self.samples_per_s()
         if speed is not None:
             fields["samples/s"] = f"{speed:.1f}"

@@ -2,7 +2,12 @@
 and one local Ray for the whole session.
 
 Ray is started once per test session (``ray_session``), never per module: starting and
-stopping Ray repeatedly in one process is where the suite used to die without a word.
+stopping Ray repeatedly in one process is where the suite used to die without a word. The one
+exception is a module that runs ``hybridray`` commands with their own local Ray
+(``no_ray_in_this_process``): it stops the session's first, and the next module that needs Ray
+starts it again -- never in the suite's file order (test_console runs before any module that
+uses Ray), only when such a module is run after one that does (``pytest tests/test_mine.py
+tests/test_console.py``), where it used to fail instead.
 ``RAY_ENABLE_AUTO_CONNECT=0`` makes any Ray call made outside a live session fail loudly
 instead of silently starting a second cluster next to the first.
 """
@@ -91,14 +96,31 @@ def s3_server():
 
 
 @pytest.fixture(scope="session")
-def ray_session(s3_server):
-    """One local Ray (2 CPUs, loopback) shared by every test that needs Ray."""
+def _ray_stopped_at_the_end():
+    yield
     import ray
 
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def ray_session(s3_server, _ray_stopped_at_the_end):
+    """One local Ray (2 CPUs, loopback) shared by every test that needs Ray: started by the
+    first module that asks, kept for the next, started again after a module that needed
+    this process without one (``no_ray_in_this_process``)."""
     from hybridray.train import init_ray
 
-    init_ray(num_cpus=2)
-    yield
+    init_ray(num_cpus=2)  # nothing to do when it is up
+
+
+@pytest.fixture(scope="module")
+def no_ray_in_this_process():
+    """For a module whose tests run ``hybridray`` commands that start their own local Ray: a
+    second local cluster on the machine (the session's, in this process) makes Ray Train's
+    state queries fail ("Found multiple active Ray instances", a traceback on the command's
+    console), so the session's is stopped first, whatever module ran before."""
+    import ray
+
     ray.shutdown()
 
 

@@ -72,7 +72,7 @@ def run_in_pty(args: list[str], timeout: float = 600) -> str:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, mlqa_prepared, heldout):
+def runs(tmp_path_factory, mlqa_prepared, heldout, no_ray_in_this_process):
     """(terminal output, pipe output, storage path) of two real training runs."""
     storage_path = tmp_path_factory.mktemp("console-runs")
     tty = run_in_pty(command("on-a-terminal", storage_path, mlqa_prepared, heldout))
@@ -98,7 +98,8 @@ def test_piped_output_is_plain_lines_and_the_summary(runs):
     assert "\x1b[" not in piped and "\r" not in piped  # no cursor-control debris in a log file
     lines = piped.splitlines()
     assert len(lines) < 40, piped
-    steps = [int(m.group(1)) for m in re.finditer(r"^\[hybridray\] step (\d+)/6 loss ", piped, re.M)]
+    steps = [int(m.group(1)) for m in re.finditer(r"^\[hybridray\] step (\d+)/6 loss \S+ kl \d+\.\d{4} ", piped,
+                                                  re.M)]
     assert steps == [2, 3, 4, 6], (steps, piped)  # every log_every steps, and after each evaluation
     assert "[hybridray] held-out evaluation before training ..." in piped, piped
     assert re.search(r"^\[hybridray\] step 3/6 .*val_map 0\.\d{3}", piped, re.M), piped
@@ -137,6 +138,9 @@ def test_run_directory_has_plots_curves_and_tensorboard(runs):
     scalars = tensorboard_scalars(run / "tensorboard")
     assert [step for step, _ in scalars["train/loss"]] == list(range(1, STEPS + 1))
     assert [v for _, v in scalars["train/loss"]] == pytest.approx([h["loss"] for h in history])
+    # configs/local.yaml distils: its term is logged alone, per step, in both places
+    assert [v for _, v in scalars["train/distill_kl"]] == pytest.approx([h["distill_kl"] for h in history])
+    assert len(history) == STEPS and all(h["distill_kl"] >= 0 for h in history)
     assert [step for step, _ in scalars["heldout/val_map"]] == [3, 6]
 
 

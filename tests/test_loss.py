@@ -255,6 +255,9 @@ def test_distillation_matches_brute_force(case):
     want = contrastive + weight * distillation
     want.backward()
     assert distillation.item() > 1e-3  # the teacher differs: the term is there
+    # what the trainer logs as distill_kl: this term alone, before its weight
+    assert loss_fn.last_distillation.item() == pytest.approx(distillation.item(), rel=1e-6)
+    assert not loss_fn.last_distillation.requires_grad
     # the loss keeps log(tau) in float32 (then cast): agreement to float32 rounding of tau
     assert got.item() == pytest.approx(want.item(), rel=1e-6)
     for g, t in zip(grads, students + [log_tau]):
@@ -275,6 +278,7 @@ def test_distillation_is_zero_when_the_student_is_the_teacher():
         results.append((loss.item(), [t.grad.clone() for t in (q, p, h)]))
         for t in (q, p, h):
             t.grad = None
+        assert (loss_fn.last_distillation is None) if weight == 0 else (loss_fn.last_distillation.item() == 0)
     (plain, plain_grads), (distilled, distilled_grads) = results
     assert distilled == plain
     for a, b in zip(plain_grads, distilled_grads):

@@ -280,7 +280,7 @@ def test_mine_end_to_end_then_resume_then_train(ray_session, source, tmp_path, c
     check_never_positive_nor_translation(rows)
     assert sorted(p.name for p in source.iterdir()) == ["manifest.json", *(f"part-0000{i}.parquet" for i in range(3))]
 
-    assert not (out / "_mine" / "pool").exists()  # the on-disk pool is the run's, not kept
+    assert not list((out / "_mine").glob("pool*"))  # the on-disk pool is the run's, not kept
 
     # a lost shard is mined again (from the cached vectors), the others are left as they are
     monkeypatch.setattr(mine, "POOL_CHUNK_ROWS", 65536)
@@ -314,8 +314,24 @@ def test_mine_end_to_end_then_resume_then_train(ray_session, source, tmp_path, c
     finally:
         changed.write_bytes(original)
         os.utime(changed, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    stale = out / "_mine" / "pool-999999999"  # the pool of a run killed before its cleanup
+    stale.mkdir()
+    (stale / "vectors-0.f32").write_bytes(b"\0" * 64)
     assert cli.main(argv) == 0
     assert "0 shard(s) mined, 3 already done" in capsys.readouterr().out
+    assert not stale.exists()
+
+    # a run that fails (here: interrupted while writing a shard) deletes its pool too
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    (out / "part-00002.parquet").unlink()
+    with monkeypatch.context() as patch:
+        patch.setattr(mine, "write_shard_file", interrupted)
+        assert cli.main(argv) == 130
+    capsys.readouterr()
+    assert not list((out / "_mine").glob("pool*"))
+    assert cli.main(argv) == 0 and "1 shard(s) mined, 2 already done" in capsys.readouterr().out
 
     # a training pipeline reads them with loss.hard_negatives=2
     from hybridray.config import build_config
@@ -343,9 +359,6 @@ def test_mine_end_to_end_then_resume_then_train(ray_session, source, tmp_path, c
         build_train_dataset(build_config({**cfg.model_dump(mode="json"), "data": {"train": str(source)}}, []), rejects_path=None)
 
     # --overwrite with other parameters, interrupted while writing: the old output is back, intact
-    def interrupted(*args, **kwargs):
-        raise KeyboardInterrupt
-
     other = [("2" if a == "3" else a) for a in argv] + ["--overwrite"]
     monkeypatch.setattr(mine, "write_shard_file", interrupted)
     assert cli.main(other) == 130

@@ -217,6 +217,34 @@ def test_rejects_report_and_info(full_run):
     ]
 
 
+def test_a_source_left_without_rows_is_refused_by_name(ray_cluster, data, tmp_path):
+    """An extra_mono set whose rows all lack hard negatives (a plain pair set) at
+    loss.hard_negatives=2: every row is a reject, and the run is refused naming the set,
+    instead of training on with an extra source that never serves a step."""
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    write_parquet(plain / "part-00000.parquet", [row(f"x{i}", "en", i, hard_negatives=None) for i in range(20)])
+    cfg = config(data, **{"loss.hard_negatives": 2, "data.extra_mono": [{"path": str(plain), "weight": 0.5}]})
+    with pytest.raises(UserError, match=r"^data\.extra_mono\[0\] \(.*plain\): no valid rows \(20 rejected; 20 of "
+                                        r"them have no hard_negatives \(first: .*part-00000.parquet:0\) and "
+                                        r"loss.hard_negatives=2 draws from them\)$"):
+        build_train_dataset(cfg, rejects_path=None)
+    build_train_dataset(config(data, **{"loss.hard_negatives": 0, "data.extra_mono": [{"path": str(plain)}]}),
+                        rejects_path=None)  # at k = 0 the same set is read
+
+
+def test_a_duplicate_is_a_duplicate_whatever_the_negatives(tmp_path):
+    """The first (group_id, lang) row has no negatives, its copy has: the copy is reported as a
+    duplicate with or without need_negatives (a data error never hides behind a loss option)."""
+    path = tmp_path / "part-00000.jsonl"
+    path.write_text(json.dumps(row("g1", "en", 0, hard_negatives=None)) + "\n" + json.dumps(row("g1", "en", 1)) + "\n")
+    table = reader.index_file(str(path), 0, max_text_chars=200)
+    for need in (False, True):
+        index = reader.merge_index(str(tmp_path), [str(path)], [table], strict=False, need_negatives=need)
+        assert [r.reason.split(" (")[0] for r in index.rejects if r.row == 2] == ["duplicate"], need
+        assert len(index.rejects) == (2 if need else 1)
+
+
 def test_ranks_in_lockstep(full_run):
     cfg, _, _, ranks, _ = full_run
     assert [len(r) for r in ranks] == [cfg.train.max_steps] * W

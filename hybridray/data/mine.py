@@ -58,8 +58,9 @@ put back if the run fails (a SIGKILL leaves it as the hidden ``.OUT.replaced-PID
 
 The driver's memory does not grow with the passages' texts or vectors: it holds one input
 file's rows and vectors, and one chunk of a language's passage vectors (``POOL_CHUNK_ROWS``)
-at a time. The pool's distinct passages are written to ``OUT/_mine/pool/`` (their texts and
-vectors, memory-mapped; deleted at the end of the run) and searched chunk by chunk, with the
+at a time. The pool's distinct passages are written to ``OUT/_mine/pool-PID/`` (their texts and
+vectors, memory-mapped; deleted at the end of the run, failed or not, or by the next run after
+a SIGKILL; a second copy of the passages' vectors on disk meanwhile) and searched chunk by chunk, with the
 same hits as one search of the whole (``RunningTopK``); what stays in memory per distinct
 passage is its groups and an offset, plus a 16-byte digest while the pool is built (~500
 bytes a passage measured, against ~5.7 KB when the pool was held in memory; BENCHMARKS.md
@@ -151,7 +152,7 @@ class SelectionCounts:
     searched_deeper: int = 0  # rows searched beyond range_max (short of top_k at range_max)
     mined_none: int = 0  # rows for which no candidate passed (before --keep-existing's merge)
     short_rows: int = 0  # rows left with fewer than top_k negatives (after the merge)
-    empty_rows: int = 0  # rows left with none (after the merge): loss.hard_negatives > 0 refuses them
+    empty_rows: int = 0  # rows left with none (after the merge): rejects of a run with loss.hard_negatives > 0
     negatives: int = 0  # mined negatives written
 
     def add(self, other: "SelectionCounts") -> None:
@@ -336,6 +337,20 @@ def _load_vectors(path: Path, side: str, rows: int, fingerprint: dict) -> Option
     return vectors if len(vectors) == rows else None
 
 
+def _remove_stale_pools(work: Path) -> None:
+    """Delete the on-disk pools of runs into this OUT that are gone (killed before their own
+    cleanup); a live one's is left to it."""
+    for path in work.glob("pool-*") if work.is_dir() else ():
+        try:
+            os.kill(int(path.name.removeprefix("pool-")), 0)
+        except ValueError:
+            continue  # not a pool's name
+        except ProcessLookupError:
+            shutil.rmtree(path, ignore_errors=True)
+        except PermissionError:
+            pass  # alive, another user's
+
+
 def _say(message: str) -> None:
     print(f"[hybridray] mine: {message}", file=sys.stderr, flush=True)
 
@@ -459,23 +474,20 @@ def build_pools(files: Sequence[str], passage_vectors: Callable[[int], np.ndarra
                 if file_vectors.shape[1] != dims[lang]:
                     raise ValueError(f"{path}: vectors of {file_vectors.shape[1]} dims, earlier files {dims[lang]}")
                 vector_files[lang].write(np.ascontiguousarray(file_vectors[rows], dtype=np.float32).tobytes())
-    except BaseException:
-        for store in texts.values():
-            store._file.close()
-        raise
-    finally:
-        for f in vector_files.values():
+        del seen
+        pools = {}
+        for n, lang in enumerate(groups):
+            lang_groups = [(g,) if isinstance(g, str) else tuple(sorted(g)) for g in groups[lang]]
+            vector_files[lang].close()
+            pools[lang] = Pool(texts[lang].close(), lang_groups,
+                               np.memmap(workdir / f"vectors-{n}.f32", dtype=np.float32, mode="r",
+                                         shape=(len(lang_groups), dims[lang])),
+                               {g: i for i in reversed(range(len(lang_groups))) for g in lang_groups[i]},
+                               {q: tuple(sorted(g)) for q, g in queries[lang].items() if not isinstance(g, str)})
+            groups[lang] = queries[lang] = None  # freed language by language
+    finally:  # after an error too: no file left open
+        for f in [*vector_files.values(), *(store._file for store in texts.values())]:
             f.close()
-    del seen
-    pools = {}
-    for n, lang in enumerate(groups):
-        lang_groups = [(g,) if isinstance(g, str) else tuple(sorted(g)) for g in groups[lang]]
-        pools[lang] = Pool(texts[lang].close(), lang_groups,
-                           np.memmap(workdir / f"vectors-{n}.f32", dtype=np.float32, mode="r",
-                                     shape=(len(lang_groups), dims[lang])),
-                           {g: i for i in reversed(range(len(lang_groups))) for g in lang_groups[i]},
-                           {q: tuple(sorted(g)) for q, g in queries[lang].items() if not isinstance(g, str)})
-        groups[lang] = queries[lang] = None  # freed language by language
     return pools
 
 
@@ -724,23 +736,29 @@ def _mine_into(out: Path, state: Optional[dict], identity: dict, shards: str, op
     encode_s = encode_files(files, rows_per_file, uncached if todo else [], out, model_path=model_path,
                             pooling=pooling, prefixes=prefixes, options=options, fingerprints=fingerprints)
     search_started = time.perf_counter()
-    pool_dir = out / WORK_DIR / "pool"  # rebuilt by every run from the cached vectors, deleted at its end
-    pools = build_pools(files, lambda i: vectors_of(i, "passages"), pool_dir) if todo else {}
+    # the pool is this process's (another run into OUT has its own), rebuilt from the cached
+    # vectors by every run and deleted at its end, failed or not (a SIGKILL's by the next run)
+    _remove_stale_pools(out / WORK_DIR)
+    pool_dir = out / WORK_DIR / f"pool-{os.getpid()}"
     total = SelectionCounts()
-    for i in todo:
-        t0 = time.perf_counter()
-        records = [rec for _, rec in reader.iter_file_rows(files[i])]
-        counts = SelectionCounts()
-        rows = mine_file(records, vectors_of(i, "queries"), vectors_of(i, "passages"), pools, options, counts)
-        write_shard_file(rows, out / _shard_name(i))
-        total.add(counts)
-        state["shards"][_shard_name(i)] = {"file_index": i, "input": files[i], "rows": len(rows),
-                                          "bytes": (out / _shard_name(i)).stat().st_size, "counts": asdict(counts)}
-        _write_json(out / STATE_NAME, state)
-        _say(f"{_shard_name(i)}: {len(rows)} rows, {counts.negatives / max(1, counts.rows):.1f} negatives per row "
-             f"({time.perf_counter() - t0:.1f} s)")
-    del pools
-    shutil.rmtree(pool_dir, ignore_errors=True)
+    try:
+        pools = build_pools(files, lambda i: vectors_of(i, "passages"), pool_dir) if todo else {}
+        for i in todo:
+            t0 = time.perf_counter()
+            records = [rec for _, rec in reader.iter_file_rows(files[i])]
+            counts = SelectionCounts()
+            rows = mine_file(records, vectors_of(i, "queries"), vectors_of(i, "passages"), pools, options, counts)
+            write_shard_file(rows, out / _shard_name(i))
+            total.add(counts)
+            state["shards"][_shard_name(i)] = {"file_index": i, "input": files[i], "rows": len(rows),
+                                              "bytes": (out / _shard_name(i)).stat().st_size,
+                                              "counts": asdict(counts)}
+            _write_json(out / STATE_NAME, state)
+            _say(f"{_shard_name(i)}: {len(rows)} rows, {counts.negatives / max(1, counts.rows):.1f} negatives "
+                 f"per row ({time.perf_counter() - t0:.1f} s)")
+    finally:
+        pools = None
+        shutil.rmtree(pool_dir, ignore_errors=True)
     summary = {
         "out": str(out), "shards_mined": len(todo), "shards_skipped": len(done), "rows": sum(rows_per_file),
         "this_run": asdict(total), "encode_seconds": round(encode_s, 2),

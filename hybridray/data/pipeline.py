@@ -151,10 +151,14 @@ def build_train_dataset(config, *, rejects_path: Optional[str], start_step: int 
     if rejects_path:
         reader.write_rejects(rejects_path, all_rejects)
     k = cfg.loss.hard_negatives
-    if not main.groups:
-        why = (f"; {main.rows_without_negatives} of them have no hard_negatives (first: {main.first_without_negatives})"
-               f" and loss.hard_negatives={k} draws from them" if k and main.rows_without_negatives else "")
-        raise UserError(f"{cfg.data.train}: no valid rows ({len(main.rejects)} rejected{why})")
+    for label, index in [(cfg.data.train, main),
+                         *((f"data.extra_mono[{i}] ({e.path})", x) for i, (e, x) in enumerate(zip(cfg.data.extra_mono,
+                                                                                                  extras)))]:
+        if not index.groups:  # a configured source that would give nothing: never dropped silently
+            why = (f"; {index.rows_without_negatives} of them have no hard_negatives (first: "
+                   f"{index.first_without_negatives}) and loss.hard_negatives={k} draws from them"
+                   if k and index.rows_without_negatives else "")
+            raise UserError(f"{label}: no valid rows ({len(index.rejects)} rejected{why})")
     if sum(e.weight for e in cfg.data.extra_mono) > 1.0:
         raise UserError("data.extra_mono: the weights must sum to at most 1")
 

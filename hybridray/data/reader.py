@@ -229,7 +229,7 @@ class ShardIndex:
     filtered_rows: int = 0
     scattered_groups: int = 0  # groups whose rows are not adjacent in data order
     min_negatives: int = 0  # fewest hard negatives of any accepted row
-    rows_without_negatives: int = 0  # valid rows with no hard negative (rejects, if need_negatives)
+    rows_without_negatives: int = 0  # valid, non-duplicate rows with no hard negative (rejects, if need_negatives)
     first_without_negatives: Optional[str] = None  # "file:row" of the first of them, in data order
     #: Every row read, per file (accepted, rejected or filtered) and per language (rows whose
     #: language could be read): what the dataset's manifest must agree with.
@@ -303,6 +303,12 @@ def merge_index(
             if filtered:
                 index.filtered_rows += 1
                 continue
+            key = (gid, lang)
+            if key in first_seen:
+                first = "{}:{}".format(*locate(files[first_seen[key][0]], first_seen[key][1]))
+                reject(fi, row, f"duplicate (group_id, lang) ({gid!r}, {lang!r}): first at {first}")
+                continue
+            first_seen[key] = (fi, row)  # a later copy is a duplicate, whether this row is kept or not
             if n_neg == 0:
                 index.rows_without_negatives += 1
                 if index.first_without_negatives is None:
@@ -310,12 +316,6 @@ def merge_index(
                 if need_negatives:
                     reject(fi, row, NO_NEGATIVES)
                     continue
-            key = (gid, lang)
-            if key in first_seen:
-                first = "{}:{}".format(*locate(files[first_seen[key][0]], first_seen[key][1]))
-                reject(fi, row, f"duplicate (group_id, lang) ({gid!r}, {lang!r}): first at {first}")
-                continue
-            first_seen[key] = (fi, row)
             if gid != last_group:
                 if last_group is not None:
                     closed.add(last_group)
