@@ -136,6 +136,8 @@ class SlowDownProxy:
                  if not line.lower().startswith((b"connection:", b"expect:"))]
         headers = {line.split(b":", 1)[0].strip().lower(): line.split(b":", 1)[1].strip() for line in lines[1:]}
         start = head_end + 4
+        if b"\r\nexpect: 100-continue" in bytes(buffer[:head_end]).lower():  # as S3 does (else the client
+            client.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")                 # waits 1 s to send the body)
         if headers.get(b"transfer-encoding", b"").lower() == b"chunked":
             position = start
             while True:  # chunk: size line, data, CRLF; the last one has size 0 and trailers
