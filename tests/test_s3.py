@@ -58,7 +58,7 @@ def test_eval_reads_a_model_and_its_data_from_s3(bucket, tmp_path, mlqa_prepared
 
 
 @pytest.mark.parametrize("case", ["missing bucket", "dead endpoint"])
-def test_unusable_storage_is_one_line_naming_the_uri(case, mlqa_prepared, tmp_path):
+def test_unusable_storage_is_one_line_naming_the_uri(case, s3_server, mlqa_prepared, tmp_path):
     overrides = [f"data.train={mlqa_prepared / 'train'}", "data.heldout=''", "model.name_or_path=builtin:tiny",
                  "name=unreachable"]
     if case == "missing bucket":
