@@ -58,7 +58,7 @@ def test_eval_reads_a_model_and_its_data_from_s3(bucket, tmp_path, mlqa_prepared
 
 
 @pytest.mark.parametrize("case", ["missing bucket", "dead endpoint"])
-def test_unusable_storage_is_one_line_naming_the_uri(case, mlqa_prepared, tmp_path):
+def test_unusable_storage_is_one_line_naming_the_uri(case, s3_server, mlqa_prepared, tmp_path):
     overrides = [f"data.train={mlqa_prepared / 'train'}", "data.heldout=''", "model.name_or_path=builtin:tiny",
                  "name=unreachable"]
     if case == "missing bucket":
@@ -136,6 +136,8 @@ class SlowDownProxy:
                  if not line.lower().startswith((b"connection:", b"expect:"))]
         headers = {line.split(b":", 1)[0].strip().lower(): line.split(b":", 1)[1].strip() for line in lines[1:]}
         start = head_end + 4
+        if b"\r\nexpect: 100-continue" in bytes(buffer[:head_end]).lower():  # as S3 does (else the client
+            client.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")                 # waits 1 s to send the body)
         if headers.get(b"transfer-encoding", b"").lower() == b"chunked":
             position = start
             while True:  # chunk: size line, data, CRLF; the last one has size 0 and trailers

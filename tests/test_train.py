@@ -49,16 +49,24 @@ def load_export(path):
     return load_file(Path(path) / "model.safetensors")
 
 
-def test_run_evaluates_before_and_after_and_exports(ray_session, tmp_path, mlqa_prepared, small_heldout):
-    from sentence_transformers import SentenceTransformer
-
+@pytest.fixture(scope="module")
+def finished(ray_session, tmp_path_factory, mlqa_prepared, small_heldout):
+    """One uninterrupted run with a final evaluation suite (one small TyDi task): what the
+    export test checks, and a finished run for the re-run test to run again."""
     from hybridray.train import run_training
 
+    tmp_path = tmp_path_factory.mktemp("finished")
     suite = tmp_path / "suite.yaml"  # train.final_eval_suite: one small TyDi task after training
     suite.write_text(json.dumps({"max_length": 32, "tasks": [{"name": "tydi-sw", "kind": "tydi", "langs": ["sw"],
                                  "path": str(SHARED_DATA / "tydiqa-goldp"), "distractors": False}]}))
     config = tiny_config(tmp_path, mlqa_prepared, small_heldout, **{"train.final_eval_suite": str(suite)})
-    summary = run_training(config)
+    return config, run_training(config), tmp_path
+
+
+def test_run_evaluates_before_and_after_and_exports(finished):
+    from sentence_transformers import SentenceTransformer
+
+    config, summary, tmp_path = finished
     run_dir = tmp_path / "runs" / config.name
     suite_report = json.loads((run_dir / "eval" / "suite" / "report.json").read_text())
     assert summary["final_eval_suite"] == str(run_dir / "eval" / "suite")
@@ -126,25 +134,13 @@ def test_distillation_with_gradient_caching_trains_end_to_end(ray_session, tmp_p
     assert exported and not any("teacher" in k for k in exported)
 
 
-RESUME = {"train.eval_before": "true", "train.max_steps": 6, "train.checkpoint_every": 3}
-
-
-@pytest.fixture(scope="module")
-def straight(ray_session, tmp_path_factory, mlqa_prepared, small_heldout):
-    """An uninterrupted run: the reference of the resume tests, and a finished run to re-run."""
-    from hybridray.train import run_training
-
-    config = tiny_config(tmp_path_factory.mktemp("straight"), mlqa_prepared, small_heldout, **RESUME)
-    return config, run_training(config)
-
-
-def test_rerunning_a_run_never_reuses_it_for_another_config(straight, tmp_path):
+def test_rerunning_a_run_never_reuses_it_for_another_config(finished, tmp_path):
     """As a user would: the same command again says the run is complete (no training); a
     changed config is refused naming the key; --overwrite starts again."""
     from hybridray.config import dump_config
     from hybridray.runs import plan_run, run_dir, run_identity
 
-    config, summary = straight
+    config, summary, _ = finished
     path = tmp_path / "run.yaml"
     path.write_text(dump_config(config))
     again = run_cli("train", str(path))

@@ -222,6 +222,19 @@ def _last_step(trial_dir: Path):
     return int(rows[-1]["step"]) if rows else None
 
 
+def _saved_a_finished_trial(directory: Path) -> bool:
+    """Tune's experiment state in the sweep directory (what a resume restores) lists a
+    finished trial: Tune saves it every 10 s or more, not when a trial ends."""
+    for path in directory.glob("experiment_state-*.json"):
+        try:
+            trials = json.loads(path.read_text())["trial_data"]
+        except (OSError, ValueError, KeyError):  # being written
+            continue
+        if any('"status": "TERMINATED"' in state for state, _ in trials):
+            return True
+    return False
+
+
 @pytest.mark.ray
 def test_optuna_sweep_killed_and_resumed_does_not_repeat_finished_trials(tmp_path, mlqa_prepared):
     """``hybridray tune`` as a user runs it, in its own process and its own local Ray: an
@@ -250,7 +263,10 @@ def test_optuna_sweep_killed_and_resumed_does_not_repeat_finished_trials(tmp_pat
             assert time.monotonic() < deadline, "".join(seen)
         else:
             pytest.fail("the sweep ended before its first trial finished:\n" + "".join(seen))
-        time.sleep(15)  # the second trial is training; Tune has saved its state since trial 1 ended
+        # the second trial has begun (its run directory), and Tune has saved its state since trial 1 ended
+        while not (len(list((directory / "trials").iterdir())) >= 2 and _saved_a_finished_trial(directory)):
+            assert first.poll() is None and time.monotonic() < deadline, "".join(seen)
+            time.sleep(0.2)
         assert first.poll() is None, "".join(seen)
     finally:
         os.kill(first.pid, signal.SIGKILL)  # the driver only, as `kill -9` would: Ray's processes share its fate

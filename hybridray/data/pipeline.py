@@ -123,7 +123,8 @@ def _index(path: str, config, strict: bool, hf=None, key: str = "data.hf"):
 def check_lengths(model_cfg) -> None:
     """UserError when a configured length exceeds what the model can take (its position
     table): caught on the driver, not as a tensor-size error on every worker."""
-    limit = load_tokenizer(model_cfg.name_or_path).model_max_length
+    # the arguments of ``tokenizer_spec``'s call: one cached load of the tokenizer per driver, not two
+    limit = load_tokenizer(model_cfg.name_or_path, model_cfg.append_eos, model_cfg.padding_side).model_max_length
     for key in ("max_query_length", "max_passage_length"):
         value = getattr(model_cfg, key)
         if value > limit:

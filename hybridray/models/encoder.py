@@ -104,13 +104,10 @@ class DualEncoder(nn.Module):
         (a distillation teacher): loaded with the same recipe and pooling, without LoRA
         adapters or activation checkpointing. ``model`` (a built module, not shared with the
         student) replaces ``model_cfg.name_or_path``."""
-        if model is None:
-            from hybridray.models import load_encoder
+        if model is None:  # the student's tokenizer serves it: only the weights are loaded
+            from hybridray.models import load_model
 
-            model, _ = load_encoder(
-                model_cfg.name_or_path, append_eos=model_cfg.append_eos,
-                padding_side=model_cfg.padding_side, bidirectional=model_cfg.bidirectional,
-            )
+            model = load_model(model_cfg.name_or_path, bidirectional=model_cfg.bidirectional)
         encoder = cls(model, model_cfg.pooling)
         encoder.requires_grad_(False)
         return encoder.eval()

@@ -78,6 +78,22 @@ def load_encoder(
     checkpoint); the keyword options are the ``model.*`` keys of the decoder recipe."""
     path = resolve_model_path(name_or_path)
     config = AutoConfig.from_pretrained(path)
+    model = load_model(name_or_path, dtype, bidirectional=bidirectional, config=config)
+    tokenizer = load_tokenizer(path, append_eos=append_eos, padding_side=padding_side, config=config)
+    return model, tokenizer
+
+
+def load_model(
+    name_or_path: str,
+    dtype: torch.dtype | str | None = None,
+    *,
+    bidirectional: bool = False,
+    config=None,
+) -> PreTrainedModel:
+    """The base model of ``load_encoder`` without its tokenizer: a second copy of a model
+    (a distillation teacher) needs none, and a 250k-token vocabulary takes seconds to load."""
+    path = resolve_model_path(name_or_path)
+    config = config if config is not None else AutoConfig.from_pretrained(path)
     kwargs = {"add_pooling_layer": False} if config.model_type in _POOLER_MODEL_TYPES else {}
     if dtype is not None:
         kwargs["dtype"] = dtype
@@ -86,8 +102,7 @@ def load_encoder(
         prepare_decoder(model, bidirectional)
     elif bidirectional:
         raise UserError(f"model.bidirectional: {name_or_path} is not a decoder (already bidirectional)")
-    tokenizer = load_tokenizer(path, append_eos=append_eos, padding_side=padding_side, config=config)
-    return model, tokenizer
+    return model
 
 
 def load_tokenizer(
