@@ -171,8 +171,9 @@ def build_train_dataset(config, *, rejects_path: Optional[str], start_step: int 
         for e, x in zip(cfg.data.extra_mono, extras)
     ]
     notes = []
+    reject_counts = _merged_counts(main, extras)
     if all_rejects:  # never silent: how many rows were left out, why, and where each is named
-        kinds = ", ".join(f"{n} {kind}" for kind, n in sorted(_merged_counts(main, extras).items()))
+        kinds = ", ".join(f"{n} {kind}" for kind, n in sorted(reject_counts.items()))
         notes.append(f"{len(all_rejects)} row(s) rejected and left out ({kinds})"
                      + (f"; each is named in {rejects_path}" if rejects_path else ""))
     if extras and (scfg.mode == "x-x" or scfg.alpha == 0.0):
@@ -207,7 +208,7 @@ def build_train_dataset(config, *, rejects_path: Optional[str], start_step: int 
 
     info = PipelineInfo(
         languages=sorted(main.rows_per_language), rows_per_language=main.rows_per_language,
-        n_groups=len(main.groups), n_rows=main.n_rows, rejects=_merged_counts(main, extras),
+        n_groups=len(main.groups), n_rows=main.n_rows, rejects=reject_counts,
         n_rejects=len(all_rejects), rejects_path=rejects_path, filtered_rows=main.filtered_rows,
         scattered_groups=main.scattered_groups, n_windows=len(windows),
         steps_per_epoch=sum((b - a) // scfg.batch_size for a, b in windows),
